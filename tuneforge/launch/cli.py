@@ -1,0 +1,74 @@
+"""tuneforge: compose -> validate -> show -> submit. One direction; the task side is trainers/task.py.
+
+    tuneforge [key=value ...] [--dry-run] [--wait]      # train (locally in the foreground, or submit to Slurm)
+    tuneforge status|logs|cancel|export|sync ...        # follow and manage runs
+"""
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+from omegaconf import OmegaConf
+
+from tuneforge.launch import rundir
+from tuneforge.launch.compose import ConfigError, compose
+from tuneforge.launch.validate import validate
+
+FLAGS = {"--dry-run", "--wait", "--help", "-h"}
+COMMANDS = {"status", "logs", "cancel", "export", "sync"}
+USAGE = __doc__
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        from tuneforge.launch import commands
+
+        return commands.main(argv[0], argv[1:])
+    flags = {a for a in argv if a.startswith("-")}
+    overrides = [a for a in argv if not a.startswith("-")]
+    if flags & {"--help", "-h"} or flags - FLAGS:
+        unknown = sorted(flags - FLAGS)
+        print((f"unknown option {', '.join(unknown)}\n" if unknown else "") + USAGE, file=sys.stderr)
+        return 2 if unknown else 0
+    try:
+        cfg = compose(overrides)
+    except ConfigError as e:
+        return _refuse([str(e)])
+    problems = validate(cfg)
+    if problems:
+        return _refuse([str(p) for p in problems])
+    cfg = rundir.with_run_dir(cfg)
+    if "--dry-run" in flags:
+        return _show(cfg)
+    from tuneforge.launch.submit import follow, submit
+
+    run_dir = rundir.create(cfg, argv)
+    job = submit(cfg, run_dir)
+    print(f"job {job.job_id} ({cfg.cluster.name})\nrun dir {run_dir}\nlogs {job.paths.stdout}", flush=True)
+    if cfg.cluster.name == "local" or "--wait" in flags:
+        return follow(job, run_dir, cfg.train.max_steps)
+    return 0
+
+
+def _refuse(problems: List[str]) -> int:
+    print(f"tuneforge: {len(problems)} problem(s) in the config, nothing submitted:", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+    return 2
+
+
+def _show(cfg) -> int:
+    from pathlib import Path
+
+    print("# resolved config\n" + OmegaConf.to_yaml(cfg) + "# validation: ok")
+    if cfg.cluster.name == "slurm":
+        from tuneforge.slurm.executors import sbatch_script
+
+        print("# sbatch script\n" + sbatch_script(cfg.cluster, Path(cfg.run.dir) / "slurm"))
+    print(f"# dry run: nothing submitted, {cfg.run.dir} not created")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

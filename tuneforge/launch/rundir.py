@@ -1,0 +1,57 @@
+"""The run directory: chosen once at submission, recorded, and reused by every restart and requeue."""
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def with_run_dir(cfg: DictConfig, now: Optional[float] = None) -> DictConfig:
+    """`cfg` with run.dir fixed to an absolute path: the given one, or <root>/<name>/<timestamp>."""
+    run = cfg.run
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    path = Path(run.dir) if run.dir else Path(run.root) / run.name / stamp
+    out = OmegaConf.to_container(cfg)
+    out["run"]["dir"] = str(path.expanduser().resolve())
+    return OmegaConf.create(out)
+
+
+def create(cfg: DictConfig, argv: Sequence[str]) -> Path:
+    """Make the run dir and write what reproduces the run: resolved config, command, git state."""
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    record = {
+        "command": "tuneforge " + " ".join(shlex.quote(a) for a in argv),
+        "python": sys.executable,
+        "cwd": str(Path.cwd()),
+        "git": _git_state(),
+        "jobs": [],
+    }
+    (run_dir / "submit.json").write_text(json.dumps(record, indent=1))
+    return run_dir
+
+
+def record_job(run_dir: Path, job_id: str, cluster: str) -> None:
+    path = run_dir / "submit.json"
+    record = json.loads(path.read_text())
+    record["jobs"].append({"job_id": job_id, "cluster": cluster, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    path.write_text(json.dumps(record, indent=1))
+
+
+def _git_state() -> Optional[dict]:
+    """Commit and dirtiness of the user's working directory, when it is a git repository."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if sha.returncode:
+            return None
+        diff = subprocess.run(["git", "diff", "HEAD"], capture_output=True, text=True, timeout=5).stdout
+        return {"commit": sha.stdout.strip(), "dirty": bool(diff), "diff": diff[:200_000]}
+    except (OSError, subprocess.TimeoutExpired):
+        return None

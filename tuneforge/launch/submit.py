@@ -1,0 +1,56 @@
+"""Hand the run to submitit, and (locally, or with --wait) follow it to the end."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from tuneforge.launch import rundir
+
+
+def submit(cfg: DictConfig, run_dir: Path):
+    """Submit the training task; returns the submitit job."""
+    from tuneforge.slurm.executors import make_executor
+    from tuneforge.slurm.job import TrainJob
+
+    executor = make_executor(cfg.cluster, run_dir / "slurm")
+    job = executor.submit(TrainJob(), OmegaConf.to_container(cfg))
+    rundir.record_job(run_dir, str(job.job_id), cfg.cluster.name)
+    return job
+
+
+def follow(job, run_dir: Path, max_steps: int) -> int:
+    """Wait for the job, showing progress from metrics.jsonl; 0 when every task succeeded."""
+    metrics = run_dir / "metrics.jsonl"
+    shown = -1
+    while not job.done():
+        time.sleep(1.0)
+        step, loss = _last_step(metrics)
+        if step != shown and step >= 0:
+            shown = step
+            width = 30
+            filled = int(width * step / max(1, max_steps))
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] step {step}/{max_steps} loss {loss:.4f}")
+            sys.stderr.flush()
+    sys.stderr.write("\n")
+    try:
+        results = job.results()
+    except Exception as e:  # the task's traceback is in its log; show its last line
+        print(f"job {job.job_id} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}", file=sys.stderr)
+        print(f"logs: {job.paths.stdout.parent}", file=sys.stderr)
+        return 1
+    main = results[0]
+    print(f"done: step {main['step']}, loss {main['loss']:.4f}" + (f" (stopped: {main['stopped']})" if main["stopped"] else ""))
+    return 0
+
+
+def _last_step(metrics: Path):
+    try:
+        lines = metrics.read_text().strip().splitlines()
+        record = json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError):
+        return -1, 0.0
+    return (record["step"], record.get("loss", 0.0)) if record else (-1, 0.0)

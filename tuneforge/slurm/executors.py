@@ -1,0 +1,67 @@
+"""Cluster config -> submitit executor. Pure functions: the only side effect is submitit's folder.
+
+`cluster=local` runs the tasks as processes on this machine (submitit's LocalExecutor);
+`cluster=slurm` writes an sbatch script and submits it (submitit's SlurmExecutor). Both start one
+process per task and give each its rank through submitit's JobEnvironment.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict
+
+#: what submitit runs inside the allocation; its folder argument is quoted by submitit itself
+SUBMIT_MODULE = "submitit.core._submit"
+
+
+def slurm_parameters(cluster) -> Dict[str, Any]:
+    """SlurmExecutor parameters for a `SlurmClusterConfig` (names as in submitit's sbatch writer)."""
+    params: Dict[str, Any] = {
+        "job_name": cluster.job_name,
+        "partition": cluster.partition,
+        "account": cluster.account,
+        "qos": cluster.qos,
+        "constraint": cluster.constraint,
+        "nodes": cluster.nodes,
+        "ntasks_per_node": cluster.tasks_per_node,
+        "cpus_per_task": cluster.cpus_per_task,
+        "gpus_per_node": cluster.gpus_per_node or None,
+        "mem": f"{cluster.mem_gb}GB" if cluster.mem_gb else None,
+        "time": cluster.timeout_min,
+        "signal_delay_s": cluster.signal_delay_s,
+        "setup": list(cluster.setup),
+        "additional_parameters": _extra_sbatch(cluster.extra_sbatch),
+    }
+    return {k: v for k, v in params.items() if v is not None and v != {} and v != []}
+
+
+def _extra_sbatch(lines) -> Dict[str, str]:
+    """["--reservation=x", "--exclusive"] -> {"reservation": "x", "exclusive": ""}; validate.py checked the form."""
+    extra: Dict[str, str] = {}
+    for line in lines:
+        key, _, value = line[2:].partition("=")
+        extra[key.replace("-", "_")] = value
+    return extra
+
+
+def make_executor(cluster, folder: Path):
+    """The submitit executor for `cluster` (local or slurm), writing its files under `folder`."""
+    import submitit
+
+    if cluster.name == "local":
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(
+            timeout_min=cluster.timeout_min,
+            tasks_per_node=cluster.tasks_per_node,
+            gpus_per_node=cluster.gpus_per_node,
+            nodes=1,
+        )
+        return executor
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cluster.max_requeues)
+    executor.update_parameters(**slurm_parameters(cluster))
+    return executor
+
+
+def sbatch_script(cluster, folder: Path) -> str:
+    """The exact sbatch script that `make_executor(cluster, folder)` would submit (job id left as %j)."""
+    executor = make_executor(cluster, folder)
+    return executor._make_submission_file_text(executor._submitit_command_str, uid="%j")

@@ -1,0 +1,64 @@
+"""DistributedDataParallel: a full replica on every rank, gradients all-reduced (averaged)."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from tuneforge.trainers.optim import make_optimizer, set_lr
+
+
+class DDPEngine:
+    def __init__(self, model: torch.nn.Module, backend_cfg, train_cfg, dist_env):
+        self.module = model
+        self.world_size = dist_env.world_size
+        self.model = DistributedDataParallel(
+            model,
+            device_ids=[dist_env.local_rank] if dist_env.device != "cpu" else None,
+            bucket_cap_mb=backend_cfg.bucket_cap_mb,
+            find_unused_parameters=backend_cfg.find_unused_parameters,
+        )
+        self.optimizer = make_optimizer(model, train_cfg)
+        self.rank = dist_env.rank
+
+    def accumulate(self, last_micro_batch: bool):
+        # Gradients are all-reduced once, with the last micro batch.
+        return contextlib.nullcontext() if last_micro_batch else self.model.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DDP averages gradients over ranks; the loss is this rank's share of a global sum.
+        (loss * self.world_size).backward()
+
+    def step(self, lr: float, grad_clip: float) -> float:
+        set_lr(self.optimizer, lr)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def save(self, directory: Path) -> None:
+        if self.rank == 0:  # every replica is identical
+            state = {"model": _trainable_state(self.module), "optimizer": self.optimizer.state_dict()}
+            torch.save(state, Path(directory) / "ddp_state.pt")
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(Path(directory) / "ddp_state.pt", map_location="cpu", weights_only=True)
+        missing = self.module.load_state_dict(state["model"], strict=False)
+        unexpected = missing.unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"checkpoint has weights this model lacks: {unexpected[:3]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def full_state_dict(self) -> Optional[dict]:
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()} if self.rank == 0 else None
+
+
+def _trainable_state(module: torch.nn.Module) -> dict:
+    """Trainable weights and buffers: frozen base weights (PEFT) are re-read from the base model on resume."""
+    params = dict(module.named_parameters())
+    return {k: v for k, v in module.state_dict().items() if k not in params or params[k].requires_grad}

@@ -1,0 +1,84 @@
+"""Checkpoint layout, written atomically:
+
+    <run dir>/checkpoints/step_N/        engine/ (the backend's state), trainer.json, rng/rank_R.pt
+    <run dir>/checkpoints/latest         "step_N", replaced last
+
+Every rank writes into checkpoints/.tmp-step_N; after a barrier rank 0 renames it to step_N and only
+then points `latest` at it, so a job killed at any moment leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+class Checkpoints:
+    def __init__(self, run_dir: Path, rank: int, keep: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.rank, self.keep = rank, keep
+
+    def latest(self) -> Optional[Path]:
+        pointer = self.root / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        return path if (path / "trainer.json").is_file() else None
+
+    def save(self, step: int, engine, trainer_state: dict) -> Path:
+        final, tmp = self.root / f"step_{step}", self.root / f".tmp-step_{step}"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "engine").mkdir(parents=True)
+            (tmp / "rng").mkdir()
+        dist.barrier()
+        engine.save(tmp / "engine")
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{self.rank}.pt")
+        if self.rank == 0:
+            (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
+        dist.barrier()
+        if self.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _write_atomic(self.root / "latest", final.name)
+            self._prune()
+        dist.barrier()
+        return final
+
+    def load(self, path: Path, engine) -> dict:
+        engine.load(path / "engine")
+        rng = path / "rng" / f"rank_{self.rank}.pt"
+        if rng.is_file():  # absent when the world size changed: the data order does not depend on it
+            _set_rng_state(torch.load(rng, weights_only=False))
+        return json.loads((path / "trainer.json").read_text())
+
+    def _prune(self) -> None:
+        steps = sorted((p for p in self.root.glob("step_*") if p.is_dir()), key=lambda p: int(p.name[5:]))
+        for old in steps[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,65 @@
+"""The optimisation math that every backend shares: optimizer, LR schedule, token-normalised loss.
+
+Kept in one place so that no backend or method can drift from it (torchtune #2307).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # label of a token that does not count in the loss (padding, prompts)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the tokens whose label is not IGNORE_INDEX.
+
+    The trainer divides the sum by the number of counted tokens in the whole global batch (all micro
+    batches of all ranks), so every token weighs the same whatever the accumulation and world size.
+    """
+    logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+    targets = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def counted_tokens(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def lr_at(step: int, train) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the chosen decay.
+
+    A pure function of the step: resuming needs no scheduler state beyond the step itself.
+    """
+    if step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    if train.schedule == "constant":
+        return train.lr
+    progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+    progress = min(1.0, progress)
+    floor = train.lr * train.min_lr_ratio
+    if train.schedule == "linear":
+        return floor + (train.lr - floor) * (1 - progress)
+    return floor + (train.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    """Trainable parameters only, split so that biases and norms get no weight decay."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, train) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; the LR is set by the trainer every step."""
+    return torch.optim.AdamW(
+        param_groups(model, train.weight_decay), lr=train.lr, betas=(train.beta1, train.beta2), eps=1e-8
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
