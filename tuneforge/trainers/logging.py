@@ -1,0 +1,206 @@
+"""Rank 0's metric sink: ``<run_dir>/metrics.jsonl`` always, W&B on top when ``logger.name == "wandb"``.
+
+metrics.jsonl is the record of truth: W&B is best effort. Every W&B failure is caught, reported once on
+stderr, and turns W&B off for the rest of the process; training never stops for it. Compute nodes often
+have no internet and no terminal, so W&B never prompts: "auto" goes online only with a key and a route.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import netrc
+import os
+import pathlib
+import secrets
+import socket
+import string
+import sys
+from urllib.parse import urlparse
+
+_DEFAULT_BASE_URL = "https://api.wandb.ai"
+# wandb-core buffers the offline .wandb file and by default writes it every 15 s: a job killed hard
+# (SIGKILL at the time limit, OOM) would lose that much, config included. Flush more often.
+_FLUSH_INTERVAL_S = 2.0
+
+
+def _say(message: str) -> None:
+    print(f"tuneforge: {message}", file=sys.stderr, flush=True)
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+    # A reader (or a requeued job) sees the old file or the new one, never half of one.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _jsonable(value):
+    # torch / numpy scalars reach us from the trainer; anything else is kept as text rather than lost.
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def have_api_key(base_url: str) -> bool:
+    """A W&B key in WANDB_API_KEY, or a netrc entry for the W&B host (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(urlparse(base_url).hostname) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def can_reach(base_url: str, timeout_s: float = 2.0) -> bool:
+    """Whether a TCP connection to the W&B host (or the HTTPS proxy, when one is set) opens in time."""
+    url = urlparse(base_url)
+    host, port = url.hostname, url.port or (80 if url.scheme == "http" else 443)
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    if proxy and url.scheme == "https":
+        proxy_url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_url.hostname, proxy_url.port or 80
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_mode(requested: str) -> tuple[str, str]:
+    """The W&B mode to run in, and why. Unknown values pass through, so wandb itself rejects them."""
+    base_url = os.environ.get("WANDB_BASE_URL") or _DEFAULT_BASE_URL
+    if requested not in ("auto", "online"):
+        return requested, "requested"
+    if not have_api_key(base_url):
+        # Online without a key makes wandb ask for one on a terminal (or fail without one): never that.
+        return "offline", "no W&B API key (WANDB_API_KEY or netrc)"
+    if requested == "online":
+        return "online", "requested"
+    if not can_reach(base_url):
+        return "offline", f"{urlparse(base_url).hostname} unreachable"
+    return "online", "API key and route to W&B found"
+
+
+class RunLogger:
+    """Rank 0's metric sink: <run_dir>/metrics.jsonl always, plus W&B when logger_cfg.name == 'wandb'.
+
+    ``logger_cfg`` is a LoggerConfig dataclass or its OmegaConf node (only attributes are read).
+    ``enabled=False`` (every rank but 0) makes every method a no-op: no files, no wandb import.
+    """
+
+    def __init__(self, logger_cfg, run_dir: pathlib.Path, run_config: dict, enabled: bool):
+        self.enabled, self.run_dir = enabled, pathlib.Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.mode: str | None = None  # the W&B mode chosen (None: W&B not used), and why
+        self.mode_reason: str | None = None
+        self._file = self._run = self._wandb = None  # _run: the live wandb Run; None once W&B is off
+        self._url_or_id: str | None = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if getattr(logger_cfg, "name", "none") == "wandb":
+            self._start_wandb(logger_cfg, run_config)
+
+    def _run_id(self) -> str:
+        # One id per run dir, made once: every requeue (a new process, same dir) continues the same
+        # W&B run instead of starting a new one per allocation.
+        path = self.run_dir / "wandb_id"
+        run_id = path.read_text().strip() if path.exists() else ""
+        if not run_id:
+            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+            _atomic_write(path, run_id + "\n")
+        return run_id
+
+    def _start_wandb(self, cfg, run_config: dict) -> None:
+        self.mode, self.mode_reason = resolve_mode(str(getattr(cfg, "mode", "auto")))
+        if self.mode == "disabled":
+            return
+        try:
+            import wandb  # lazy: costs ~1 s and is needed only on rank 0 with logger=wandb
+
+            knob = "x_transaction_log_flush_interval"  # private: pass it only while it exists
+            extra = {knob: _FLUSH_INTERVAL_S} if knob in wandb.Settings.model_fields else {}
+            # silent: no banner or prompts in batch logs (we print one line below); console="off":
+            # Slurm already keeps stdout, and wrapping sys.stdout in the training process buys nothing.
+            settings = wandb.Settings(silent=True, console="off", **extra)
+            run_id = self._run_id()
+            self._run = wandb.init(
+                id=run_id, resume="allow", dir=str(self.run_dir), mode=self.mode,
+                project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags or []),
+                config=run_config,  # at init, so a run killed midway still has its config
+                reinit="create_new", settings=settings,  # never hand back some other live run
+            )
+            self._wandb = wandb
+            self._url_or_id = (self._run.url if self.mode == "online" else None) or run_id
+            where = self._url_or_id if self.mode == "online" else f"{self.run_dir / 'wandb'} (wandb sync later)"
+            _say(f"W&B {self.mode} ({self.mode_reason}), run id {run_id}: {where}")
+        except Exception as exc:  # noqa: BLE001 - any wandb failure must not stop training
+            self._disable("init", exc)
+
+    def _disable(self, where: str, exc: BaseException) -> None:
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        _say(f"W&B {where} failed ({type(exc).__name__}: {first_line}); W&B is off for the rest of "
+             f"this run, metrics still go to {self.metrics_path}")
+        run, self._run = self._run, None
+        if run is not None:
+            with contextlib.suppress(Exception):  # close what was written so far: still worth syncing
+                run.finish(exit_code=1)
+
+    def _wandb_call(self, where: str, call) -> None:
+        if self._run is not None:
+            try:
+                call(self._run)
+            except Exception as exc:  # noqa: BLE001 - a W&B failure must not stop training
+                self._disable(where, exc)
+
+    def log(self, metrics: dict, step: int) -> None:
+        """One JSON line ``{"step": step, **metrics}`` (flushed, so a killed job keeps it), then W&B."""
+        if not self.enabled:
+            return
+        if self._file is None:
+            self._file = open(self.metrics_path, "a", encoding="utf-8")
+        self._file.write(json.dumps({"step": step, **metrics}, default=_jsonable) + "\n")
+        self._file.flush()
+        self._wandb_call("log", lambda run: run.log(metrics, step=step))
+
+    def summary(self, values: dict) -> None:
+        """Run-level values (final loss, tokens/s): merged into <run_dir>/summary.json and the W&B summary."""
+        if not self.enabled:
+            return
+        path = self.run_dir / "summary.json"
+        # Merged: an earlier attempt of a requeued run may have written keys too.
+        current = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        current.update(values)
+        _atomic_write(path, json.dumps(current, indent=2, default=_jsonable) + "\n")
+        self._wandb_call("summary", lambda run: run.summary.update(values))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop metrics.jsonl records past ``step`` (the checkpoint a resumed run restarts from)."""
+        if not self.enabled or not self.metrics_path.exists():
+            return
+        self._close_file()  # the file gets replaced: log() reopens it
+        kept = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a killed job
+            if isinstance(record, dict) and record.get("step", -1) <= step:
+                kept.append(line + "\n")
+        _atomic_write(self.metrics_path, "".join(kept))
+
+    def close(self) -> None:
+        """Flush and close metrics.jsonl; finish the W&B run. Safe to call twice."""
+        self._close_file()
+        # teardown stops wandb-core, so the .wandb file is complete on return (right after finish()
+        # a reader can still see it empty). It would finish other live runs too: the trainer has none.
+        self._wandb_call("finish", lambda run: (run.finish(), self._wandb.teardown()))
+        self._run = None
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    @property
+    def wandb_url_or_id(self) -> str | None:
+        """The W&B run URL when online, else its id; None when W&B was never started."""
+        return self._url_or_id
