@@ -34,12 +34,13 @@ def slurm_parameters(cluster) -> Dict[str, Any]:
     return {k: v for k, v in params.items() if v is not None and v != {} and v != []}
 
 
-def _extra_sbatch(lines) -> Dict[str, str]:
-    """["--reservation=x", "--exclusive"] -> {"reservation": "x", "exclusive": ""}; validate.py checked the form."""
-    extra: Dict[str, str] = {}
+def _extra_sbatch(lines) -> Dict[str, Any]:
+    """["--reservation=x", "--exclusive"] -> {"reservation": "x", "exclusive": True} (a bare flag);
+    validate.py has checked the form."""
+    extra: Dict[str, Any] = {}
     for line in lines:
-        key, _, value = line[2:].partition("=")
-        extra[key.replace("-", "_")] = value
+        key, sep, value = line[2:].partition("=")
+        extra[key.replace("-", "_")] = value if sep else True
     return extra
 
 

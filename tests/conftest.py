@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny pretrained base model on disk, and helpers to run the real CLI."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import List
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")  # never reach for the network from tests
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.pop("WANDB_API_KEY", None)
+
+# The smallest model that still shows the behaviour (2 layers, hidden 32, seq 32).
+TINY = ["model=tiny", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
+        "model.num_heads=4", "model.num_kv_heads=2", "model.vocab_size=512", "train.seq_len=32"]
+QUICK = ["logger=none", "train.max_steps=10", "train.warmup_steps=2", "train.checkpoint_every=5",
+         "train.micro_batch=2", "train.global_batch=8", "train.lr=3e-3"]
+
+
+def tuneforge(*args: str, check: bool = True) -> int:
+    """Run the CLI in this process (its tasks still run in their own processes)."""
+    from tuneforge.launch.cli import main
+
+    code = main(list(args))
+    if check:
+        assert code == 0, f"tuneforge {' '.join(args)} exited {code}"
+    return code
+
+
+def metrics(run_dir: Path) -> List[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> List[float]:
+    return [m["loss"] for m in metrics(run_dir)]
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny Llama and its tokenizer saved with save_pretrained, loaded by path like a user's model.
+
+    Trained for a few steps on the bundled corpus so that finetuning starts from real weights."""
+    out = tmp_path_factory.mktemp("base")
+    run = out / "pretrain"
+    tuneforge(*TINY, *QUICK, "cluster.tasks_per_node=1", f"run.dir={run}", "train.max_steps=20")
+    return run / "final"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The real Slurm test cluster started by scripts/slurm-cluster.sh (CI starts it)."""
+    if shutil.which("sinfo") is None:
+        pytest.skip("Slurm is not installed: run scripts/slurm-cluster.sh install start")
+    probe = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    if probe.returncode or "idle" not in probe.stdout and "mix" not in probe.stdout and "alloc" not in probe.stdout:
+        pytest.skip(f"the Slurm test cluster is not running: scripts/slurm-cluster.sh start ({probe.stderr.strip()})")
+    return "debug"

@@ -1,0 +1,59 @@
+"""Every shipped config composes and validates; the submit path stays light."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tuneforge.launch.compose import compose, group_options
+from tuneforge.launch.validate import validate
+
+CONF = Path(__file__).parents[1] / "tuneforge" / "conf"
+# Options that need a value no shipped file can know (a user's model path, a cluster partition).
+NEEDS = {
+    ("model", "hf"): ["model.name_or_path=org/some-model", "method=full"],
+    ("model", "llama3_8b"): ["method=full"],
+    ("model", "mistral_7b"): ["method=full"],
+    ("model", "qwen2_5_7b"): ["method=full"],
+    ("method", "full"): ["model=hf", "model.name_or_path=org/some-model"],
+}
+
+
+def shipped_options():
+    """Every YAML under conf/ (recursively), as (group, option)."""
+    for path in sorted(CONF.rglob("*.yaml")):
+        group = path.parent.relative_to(CONF).as_posix()
+        if group != ".":
+            yield group, path.stem
+
+
+@pytest.mark.parametrize("group,option", list(shipped_options()), ids=lambda v: str(v))
+def test_every_shipped_config_composes_and_validates(group, option):
+    cfg = compose([f"{group}={option}", *NEEDS.get((group, option), [])])
+    assert [str(p) for p in validate(cfg)] == []
+
+
+def test_every_group_is_walked():
+    groups = {g for g, _ in shipped_options()}
+    assert {"model", "method", "backend", "cluster", "data", "logger"} <= groups
+    assert set(group_options("model")) >= {"tiny", "hf", "llama3_8b", "mistral_7b", "qwen2_5_7b"}
+
+
+def test_default_run_is_tiny_pretrain_on_bundled_corpus_locally():
+    cfg = compose([])
+    assert (cfg.model.kind, cfg.method.name, cfg.data.name, cfg.cluster.name) == ("tiny", "pretrain", "demo_corpus", "local")
+
+
+def test_dry_run_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from tuneforge.launch.cli import main\n"
+        "assert main(['--dry-run', 'cluster=slurm', 'cluster.nodes=2']) == 0\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'deepspeed', 'wandb') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "#SBATCH --nodes=2" in out.stdout
