@@ -39,9 +39,14 @@ print("ID", log.wandb_url_or_id)
 
 
 def _isolate(mp: pytest.MonkeyPatch, home: pathlib.Path) -> None:
-    """No key, no netrc, no W&B settings from the machine running the tests."""
+    """No key, no netrc, no W&B settings from the machine running the tests.
+
+    WANDB_SERVICE is wandb's own bookkeeping (how child processes find this process's wandb-core):
+    restoring an old value after a test would hand later tests, and their children, a dead socket.
+    """
     for name in list(os.environ):
-        if name.startswith("WANDB_") or name in ("NETRC", "HTTPS_PROXY", "https_proxy"):
+        if (name.startswith("WANDB_") and name != "WANDB_SERVICE") or name in ("NETRC", "HTTPS_PROXY",
+                                                                              "https_proxy"):
             mp.delenv(name)
     mp.setenv("HOME", str(home))
     mp.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -52,9 +57,18 @@ def isolated(monkeypatch, tmp_path):
     _isolate(monkeypatch, tmp_path / "home")
 
 
-def _run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+@pytest.fixture(autouse=True, scope="module")
+def no_wandb_left_running():
+    """Leave no wandb-core (nor its WANDB_SERVICE token) behind for the test modules after this one."""
+    yield
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
+    assert "WANDB_SERVICE" not in os.environ
+
+
+def _run_script(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env={**os.environ, **env})
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -71,7 +85,9 @@ def requeued(tmp_path_factory):
             first.log({"loss": loss}, step=step)
         first.close()  # no SIGKILL: the attempt ends cleanly, as after a USR2 checkpoint
         after_first = wandb_offline.read_history(run_dir)
-        second = _run_script(SECOND_ATTEMPT, str(run_dir))
+        # The requeued task inherits a token for a wandb-core that is gone (its launcher used wandb).
+        stale = f"3-{os.getpid()}-unix-{tmp_path_factory.mktemp('gone')}/socket"
+        second = _run_script(SECOND_ATTEMPT, str(run_dir), WANDB_SERVICE=stale)
     return {"dir": run_dir, "first": first, "after_first": after_first, "second_out": second.stdout}
 
 
@@ -174,6 +190,7 @@ def test_wandb_log_failure_mid_run(tmp_path, monkeypatch, capsys):
     log.close()
     err = capsys.readouterr().err
     assert err.count("W&B log failed") == 1  # said once, then W&B is off
+    assert "WANDB_SERVICE" not in os.environ  # wandb-core was stopped, no token left for children
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
     assert wandb_offline.read_run_ids(tmp_path) == {log.wandb_url_or_id}
 

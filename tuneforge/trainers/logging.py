@@ -1,10 +1,8 @@
 """Rank 0's metric sink: ``<run_dir>/metrics.jsonl`` always, W&B on top when ``logger.name == "wandb"``.
 
-metrics.jsonl is the record of truth: W&B is best effort. Every W&B failure is caught, reported once on
-stderr, and turns W&B off for the rest of the process; training never stops for it. Compute nodes often
-have no internet and no terminal, so W&B never prompts: "auto" goes online only with a key and a route.
-"""
-from __future__ import annotations
+metrics.jsonl is the record of truth, W&B best effort: any W&B failure is reported once on stderr and
+turns W&B off for the rest of the process; training goes on. Compute nodes often have no internet and
+no terminal, so W&B never prompts: "auto" goes online only with a key and a route, else offline."""
 
 import contextlib
 import json
@@ -13,7 +11,6 @@ import os
 import pathlib
 import secrets
 import socket
-import string
 import sys
 from urllib.parse import urlparse
 
@@ -52,14 +49,13 @@ def have_api_key(base_url: str) -> bool:
 def can_reach(base_url: str, timeout_s: float = 2.0) -> bool:
     """Whether a TCP connection to the W&B host (or the HTTPS proxy, when one is set) opens in time."""
     url = urlparse(base_url)
-    host, port = url.hostname, url.port or (80 if url.scheme == "http" else 443)
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    if proxy and url.scheme == "https":
-        proxy_url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
-        host, port = proxy_url.hostname, proxy_url.port or 80
+    if proxy and url.scheme == "https":  # nodes that reach W&B at all often do so through a proxy
+        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    port = url.port or (80 if url.scheme == "http" else 443)
     try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+        return True
     except OSError:
         return False
 
@@ -67,6 +63,8 @@ def can_reach(base_url: str, timeout_s: float = 2.0) -> bool:
 def resolve_mode(requested: str) -> tuple[str, str]:
     """The W&B mode to run in, and why. Unknown values pass through, so wandb itself rejects them."""
     base_url = os.environ.get("WANDB_BASE_URL") or _DEFAULT_BASE_URL
+    if requested == "auto" and os.environ.get("WANDB_MODE"):  # the shell's explicit choice wins
+        requested = os.environ["WANDB_MODE"]
     if requested not in ("auto", "online"):
         return requested, "requested"
     if not have_api_key(base_url):
@@ -82,17 +80,13 @@ def resolve_mode(requested: str) -> tuple[str, str]:
 class RunLogger:
     """Rank 0's metric sink: <run_dir>/metrics.jsonl always, plus W&B when logger_cfg.name == 'wandb'.
 
-    ``logger_cfg`` is a LoggerConfig dataclass or its OmegaConf node (only attributes are read).
-    ``enabled=False`` (every rank but 0) makes every method a no-op: no files, no wandb import.
-    """
+    logger_cfg: a LoggerConfig or its OmegaConf node (attributes only). enabled=False (ranks != 0): no-ops."""
 
     def __init__(self, logger_cfg, run_dir: pathlib.Path, run_config: dict, enabled: bool):
         self.enabled, self.run_dir = enabled, pathlib.Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.mode: str | None = None  # the W&B mode chosen (None: W&B not used), and why
-        self.mode_reason: str | None = None
-        self._file = self._run = self._wandb = None  # _run: the live wandb Run; None once W&B is off
-        self._url_or_id: str | None = None
+        self.mode = self.mode_reason = None  # the W&B mode chosen (None: W&B not used), and why
+        self._file = self._run = self._wandb = self._url_or_id = None  # _run: None once W&B is off
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -100,12 +94,11 @@ class RunLogger:
             self._start_wandb(logger_cfg, run_config)
 
     def _run_id(self) -> str:
-        # One id per run dir, made once: every requeue (a new process, same dir) continues the same
-        # W&B run instead of starting a new one per allocation.
+        # Made once per run dir: every requeue (a new process, same dir) continues the same W&B run.
         path = self.run_dir / "wandb_id"
         run_id = path.read_text().strip() if path.exists() else ""
         if not run_id:
-            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+            run_id = secrets.token_hex(4)  # 8 chars of [0-9a-f]: a valid W&B run id
             _atomic_write(path, run_id + "\n")
         return run_id
 
@@ -114,24 +107,24 @@ class RunLogger:
         if self.mode == "disabled":
             return
         try:
+            # A WANDB_SERVICE token inherited from a parent that used wandb (a launcher, a test harness)
+            # points at the parent's wandb-core, which may be gone or may exit mid-run: start our own.
+            os.environ.pop("WANDB_SERVICE", None)
             import wandb  # lazy: costs ~1 s and is needed only on rank 0 with logger=wandb
 
+            self._wandb = wandb
             knob = "x_transaction_log_flush_interval"  # private: pass it only while it exists
             extra = {knob: _FLUSH_INTERVAL_S} if knob in wandb.Settings.model_fields else {}
-            # silent: no banner or prompts in batch logs (we print one line below); console="off":
-            # Slurm already keeps stdout, and wrapping sys.stdout in the training process buys nothing.
+            # silent: no banner or prompts (we print one line below); console off: Slurm keeps stdout.
             settings = wandb.Settings(silent=True, console="off", **extra)
-            run_id = self._run_id()
             self._run = wandb.init(
-                id=run_id, resume="allow", dir=str(self.run_dir), mode=self.mode,
+                id=self._run_id(), resume="allow", dir=str(self.run_dir), mode=self.mode,
                 project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags or []),
                 config=run_config,  # at init, so a run killed midway still has its config
                 reinit="create_new", settings=settings,  # never hand back some other live run
             )
-            self._wandb = wandb
-            self._url_or_id = (self._run.url if self.mode == "online" else None) or run_id
-            where = self._url_or_id if self.mode == "online" else f"{self.run_dir / 'wandb'} (wandb sync later)"
-            _say(f"W&B {self.mode} ({self.mode_reason}), run id {run_id}: {where}")
+            self._url_or_id = (self._run.url if self.mode == "online" else None) or self._run.id
+            _say(f"W&B {self.mode} ({self.mode_reason}): run {self._url_or_id}, in {self.run_dir}/wandb")
         except Exception as exc:  # noqa: BLE001 - any wandb failure must not stop training
             self._disable("init", exc)
 
@@ -141,8 +134,10 @@ class RunLogger:
              f"this run, metrics still go to {self.metrics_path}")
         run, self._run = self._run, None
         if run is not None:
-            with contextlib.suppress(Exception):  # close what was written so far: still worth syncing
+            with contextlib.suppress(Exception):  # what was written so far is still worth syncing
                 run.finish(exit_code=1)
+        with contextlib.suppress(Exception):  # stop wandb-core; this also drops WANDB_SERVICE
+            self._wandb.teardown()
 
     def _wandb_call(self, where: str, call) -> None:
         if self._run is not None:
@@ -162,11 +157,10 @@ class RunLogger:
         self._wandb_call("log", lambda run: run.log(metrics, step=step))
 
     def summary(self, values: dict) -> None:
-        """Run-level values (final loss, tokens/s): merged into <run_dir>/summary.json and the W&B summary."""
+        """Run-level values (final loss, tokens/s), merged into summary.json (older keys stay) and W&B."""
         if not self.enabled:
             return
         path = self.run_dir / "summary.json"
-        # Merged: an earlier attempt of a requeued run may have written keys too.
         current = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
         current.update(values)
         _atomic_write(path, json.dumps(current, indent=2, default=_jsonable) + "\n")
@@ -180,11 +174,10 @@ class RunLogger:
         kept = []
         for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
             try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line torn by a killed job
-            if isinstance(record, dict) and record.get("step", -1) <= step:
-                kept.append(line + "\n")
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):  # a line torn by a killed job
+                continue
         _atomic_write(self.metrics_path, "".join(kept))
 
     def close(self) -> None:
@@ -196,9 +189,9 @@ class RunLogger:
         self._run = None
 
     def _close_file(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()
 
     @property
     def wandb_url_or_id(self) -> str | None:

@@ -33,11 +33,12 @@ class Trainer:
     def resume(self) -> None:
         """Continue from the run dir's latest checkpoint, if any (restart, requeue, preemption)."""
         latest = self.checkpoints.latest()
+        if latest is not None:
+            state = self.checkpoints.load(latest, self.engine)
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.logger.truncate_after(self.step)  # steps logged after the checkpoint are replayed
         if latest is None:
             return
-        state = self.checkpoints.load(latest, self.engine)
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.logger.truncate_after(self.step)  # steps after the checkpoint are replayed
         if self.dist_env.is_main:
             print(f"resumed from {latest} at step {self.step}", flush=True)
 

@@ -104,7 +104,7 @@ def _records(run_dir) -> Iterator[tuple[pathlib.Path, Any]]:
 
 
 def read_history(run_dir) -> list[dict]:
-    """Every history row (metrics plus ``_step``, ``_runtime``, ``_timestamp``) of every offline run, in order.
+    """Every history row (metrics, ``_step``, ``_runtime``, ``_timestamp``) of every offline run, in order.
 
     Steps replayed after a requeue appear once per attempt, as W&B itself would upload them.
     """
