@@ -229,15 +229,26 @@ class Memory:
     step_transient: float  # alive only inside optimizer.step (DeepSpeed's fp32 gradient copy)
     overhead: float  # CUDA context, workspaces, fragmentation; 0 on CPU
     cpu: float  # bytes this rank keeps in CPU memory (offload)
+    grads_at_loss: float = 0.0  # gradients already there when backward starts (lm_head's)
+    activations_at_start: float = 0.0  # activation peak early in backward (few gradients yet)
+    activations_at_end: float = 0.0  # activation peak late in backward (alongside the gradients)
 
     @property
     def model_states(self) -> float:
         return self.params + self.grads + self.optim
 
     @property
+    def peak_dynamic(self) -> float:
+        """What comes and goes within a step, at its peak. Backward frees activations layer by layer
+        while gradients fill in (they are freed after each step: zero_grad(set_to_none=True)), so the
+        peak is early in backward (activations, lm_head's gradient), late in backward (the first
+        layer's activations, all gradients) or in the optimizer step (gradients and its buffer)."""
+        return max(self.activations_at_start + self.grads_at_loss, self.activations_at_end + self.grads,
+                   self.grads + self.step_transient)
+
+    @property
     def total(self) -> float:
-        """Peak: activations and the optimizer-step buffer are never alive together."""
-        return self.model_states + self.buffers + self.overhead + max(self.activations, self.step_transient)
+        return self.params + self.optim + self.buffers + self.overhead + self.peak_dynamic
 
 
 def memory(shape: ModelShape, method: MethodSpec, job: Job, on_gpu: bool = True) -> Memory:
@@ -269,10 +280,17 @@ def memory(shape: ModelShape, method: MethodSpec, job: Job, on_gpu: bool = True)
         step_transient = 0.0
 
     buffers = _buffers(shape, method, job, layout, b, train_bytes)
-    activations = activation_bytes(shape, job)
+    tokens = job.micro_batch * job.seq_len
+    _, at_start, at_end = activation_bytes_per_token(shape, job.dtype, job.activation_checkpointing, job.attention,
+                                                     job.seq_len)
+    at_start, at_end = at_start * tokens, at_end * tokens
+    activations = max(at_start, at_end)
     overhead = GPU_RUNTIME_OVERHEAD + FRAGMENTATION * (params_here + grads_here + optim_here + buffers
                                                        + activations) if on_gpu else 0.0
-    return Memory(params_here, grads_here, optim_here, activations, buffers, step_transient, overhead, cpu)
+    # lm_head's gradient is the first one backward writes; in full training it is there at the peak.
+    head = 0.0 if method.peft or n_all == 0 else grads_here * shape.vocab * shape.hidden / n_all
+    return Memory(params_here, grads_here, optim_here, activations, buffers, step_transient, overhead, cpu, head,
+                  at_start, at_end)
 
 
 def _buffers(shape: ModelShape, method: MethodSpec, job: Job, layout: Layout, b: int, train_bytes: int) -> float:
@@ -292,22 +310,29 @@ def _buffers(shape: ModelShape, method: MethodSpec, job: Job, layout: Layout, b:
     return b * (2 * root + 2 * layer)
 
 
-def activation_bytes_per_token(shape: ModelShape, dtype: str, checkpointing: bool, attention: str = "sdpa",
-                               seq_len: int = 0) -> Tuple[float, float]:
-    """(saved, backward) bytes per token of one micro batch: what the forward pass leaves for autograd
-    (and the logits the loop holds), and what backward adds on top at its peak.
+#: Backward through one decoder layer holds that layer's saved tensors and, on top, the gradients of
+#: its activations: a quarter of the layer's size at the peak (peak RSS of real CPU steps, 4 models).
+LAYER_BACKWARD_FACTOR = 1.25
 
-    Saved, counted from what autograd keeps in Hugging Face's Llama layer (checked tensor by tensor with
-    saved_tensors_hooks in tests/test_preflight.py): each RMSNorm keeps its float32 input, 1/rms, its
-    normalised output, and the next linear its input (4h + 4 + 2bh); sdpa attention keeps q, k, v
-    (k and v at GQA width), its output, which is also o_proj's input, and the log-sum-exp
-    (b(2q + 2kv) + 4 x heads); eager attention keeps q, k and v repeated to all heads, o_proj's input
-    and the float32 softmax with its cast copy (4bq + heads x seq x (4 + b)); the MLP keeps gate,
-    silu(gate), up and down's input (4bi). The loss keeps the logits (bV) and log_softmax's float32
-    output (4V). With activation checkpointing a layer keeps only its input (bh).
-    Backward adds the larger of the loss gradient (log_softmax's float32 output gradient and input
-    gradient, 8V, while the logits and log_softmax's output are still held) and, with checkpointing,
-    the one layer recomputed at a time (the two never coexist: recomputation starts after the loss).
+
+def activation_bytes_per_token(shape: ModelShape, dtype: str, checkpointing: bool, attention: str = "sdpa",
+                               seq_len: int = 0) -> Tuple[float, float, float]:
+    """(saved, at_start, at_end) bytes per token of one micro batch.
+
+    saved: what the forward pass leaves for autograd (and the logits the loop holds), counted from
+    what autograd keeps in Hugging Face's Llama layer (checked tensor by tensor with saved_tensors_hooks
+    in tests/test_preflight.py): each RMSNorm keeps its float32 input, 1/rms, its normalised output,
+    and the next linear its input (4h + 4 + 2bh); sdpa attention keeps q, k, v (k and v at GQA width),
+    its output, which is also o_proj's input, and the log-sum-exp (b(2q + 2kv) + 4 x heads); eager
+    attention keeps q, k and v repeated to all heads, o_proj's input and the float32 softmax with its
+    cast copy (4bq + heads x seq x (4 + b)); the MLP keeps gate, silu(gate), up and down's input (4bi).
+    The loss keeps the logits (bV) and log_softmax's float32 output (4V). With activation
+    checkpointing a layer keeps only its input (bh).
+    at_start: the peak early in backward, while (almost) no weight gradient exists yet: the loss
+    gradient (8V: log_softmax's float32 output and input gradients) on top of everything saved, or
+    the first layer's backward working set.
+    at_end: the peak late in backward, alongside (almost) all weight gradients: the first layer's
+    activations (recomputed, with checkpointing) and its backward working set.
     """
     b = DTYPE_BYTES[dtype]
     h, q, kv, i, v = shape.hidden, shape.heads * shape.dim, shape.kv_heads * shape.dim, shape.intermediate, shape.vocab
@@ -317,15 +342,12 @@ def activation_bytes_per_token(shape: ModelShape, dtype: str, checkpointing: boo
     else:
         attn = b * (2 * q + 2 * kv) + 4 * shape.heads
     layer = 2 * norm + attn + 4 * b * i
-    saved = (shape.layers * b * h if checkpointing else shape.layers * layer) + norm + (b + 4) * v
-    backward = max(layer if checkpointing else 0, 8 * v)
-    return float(saved), float(backward)
-
-
-def activation_bytes(shape: ModelShape, job: Job) -> float:
-    saved, backward = activation_bytes_per_token(shape, job.dtype, job.activation_checkpointing,
-                                                 job.attention, job.seq_len)
-    return (saved + backward) * job.micro_batch * job.seq_len
+    loss = norm + (b + 4) * v
+    saved = (shape.layers * b * h if checkpointing else shape.layers * layer) + loss
+    first_layer = (LAYER_BACKWARD_FACTOR - (0 if checkpointing else 1)) * layer  # beyond what is saved
+    at_start = max(saved + 8 * v, saved - loss + first_layer)
+    at_end = LAYER_BACKWARD_FACTOR * layer
+    return float(saved), float(at_start), float(at_end)
 
 
 # ------------------------------------------------------------------------------------------ FLOPs

@@ -395,12 +395,11 @@ def _milder(a: Suggestion, b: Suggestion) -> bool:
 
 
 # ---------------------------------------------------------------------------------- output
-COLUMNS = ("params", "grads", "optim", "activ", "buffers", "other", "total")
+COLUMNS = ("params", "grads", "optim", "activ", "buffers", "runtime", "peak")
 
 
 def _row(m: Memory, unit: float) -> str:
-    other = m.overhead + max(0.0, m.step_transient - m.activations)  # what `total` adds beyond the columns
-    values = (m.params, m.grads, m.optim, m.activations, m.buffers, other, m.total)
+    values = (m.params, m.grads, m.optim, m.activations, m.buffers, m.overhead, m.total)
     return " ".join(f"{v / unit:7.1f}" for v in values)
 
 
@@ -415,7 +414,8 @@ def render(report: Report) -> str:
              f"trainable; {j.backend} x {j.world_size} {report.gpu_label}; micro_batch {j.micro_batch} x seq_len "
              f"{j.seq_len}, {j.dtype}, {ckpt}",
              f"  {unit_name} per rank {' '.join(f'{c:>7}' for c in COLUMNS)}   limit",
-             f"  estimate     {_row(report.memory, unit)}   {_limit(report)}"]
+             f"  estimate     {_row(report.memory, unit)}   {_limit(report)}",
+             "  (peak: activations and gradients are never all alive at once; runtime: CUDA context, fragmentation)"]
     if report.memory.cpu:
         lines.append(f"  CPU memory per rank (offloaded): {gib(report.memory.cpu)} GiB")
     if report.flops_per_step:
