@@ -333,7 +333,7 @@ def test_refused_8b_full_finetune_on_one_80gb_gpu(tmp_path, capsys):
     report = _check(REFUSED_8B, ALL_OPTIONS)
     print("\n" + preflight.render(report))
     fixes = {s.text(): s for s in report.suggestions}
-    assert fixes and all(s.memory.total <= 80 * GIB for s in report.suggestions)
+    assert fixes and all(s.memory.total <= 0.95 * 80 * GIB for s in report.suggestions)
     assert any(s.gpus == 1 and "backend" in s.overrides and "method" not in s.overrides for s in fixes.values())
     assert any(s.gpus > 1 and "method" not in s.overrides for s in fixes.values()), "more GPUs"
     assert "method=qlora" in fixes and "method=lora" in fixes

@@ -19,6 +19,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
 from tuneforge.launch.estimate import (BACKENDS, DEFAULT_RANK, GIB, GPU_TYPES, PEFT_METHODS, SHARDING_ORDER, Job,
@@ -31,6 +32,9 @@ BACKEND_OPTIONS = {kind: kind for kind in BACKENDS}
 #: method combinations that are refused by validation or known broken (PITFALLS: QLoRA + ZeRO-3)
 INCOMPATIBLE = {("qlora", "zero3"), ("qlora", "zero3_offload")}
 NODE_SIZE = 8  # GPUs per node suggested when a job asks for fewer
+#: a suggested change must leave this share of the GPU free, so that a few % of estimation error
+#: does not turn the fix into an out-of-memory
+SUGGESTION_HEADROOM = 0.05
 MAX_SUGGESTIONS = 7
 PER_CATEGORY = 3  # suggestions shown per kind: same GPUs / more GPUs / another method
 
@@ -270,7 +274,7 @@ def _warnings(report: Report, cfg) -> List[str]:
 # ---------------------------------------------------------------------------------- suggestions
 def suggest(cfg, shape: ModelShape, method: MethodSpec, job: Job, gpu_memory: float, peak, mfu,
             options: Optional[Dict[str, List[str]]] = None) -> List[Suggestion]:
-    """Minimal sets of changes that fit, cheapest first: same method and GPUs before more GPUs
+    """Minimal sets of changes that fit with SUGGESTION_HEADROOM to spare, cheapest first: same method and GPUs before more GPUs
     before another method; fewer changes first; then GPU-hours. A set is dropped when a subset of it,
     with equal or milder values, already fits."""
     if options is None:
@@ -291,9 +295,9 @@ def suggest(cfg, shape: ModelShape, method: MethodSpec, job: Job, gpu_memory: fl
     found = []
     for backend, dtype, ckpt, method_name, (nodes, per_node) in itertools.product(backends, dtypes, ckpts, methods,
                                                                                    layouts):
-        if (method_name, backend) in INCOMPATIBLE:
-            continue
-        spec = method if method_name == method.name else method_spec(_Method(method_name), shape)
+        if (method_name, backend) in INCOMPATIBLE or (backend == "ddp" and (nodes, per_node) != layouts[0]):
+            continue  # (a DDP replica is no smaller on more GPUs)
+        spec = method if method_name == method.name else method_spec(SimpleNamespace(name=method_name), shape)
         world = nodes * per_node
         changes: Dict[str, object] = {}
         if backend != job.backend:
@@ -312,7 +316,7 @@ def suggest(cfg, shape: ModelShape, method: MethodSpec, job: Job, gpu_memory: fl
             candidate = job.with_(backend=backend, dtype=dtype, activation_checkpointing=ckpt, world_size=world,
                                   micro_batch=micro)
             mem = memory(shape, spec, candidate)
-            if mem.total <= gpu_memory:
+            if mem.total <= gpu_memory * (1 - SUGGESTION_HEADROOM):
                 extra = {} if micro == t.micro_batch else {"train.micro_batch": micro}
                 if global_batch != t.global_batch:
                     extra["train.global_batch"] = global_batch
@@ -340,13 +344,6 @@ def _category(s: Suggestion, cluster) -> int:
 
 def _nodes(s: Suggestion, cluster) -> int:
     return int(s.overrides.get("cluster.nodes", cluster.nodes))
-
-
-class _Method:
-    """A method config with defaults only, for estimating a suggested method."""
-
-    def __init__(self, name: str):
-        self.name = name
 
 
 def _batch_shapes(micro: int, global_batch: int, world: int) -> List[Tuple[int, int]]:
