@@ -140,9 +140,9 @@ def measured_mfu(run_dir: Optional[str]) -> Tuple[Optional[float], int]:
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
-        except ValueError:
+            last = max(last, int(record.get("step", 0)))
+        except (ValueError, TypeError, AttributeError):
             continue  # a line torn by a killed job
-        last = max(last, int(record.get("step", 0)))
         if isinstance(record.get("mfu"), (int, float)) and record["mfu"] > 0:
             values.append(float(record["mfu"]))
     return (statistics.median(values) if values else None), last
@@ -428,6 +428,7 @@ def render(report: Report) -> str:
                      "  no change tried fits (backend, dtype, activation checkpointing, micro batch, GPUs, method)")
         for sug in report.suggestions:
             cost = f"{sug.gpus} GPU" + (f", {sug.gpu_hours:.2f} GPU-h" if sug.gpu_hours is not None else "")
+            cost += f", {gib(sug.memory.cpu)} GiB CPU per rank" if sug.memory.cpu else ""
             lines.append(f"  {'':12} {_row(sug.memory, unit)}   {cost}: {sug.text()}")
     return "\n".join(lines)
 
