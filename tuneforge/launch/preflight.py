@@ -155,7 +155,6 @@ class Suggestion:
     memory: Memory
     gpus: int
     gpu_hours: Optional[float]
-    note: str = ""
 
     def text(self) -> str:
         return " ".join(f"{k}={_override_value(v)}" for k, v in self.overrides.items())
@@ -323,8 +322,7 @@ def suggest(cfg, shape: ModelShape, method: MethodSpec, job: Job, gpu_memory: fl
                 flops = flops_per_token(shape, spec, job.seq_len, ckpt) * global_batch * job.seq_len
                 step = _step_time(flops, world, peak, mfu)
                 hours = step * t.max_steps * world / 3600 if step else None
-                found.append(Suggestion({**changes, **extra}, mem, world, hours,
-                                        note=BACKENDS[backend].label if "backend" in changes else ""))
+                found.append(Suggestion({**changes, **extra}, mem, world, hours))
                 break
     minimal = [s for s in found if not any(_dominates(o, s) for o in found if o is not s)]
     minimal.sort(key=lambda s: (_category(s, c), "offload" in str(s.overrides.get("backend", "")),
