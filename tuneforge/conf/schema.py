@@ -83,6 +83,11 @@ class ClusterConfig:
     tasks_per_node: int = 1  # processes per machine = GPUs per node
     gpus_per_node: int = 0  # GPUs requested per node; 0 trains on CPU with gloo
     timeout_min: int = 60  # wall-clock limit of one allocation, minutes
+    # What the preflight checks against (launch/preflight.py); GPU types in launch/estimate.py GPU_TYPES:
+    gpu_type: Optional[str] = None  # a100_40g | a100_80g | h100_80g | h200 | l40s | ...: memory and peak below
+    gpu_memory_gb: Optional[float] = None  # memory per GPU in GiB; None: that of gpu_type
+    peak_tflops: Optional[float] = None  # dense bf16 peak per GPU (or per CPU process); None: that of gpu_type
+    assumed_mfu: float = 0.4  # model FLOPs utilisation for time estimates, until the run has measured its own
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """tuneforge: compose -> validate -> show -> submit. One direction; the task side is trainers/task.py.
 
-    tuneforge [key=value ...] [--dry-run] [--wait]      # train (locally in the foreground, or submit to Slurm)
+    tuneforge [key=value ...] [--dry-run] [--wait] [--force]   # train (locally, or submit to Slurm)
+    (--force: submit although the preflight estimates that the job does not fit in GPU memory)
     tuneforge status|logs|cancel|export|sync ...        # follow and manage runs
 """
 from __future__ import annotations
@@ -10,11 +11,11 @@ from typing import List, Optional
 
 from omegaconf import OmegaConf
 
-from tuneforge.launch import rundir
+from tuneforge.launch import preflight, rundir
 from tuneforge.launch.compose import ConfigError, compose
 from tuneforge.launch.validate import validate
 
-FLAGS = {"--dry-run", "--wait", "--help", "-h"}
+FLAGS = {"--dry-run", "--wait", "--force", "--help", "-h"}
 COMMANDS = {"status", "logs", "cancel", "export", "sync"}
 USAGE = __doc__
 
@@ -39,11 +40,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if problems:
         return _refuse([str(p) for p in problems])
     cfg = rundir.with_run_dir(cfg)
+    report = preflight.check(cfg)
+    refused = report.fits is False and "--force" not in flags
     if "--dry-run" in flags:
-        return _show(cfg)
+        return _show(cfg, report, refused)
+    print(preflight.render(report), flush=True)
+    if refused:
+        print(preflight.refusal(report), file=sys.stderr)
+        return 2
     from tuneforge.launch.submit import follow, submit
 
     run_dir = rundir.create(cfg, argv)
+    preflight.save(report, run_dir)
     job = submit(cfg, run_dir)
     print(f"job {job.job_id} ({cfg.cluster.name})\nrun dir {run_dir}\nlogs {job.paths.stdout}", flush=True)
     if cfg.cluster.name == "local" or "--wait" in flags:
@@ -58,7 +66,7 @@ def _refuse(problems: List[str]) -> int:
     return 2
 
 
-def _show(cfg) -> int:
+def _show(cfg, report, refused: bool) -> int:
     from pathlib import Path
 
     print("# resolved config\n" + OmegaConf.to_yaml(cfg) + "# validation: ok")
@@ -66,8 +74,11 @@ def _show(cfg) -> int:
         from tuneforge.slurm.executors import sbatch_script
 
         print("# sbatch script\n" + sbatch_script(cfg.cluster, Path(cfg.run.dir) / "slurm"))
-    print(f"# dry run: nothing submitted, {cfg.run.dir} not created")
-    return 0
+    print(preflight.render(report))
+    print(f"# dry run: nothing submitted, {cfg.run.dir} not created", flush=True)
+    if refused:
+        print(preflight.refusal(report), file=sys.stderr)
+    return 2 if refused else 0
 
 
 if __name__ == "__main__":

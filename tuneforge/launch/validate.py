@@ -152,10 +152,25 @@ def _cluster(cfg: DictConfig) -> Iterator[Problem]:
     if c.gpus_per_node and c.tasks_per_node != c.gpus_per_node:
         yield Problem("cluster.tasks_per_node", f"one task per GPU: set cluster.tasks_per_node={c.gpus_per_node} "
                                                 f"to match cluster.gpus_per_node={c.gpus_per_node}")
+    yield from _gpu(c)
     if c.name == "local" and c.nodes > 1:
         yield Problem("cluster.nodes", f"cluster=local runs on this machine only; set cluster.nodes=1 or use cluster=slurm")
     if c.name == "slurm":
         yield from _slurm(c)
+
+
+def _gpu(c) -> Iterator[Problem]:
+    """What the preflight checks against (launch/preflight.py)."""
+    from tuneforge.launch.estimate import GPU_TYPES
+
+    if c.gpu_type is not None and c.gpu_type not in GPU_TYPES:
+        yield Problem("cluster.gpu_type", f"unknown GPU type '{c.gpu_type}'; known: {', '.join(GPU_TYPES)}; or set "
+                                          "cluster.gpu_memory_gb and cluster.peak_tflops instead")
+    for key in ("gpu_memory_gb", "peak_tflops"):
+        if c[key] is not None and c[key] <= 0:
+            yield Problem(f"cluster.{key}", f"must be > 0, got {c[key]}")
+    if not 0 < c.assumed_mfu <= 1:
+        yield Problem("cluster.assumed_mfu", f"must be in (0, 1], got {c.assumed_mfu}")
 
 
 def _slurm(c) -> Iterator[Problem]:

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from tuneforge.trainers import metrics
 from tuneforge.trainers.optim import counted_tokens, lr_at, token_loss_sum
 
 #: set by a signal handler or by train.stop_after; the ranks agree on it at a step boundary
@@ -29,6 +30,7 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.step = 0
         self.tokens_seen = 0
+        self.memory_measured = False  # model-state bytes are measured once per process (preflight check)
 
     def resume(self) -> None:
         """Continue from the run dir's latest checkpoint, if any (restart, requeue, preemption)."""
@@ -72,7 +74,10 @@ class Trainer:
                 self.engine.backward(micro_loss / global_tokens)
             loss_sum += micro_loss.detach().double().cpu()
         lr = lr_at(self.step, self.train_cfg)
+        grads_held = None if self.memory_measured else metrics.grad_bytes(self.engine)
         grad_norm = self.engine.step(lr, self.train_cfg.grad_clip)
+        if grads_held is not None:
+            self._log_model_state_bytes(grads_held)
         loss = _all_reduce(loss_sum).item() / global_tokens
         self.step += 1
         self.tokens_seen += int(global_tokens)
@@ -87,6 +92,14 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "tflops_per_rank": tokens_per_s * self.flops_per_token / self.dist_env.world_size / 1e12,
         }
+
+    def _log_model_state_bytes(self, grads_held: int) -> None:
+        """Bytes of params, grads and optimizer state per rank, after the first step (summary.json)."""
+        self.memory_measured = True
+        mine = metrics.model_state_bytes(self.engine, grads_held)
+        ranks = [None] * self.dist_env.world_size
+        dist.all_gather_object(ranks, mine)
+        self.logger.summary({**mine, "mem_per_rank": ranks})
 
     def save(self) -> None:
         self.checkpoints.save(self.step, self.engine, {"step": self.step, "tokens_seen": self.tokens_seen})

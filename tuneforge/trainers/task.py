@@ -1,6 +1,7 @@
 """The task every rank runs: distributed env -> build -> train -> close. Setup in dependency order."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Dict
 
@@ -29,7 +30,9 @@ def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
         net = apply_method(net, cfg.method)
         counts = model.count_parameters(net)
         engine = backends.prepare(net, cfg.backend, t, dist_env)
-        logger = RunLogger(cfg.logger, run_dir, cfg_dict, enabled=dist_env.is_main)
+        preflight = run_dir / "preflight.json"  # the launcher's estimate, logged with the config (W&B)
+        run_config = {**cfg_dict, "preflight": json.loads(preflight.read_text())} if preflight.is_file() else cfg_dict
+        logger = RunLogger(cfg.logger, run_dir, run_config, enabled=dist_env.is_main)
         logger.summary({**counts, "world_size": dist_env.world_size, "num_nodes": dist_env.num_nodes,
                         "master_addr": dist_env.master_addr, "rows": len(rows), "job_id": dist_env.job_id})
         flops = metrics.flops_per_token(net.config, counts["params_trainable"], counts["params_total"], t.seq_len)
