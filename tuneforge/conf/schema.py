@@ -114,12 +114,33 @@ class SlurmClusterConfig(ClusterConfig):
 # ---------------------------------------------------------------------------------------- data
 @dataclass
 class DataConfig:
-    """What the model reads."""
+    """What the model reads, how it is rendered into tokens, and how tokens become rows (docs/data.md)."""
 
-    name: str = "demo_corpus"  # a label for the dataset, shown in logs
-    path: Optional[str] = None  # file or directory; None: the bundled file named by ``name``
-    format: str = "text"  # "text": raw text (lines or a "text" field of JSONL rows)
-    text_field: str = "text"  # field holding the text in JSONL rows
+    name: str = "demo_corpus"  # a label for the dataset, shown in logs; names the bundled file when no path/hub_id
+    path: Optional[str] = None  # local file or folder (.jsonl .json .parquet .csv .txt); None: bundled file `name`
+    hub_id: Optional[str] = None  # a Hugging Face dataset id (or a dataset folder), read with datasets.load_dataset
+    hub_config: Optional[str] = None  # the dataset's configuration (subset) name
+    hub_split: str = "train"  # the split to train on
+    hub_revision: Optional[str] = None  # a branch, tag or commit of the dataset repository
+    format: str = "text"  # "text" | "alpaca" (instruction, input, output) | "chat" (messages) | "completion"
+    text_field: str = "text"  # format=text: the field holding the document (rows of JSONL, CSV, Parquet)
+    instruction_field: str = "instruction"  # format=alpaca
+    input_field: str = "input"  # format=alpaca: optional context appended to the instruction
+    output_field: str = "output"  # format=alpaca: the response
+    prompt_field: str = "prompt"  # format=completion
+    completion_field: str = "completion"  # format=completion: the response
+    messages_field: str = "messages"  # format=chat: a list of {role: system|user|assistant, content}
+    text_sample_by: str = "paragraph"  # .txt files: one document per "paragraph" (blank line) | "line" | "document"
+    chat_template: Optional[str] = None  # Jinja chat template; None: the tokenizer's, else the default in docs/data.md
+    train_on_prompt: bool = False  # False: only response tokens count in the loss (alpaca, chat, completion)
+    packing: bool = True  # pack examples into full rows (attention stays within each one); False: one per row, padded
+    streaming: bool = False  # read while training (corpora larger than memory or disk cache); no token cache
+    stream_window: int = 1000  # streaming: examples read, packed and shuffled together (and re-read on resume)
+    validation_path: Optional[str] = None  # validation file or folder, same format as the training data
+    validation_fraction: float = 0.0  # without validation_path: carve this fraction of examples off for validation
+    cache_dir: str = "~/.cache/tuneforge/data"  # tokenised data, keyed by data, tokenizer, format and seq_len
+    precheck: bool = True  # scan local files for bad rows before submitting; false when only compute nodes see them
+    precheck_max_mb: int = 256  # scan at most this much before submitting; the job checks the rest at its start
 
 
 # ---------------------------------------------------------------------------------------- logger
@@ -157,6 +178,8 @@ class TrainConfig:
     checkpoint_every: int = 50  # steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     log_every: int = 1  # steps between metric records
+    eval_every: int = 50  # steps between validation losses (and at the end), when there is validation data; 0: never
+    eval_batches: int = 4  # global batches of validation data per evaluation (fewer when there is less data)
     stop_after: Optional[int] = None  # stop (as if preempted) after this step; for tests and debugging
 
 

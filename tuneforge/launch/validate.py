@@ -14,6 +14,7 @@ from typing import Callable, Iterator, List
 from omegaconf import DictConfig
 
 from tuneforge import data as bundled_data
+from tuneforge.data import records
 
 
 @dataclass(frozen=True)
@@ -128,13 +129,76 @@ def _model_path(key: str, value: str) -> Iterator[Problem]:
 # ------------------------------------------------------------------------------------- data
 @rule
 def _data(cfg: DictConfig) -> Iterator[Problem]:
-    d = cfg.data
-    yield from _choice("data.format", d.format, ("text",))
-    path = bundled_data.resolve(d.path, d.name)
-    if path is None:
-        yield Problem("data.path", f"no data: data.name={d.name} is not a bundled dataset; set data.path=<file or directory>")
-    elif not path.exists():
-        yield Problem("data.path", f"'{d.path}' does not exist")
+    """Settings, then the files themselves: every bad row named by file, row and field, and too few
+    examples for one global batch, before anything is submitted (data/records.py; no torch)."""
+    d, t = cfg.data, cfg.train
+    yield from _choice("data.format", d.format, records.FORMATS)
+    yield from _choice("data.text_sample_by", d.text_sample_by, ("paragraph", "line", "document"))
+    yield from _positive("data.stream_window", d.stream_window)
+    yield from _positive("data.precheck_max_mb", d.precheck_max_mb, 0)
+    if not 0 <= d.validation_fraction < 1:
+        yield Problem("data.validation_fraction", f"must be in [0, 1), got {d.validation_fraction}")
+    if d.streaming and d.validation_fraction:
+        yield Problem("data.validation_fraction", "cannot carve a fraction off a stream; "
+                                                  "give data.validation_path=<file or folder> instead")
+    if d.hub_id and d.path:
+        yield Problem("data.path", "give either data.path (local files) or data.hub_id (a dataset id), not both")
+    yield from _positive("train.eval_every", t.eval_every, 0)
+    yield from _positive("train.eval_batches", t.eval_batches)
+    train = None
+    if not d.hub_id:
+        path = bundled_data.resolve(d.path, d.name)
+        if path is None:
+            yield Problem("data.path", f"no data: data.name={d.name} is not a bundled dataset; "
+                                       "set data.path=<file or folder> or data.hub_id=<dataset id>")
+        elif not path.exists():
+            yield Problem("data.path", f"'{d.path}' does not exist")
+        else:
+            train = ("data.path", path)
+    val = None
+    if d.validation_path:
+        path = Path(d.validation_path).expanduser()
+        if not path.exists():
+            yield Problem("data.validation_path", f"'{d.validation_path}' does not exist")
+        else:
+            val = ("data.validation_path", path)
+    for key, path in (x for x in (train, val) if x):
+        yield from _data_files(key, path, cfg)
+
+
+def _data_files(key: str, path: Path, cfg: DictConfig) -> Iterator[Problem]:
+    d, t = cfg.data, cfg.train
+    files = records.data_files(path)
+    if not files:
+        yield Problem(key, f"{path}: no data files ({', '.join(records.BUILDERS)})")
+        return
+    unknown = sorted({f.suffix or f.name for f in files if f.suffix not in records.BUILDERS})
+    if unknown:
+        yield Problem(key, f"{path}: unsupported file type {', '.join(unknown)}; use {', '.join(records.BUILDERS)}")
+        return
+    allowed = records.NEEDS_STRUCTURED_FILES.get(d.format)
+    if allowed and any(f.suffix not in allowed for f in files):
+        yield Problem(key, f"format={d.format} needs {', '.join(allowed)} files (its rows hold lists)")
+        return
+    if d.format != "text" and any(f.suffix == ".txt" for f in files):
+        yield Problem(key, f"format={d.format} reads fields of rows: .txt files hold documents only (format=text)")
+        return
+    if not d.precheck:
+        return
+    scan = records.scan(files, d, max_bytes=d.precheck_max_mb * 2**20)
+    for line in records.problem_summary(scan):
+        yield Problem(key, line)
+    if scan.bad_rows or not scan.complete:
+        return  # the job checks what was not read, at its start
+    if scan.examples == 0:
+        yield Problem(key, f"{path}: the dataset is empty (no rows of format={d.format})")
+    elif key == "data.path" and d.format != "text":  # documents may split into several rows: counted by the job
+        n = scan.examples
+        if d.validation_fraction and not d.validation_path:
+            n -= max(1, round(n * d.validation_fraction))
+        if n < t.global_batch:
+            yield Problem(key, f"{path}: {n} training examples, fewer than one global batch "
+                               f"(train.global_batch={t.global_batch}); add data or lower train.global_batch")
 
 
 # ------------------------------------------------------------------------------------- cluster

@@ -1,6 +1,7 @@
 """Checkpoint layout, written atomically:
 
-    <run dir>/checkpoints/step_N/        engine/ (the backend's state), trainer.json, rng/rank_R.pt
+    <run dir>/checkpoints/step_N/        engine/ (the backend's state), trainer.json, rng/rank_R.pt,
+                                         rank/rank_R.json (per-rank trainer state: the data sampler's position)
     <run dir>/checkpoints/latest         "step_N", replaced last
 
 Every rank writes into checkpoints/.tmp-step_N; after a barrier rank 0 renames it to step_N and only
@@ -31,15 +32,18 @@ class Checkpoints:
         path = self.root / pointer.read_text().strip()
         return path if (path / "trainer.json").is_file() else None
 
-    def save(self, step: int, engine, trainer_state: dict) -> Path:
+    def save(self, step: int, engine, trainer_state: dict, rank_state: Optional[dict] = None) -> Path:
         final, tmp = self.root / f"step_{step}", self.root / f".tmp-step_{step}"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "engine").mkdir(parents=True)
             (tmp / "rng").mkdir()
+            (tmp / "rank").mkdir()
         dist.barrier()
         engine.save(tmp / "engine")
         torch.save(_rng_state(), tmp / "rng" / f"rank_{self.rank}.pt")
+        if rank_state is not None:
+            (tmp / "rank" / f"rank_{self.rank}.json").write_text(json.dumps(rank_state))
         if self.rank == 0:
             (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
         dist.barrier()
@@ -56,7 +60,11 @@ class Checkpoints:
         rng = path / "rng" / f"rank_{self.rank}.pt"
         if rng.is_file():  # absent when the world size changed: the data order does not depend on it
             _set_rng_state(torch.load(rng, weights_only=False))
-        return json.loads((path / "trainer.json").read_text())
+        state = json.loads((path / "trainer.json").read_text())
+        mine = path / "rank" / f"rank_{self.rank}.json"
+        if mine.is_file():  # absent for a rank that did not exist when it was written
+            state.update(json.loads(mine.read_text()))
+        return state
 
     def _prune(self) -> None:
         steps = sorted((p for p in self.root.glob("step_*") if p.is_dir()), key=lambda p: int(p.name[5:]))

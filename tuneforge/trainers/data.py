@@ -1,58 +1,118 @@
-"""Data: documents -> token rows of seq_len -> deterministic, resumable global batches.
+"""Data: rows of a source -> examples -> fixed-length rows -> deterministic, resumable batches.
 
-Every rank computes the same global batch for a step from (seed, step) alone and takes its own
-slice, so resuming at step N costs nothing and the global batch does not depend on the world size.
+    build(cfg.data, cfg.train, tokenizer, dist_env) -> Data(train, validation, stats)
+
+Not streaming (the default): rank 0 checks every row, tokenises and packs the whole dataset once,
+and writes the rows to a cache directory keyed by the data (files' sizes and times, or the
+dataset id), the tokenizer (a hash of it and of the chat template), the format settings and
+seq_len; the other ranks wait, then every rank memory-maps the rows. A restarted or requeued job
+finds the cache and skips all of it. Global batch `step` is a fixed slice of a seeded permutation
+of the rows, so it depends on (seed, step) only: resuming costs nothing, and each rank reads only
+its own disjoint part of the batch. Streaming: trainers/streaming.py.
+
+A micro batch is a dict of tensors passed to the model as keyword arguments, `labels` popped for
+the loss: input_ids, labels and position_ids when packed (see packing.py), input_ids, labels and
+attention_mask when padded (trimmed to the micro batch's longest row).
 """
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 
-from tuneforge import data as bundled_data
+from tuneforge.data.records import DataError
+from tuneforge.trainers import data_sources, packing
+from tuneforge.trainers.optim import IGNORE_INDEX
+from tuneforge.trainers.packing import Rows
+from tuneforge.trainers.tokenize import Encoder, tokenizer_fingerprint
+
+CACHE_VERSION = 1  # bump when the cached layout or the tokenisation rules change
+BUILD_TIMEOUT = datetime.timedelta(hours=6)  # how long the other ranks wait for rank 0 to build the cache
+ENCODE_CHUNK = 1024  # rows tokenised per call (the tokenizers library batches them in Rust)
+#: data settings that change the rows (with seq_len, the seed when a validation fraction is carved off,
+#: the sources and the tokenizer)
+ROW_SETTINGS = ("format", "text_field", "instruction_field", "input_field", "output_field", "prompt_field",
+                "completion_field", "messages_field", "text_sample_by", "train_on_prompt", "packing",
+                "validation_fraction")
 
 
-def read_documents(data_cfg) -> List[str]:
-    """The corpus as a list of documents: blank-line separated paragraphs of a text file, or the
-    `text_field` of each JSONL row. A directory contributes each of its files in name order."""
-    path = bundled_data.resolve(data_cfg.path, data_cfg.name)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    docs: List[str] = []
-    for file in files:
-        if file.suffix == ".jsonl":
-            for row, line in enumerate(file.read_text().splitlines(), 1):
-                if line.strip():
-                    try:
-                        docs.append(json.loads(line)[data_cfg.text_field])
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise ValueError(f"{file}:{row}: field '{data_cfg.text_field}': {e}") from None
-        else:
-            docs.extend(p.strip() for p in file.read_text().split("\n\n") if p.strip())
-    if not docs:
-        raise ValueError(f"data.path: no documents in {path}")
-    return docs
+@dataclass
+class Data:
+    train: Any  # GlobalBatches, or streaming.StreamingBatches
+    validation: Optional["EvalBatches"]
+    stats: Dict[str, Any] = field(default_factory=dict)  # rows, fill, cache status: logged in the run summary
 
 
-def pack_documents(docs: List[str], tokenizer, seq_len: int) -> torch.Tensor:
-    """Concatenate the tokenised documents, each closed by EOS, and cut rows of seq_len tokens."""
-    ids: List[int] = []
-    for encoded in tokenizer(docs, add_special_tokens=False)["input_ids"]:
-        ids.extend(encoded)
-        ids.append(tokenizer.eos_token_id)
-    rows = len(ids) // seq_len
-    return torch.tensor(ids[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
+def build(data_cfg, train_cfg, tokenizer, dist_env, flatten_packed: bool = False) -> Data:
+    """The run's training batches and validation batches. `flatten_packed`: give packed micro
+    batches as one row (flash attention finds the examples from the position ids only then)."""
+    t = train_cfg
+    encoder = Encoder(data_cfg, tokenizer, t.seq_len)
+    collate = Collate(packed=data_cfg.packing, flatten=flatten_packed)
+    train_src = data_sources.train_source(data_cfg)
+    val_src = data_sources.validation_source(data_cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if data_cfg.streaming:
+        from tuneforge.trainers.streaming import StreamingBatches
+
+        val_rows, stats = (cached_rows(None, val_src, encoder, data_cfg, t, pad_id, dist_env) if val_src
+                           else (None, {"data_cache": "off (streaming)"}))
+        train = StreamingBatches(train_src, encoder, data_cfg, t, pad_id, dist_env, collate)
+    else:
+        train_rows, val_rows, stats = cached_rows(train_src, val_src, encoder, data_cfg, t, pad_id, dist_env)
+        if len(train_rows) < t.global_batch:
+            raise DataError(
+                f"data: {len(train_rows)} rows of train.seq_len={t.seq_len} tokens from {train_src.label}, fewer "
+                f"than one global batch (train.global_batch={t.global_batch}); add data or lower train.global_batch"
+            )
+        train = GlobalBatches(train_rows, t.global_batch, t.micro_batch, t.seed, dist_env.rank,
+                              dist_env.world_size, collate, key=stats["data_key"])
+    validation = None
+    if val_rows is not None and len(val_rows) and t.eval_every:
+        validation = EvalBatches(val_rows, t.global_batch * t.eval_batches, t.micro_batch, dist_env.rank,
+                                 dist_env.world_size, collate, pad_id)
+    return Data(train, validation, stats)
+
+
+# ------------------------------------------------------------------------------------ batches
+@dataclass(frozen=True)
+class Collate:
+    """Rows -> the keyword arguments of the model's forward (plus labels)."""
+
+    packed: bool
+    flatten: bool = False
+
+    def __call__(self, rows: Rows) -> Dict[str, torch.Tensor]:
+        as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a)).long()  # noqa: E731
+        if self.packed:
+            batch = {"input_ids": as_long(rows.input_ids), "labels": as_long(rows.labels),
+                     "position_ids": as_long(rows.position_ids)}
+            return {k: v.reshape(1, -1) for k, v in batch.items()} if self.flatten else batch
+        longest = max(2, int(rows.lengths.max()))
+        lengths = torch.from_numpy(np.asarray(rows.lengths)).long()
+        return {"input_ids": as_long(rows.input_ids[:, :longest]), "labels": as_long(rows.labels[:, :longest]),
+                "attention_mask": (torch.arange(longest)[None, :] < lengths[:, None]).long()}
 
 
 class GlobalBatches:
     """Global batch `step` = a fixed slice of the epoch's seeded permutation; ranks take equal parts."""
 
-    def __init__(self, rows: torch.Tensor, global_batch: int, micro_batch: int, seed: int, rank: int, world_size: int):
+    def __init__(self, rows: Rows, global_batch: int, micro_batch: int, seed: int, rank: int, world_size: int,
+                 collate: Collate, key: str = ""):
         if len(rows) < global_batch:
-            raise ValueError(f"data: {len(rows)} rows of seq_len tokens, fewer than one global batch ({global_batch})")
+            raise DataError(f"data: {len(rows)} rows, fewer than one global batch ({global_batch})")
         self.rows, self.global_batch, self.micro_batch = rows, global_batch, micro_batch
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.collate, self.key = collate, key
         self.steps_per_epoch = len(rows) // global_batch
 
     def indices(self, step: int) -> torch.Tensor:
@@ -60,14 +120,208 @@ class GlobalBatches:
         perm = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch))
         return perm[position * self.global_batch : (position + 1) * self.global_batch]
 
-    def micro_batches(self, step: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """(input_ids, labels) micro batches of this rank for optimizer step `step`."""
+    def rank_indices(self, step: int) -> torch.Tensor:
+        """The rows this rank reads at `step`: its own slice of the global batch."""
         per_rank = self.global_batch // self.world_size
-        mine = self.indices(step)[self.rank * per_rank : (self.rank + 1) * per_rank]
-        for start in range(0, per_rank, self.micro_batch):
-            input_ids = self.rows[mine[start : start + self.micro_batch]]
-            yield input_ids, input_ids  # causal LM: labels are the inputs, shifted in the loss
+        return self.indices(step)[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def micro_batches(self, step: int) -> Iterator[Dict[str, torch.Tensor]]:
+        """This rank's micro batches for optimizer step `step`."""
+        mine = self.rank_indices(step).numpy()
+        for start in range(0, len(mine), self.micro_batch):
+            yield self.collate(self.rows.take(mine[start : start + self.micro_batch]))
 
     @property
     def accumulation(self) -> int:
         return self.global_batch // self.world_size // self.micro_batch
+
+    def state_dict(self, step: int) -> dict:
+        """The sampler's position: (seed, step) decide every batch; the key names the rows."""
+        return {"kind": "global", "seed": self.seed, "position": step, "rows": len(self.rows), "key": self.key}
+
+    def load_state_dict(self, state: dict, step: int) -> None:
+        if state.get("kind") != "global":
+            raise DataError(f"the checkpoint's data position is of kind {state.get('kind')!r}, this run reads "
+                            "'global' batches: resume with the same data.streaming setting, or use a new run.dir")
+        if (state["seed"], state["rows"], state["key"]) != (self.seed, len(self.rows), self.key):
+            raise DataError(
+                f"the data changed since the checkpoint (seed {state['seed']}, {state['rows']} rows, cache key "
+                f"{state['key']}; now seed {self.seed}, {len(self.rows)} rows, key {self.key}): resuming would not "
+                "continue the same epoch; restore the data and train.seed, or start a new run.dir"
+            )
+        if state["position"] != step:
+            raise DataError(f"the checkpoint's data position {state['position']} is not its step {step}")
+
+
+class EvalBatches:
+    """The first `max_rows` validation rows, dealt to the ranks in turn; every rank runs the same
+    number of micro batches (a rank short of rows gets rows without targets), since a forward
+    pass may be collective (FSDP, ZeRO-3)."""
+
+    def __init__(self, rows: Rows, max_rows: int, micro_batch: int, rank: int, world_size: int,
+                 collate: Collate, pad_id: int):
+        n = min(len(rows), max_rows)
+        per_rank = -(-n // world_size)
+        self.indices = list(range(rank, n, world_size))
+        self.rows, self.micro_batch, self.collate = rows, micro_batch, collate
+        self.blanks = per_rank - len(self.indices)
+        seq_len = rows.input_ids.shape[1]
+        self.blank = Rows(np.full((1, seq_len), pad_id, np.int32), np.full((1, seq_len), IGNORE_INDEX, np.int32),
+                          np.arange(seq_len, dtype=np.int32)[None], np.ones(1, np.int32))
+        self.num_rows = n
+
+    def micro_batches(self) -> Iterator[Dict[str, torch.Tensor]]:
+        picked = [self.rows.take(np.array([i])) for i in self.indices] + [self.blank] * self.blanks
+        for start in range(0, len(picked), self.micro_batch):
+            group = picked[start : start + self.micro_batch]
+            yield self.collate(Rows(*(np.concatenate([getattr(r, f) for r in group])
+                                      for f in ("input_ids", "labels", "position_ids", "lengths"))))
+
+
+# ------------------------------------------------------------------------------------ cache
+def cached_rows(train_src, val_src, encoder: Encoder, data_cfg, train_cfg, pad_id: int, dist_env
+                ) -> Tuple[Optional[Rows], Optional[Rows], Dict[str, Any]]:
+    """(train rows, validation rows, stats) from the cache, built by rank 0 on a miss."""
+    describe = {
+        "version": CACHE_VERSION,
+        "train": train_src.fingerprint(data_cfg) if train_src else None,
+        "validation": val_src.fingerprint(data_cfg) if val_src else None,
+        "settings": {k: data_cfg[k] for k in ROW_SETTINGS},
+        "seq_len": train_cfg.seq_len,
+        "split_seed": train_cfg.seed if data_cfg.validation_fraction and not val_src else None,
+        "tokenizer": tokenizer_fingerprint(encoder.tokenizer, encoder.template),
+        "pad_id": pad_id,
+    }
+    key = hashlib.sha256(json.dumps(describe, sort_keys=True).encode()).hexdigest()[:20]
+    directory = Path(data_cfg.cache_dir).expanduser().resolve() / key
+
+    def build_into(tmp: Path) -> None:
+        meta = _build(train_src, val_src, encoder, data_cfg, train_cfg.seed, pad_id, tmp)
+        (tmp / "meta.json").write_text(json.dumps({**meta, "describe": describe}, indent=1))
+
+    status = shared_build(directory, build_into, dist_env, name=key)
+    meta = json.loads((directory / "meta.json").read_text())
+    train = _load_rows(directory / "train") if (directory / "train").is_dir() else None
+    val = _load_rows(directory / "validation") if (directory / "validation").is_dir() else None
+    stats = {**meta["stats"], "data_cache": status, "data_key": key, "data_cache_dir": str(directory)}
+    if dist_env.rank == 0:
+        print(f"data: cache {status} {directory} ({json.dumps(meta['stats'])})", flush=True)
+    return train, val, stats
+
+
+def _build(train_src, val_src, encoder: Encoder, data_cfg, seed: int, pad_id: int, out: Path) -> dict:
+    """Check, read, split, tokenise and pack; write the rows under `out`; return the stats."""
+    train_records = _read(train_src, data_cfg) if train_src else []
+    if val_src:
+        val_records = _read(val_src, data_cfg)
+    elif data_cfg.validation_fraction > 0 and train_records:
+        n_val = max(1, round(len(train_records) * data_cfg.validation_fraction))
+        chosen = np.random.default_rng(seed).permutation(len(train_records))[:n_val]
+        held = np.zeros(len(train_records), dtype=bool)
+        held[chosen] = True
+        val_records = [r for r, h in zip(train_records, held) if h]
+        train_records = [r for r, h in zip(train_records, held) if not h]  # in order: documents stay in sequence
+    else:
+        val_records = []
+    stats: Dict[str, Any] = {}
+    for split, recs in (("train", train_records), ("validation", val_records)):
+        if not recs and (split == "validation" or train_src is None):
+            continue
+        if not recs:
+            raise DataError(f"data: no examples in {train_src.label}")
+        rows = rows_from_records(recs, encoder, data_cfg, pad_id)
+        _save_rows(rows, out / split)
+        stats.update({f"{split}_examples": len(recs), f"{split}_rows": len(rows), f"{split}_fill": round(rows.fill, 4)})
+    stats.update(truncated=encoder.truncated, dropped_without_targets=encoder.dropped)
+    return {"stats": stats}
+
+
+def rows_from_records(recs: List[dict], encoder: Encoder, data_cfg, pad_id: int) -> Rows:
+    examples = []
+    for start in range(0, len(recs), ENCODE_CHUNK):
+        examples += encoder.encode(recs[start : start + ENCODE_CHUNK])
+    if not examples:
+        raise DataError("data: no example has a token to learn from (all prompts, or truncated before the response)")
+    arrange = packing.pack if data_cfg.packing else packing.pad
+    return arrange(examples, encoder.seq_len, pad_id, split_long=data_cfg.format == "text")
+
+
+def _read(source, data_cfg) -> List[dict]:
+    if source.is_local:
+        data_sources.check_local(source, data_cfg)
+    return list(data_sources.rows(source, data_cfg))
+
+
+ROW_ARRAYS = ("input_ids", "labels", "position_ids", "lengths")
+
+
+def _save_rows(rows: Rows, directory: Path) -> None:
+    directory.mkdir(parents=True)
+    for name in ROW_ARRAYS:
+        np.save(directory / f"{name}.npy", getattr(rows, name))
+
+
+def _load_rows(directory: Path) -> Rows:
+    return Rows(*(np.load(directory / f"{name}.npy", mmap_mode="r") for name in ROW_ARRAYS))
+
+
+def shared_build(directory: Path, build_into: Callable[[Path], None], dist_env, name: str) -> str:
+    """Make sure `directory` (complete once its meta.json exists) is there for every rank: "hit" if
+    it was, "built" if rank 0 built it. The others wait on the process group's store (no collective
+    timeout), and a failure on rank 0 is raised on every rank with rank 0's message. A rank that
+    still cannot see it (a cache dir local to each node) builds its own copy, one rank per host."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist_env.world_size > 1
+    store = dist.distributed_c10d._get_default_store() if distributed else None
+    status = "hit" if (directory / "meta.json").is_file() else None
+    if dist_env.rank == 0:
+        status = _publish(store, f"tuneforge-data/{name}", lambda: status or _build_atomic(directory, build_into))
+    elif store is not None:
+        published = _wait(store, f"tuneforge-data/{name}")
+        status = status or ("hit" if published == "hit" else "built")
+    if not (directory / "meta.json").is_file():  # not shared with rank 0's node: this host builds its own
+        host_key = f"tuneforge-data/{name}/{socket.gethostname()}"
+        if store is None or store.add(host_key + "/builder", 1) == 1:
+            status = _publish(store, host_key, lambda: _build_atomic(directory, build_into))
+        else:
+            _wait(store, host_key)
+    return status
+
+
+def _publish(store, key: str, work: Callable[[], str]) -> str:
+    try:
+        status = work()
+    except Exception as e:
+        if store is not None:
+            store.set(key, f"error:{type(e).__name__}: {e}")
+        raise
+    if store is not None:
+        store.set(key, status)
+    return status
+
+
+def _wait(store, key: str) -> str:
+    store.wait([key], BUILD_TIMEOUT)
+    value = store.get(key).decode()
+    if value.startswith("error:"):
+        raise DataError(f"rank 0 could not prepare the data: {value[6:]}")
+    return value
+
+
+def _build_atomic(directory: Path, build_into: Callable[[Path], None]) -> str:
+    """Build into a temporary sibling, then rename: a killed build never leaves a half cache."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        build_into(tmp)
+        try:
+            os.replace(tmp, directory)
+        except OSError:  # another job built the same key meanwhile: keep theirs
+            if not (directory / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return "built"

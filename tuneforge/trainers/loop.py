@@ -3,6 +3,11 @@
 Per optimizer step: count the target tokens of the whole global batch; for each micro batch run
 forward, sum the token losses and back-propagate that sum divided by the global token count; then
 clip, step and log. Checkpoints at `checkpoint_every`, at a requested stop, and at the end.
+The validation loss (when there is validation data) is taken every `eval_every` steps and at the
+end, token-normalised over all ranks with the same token_loss_sum.
+
+A micro batch is a dict: `labels` for the loss, everything else (input_ids, and position_ids or
+attention_mask: see trainers/data.py) passed to the model as keyword arguments.
 """
 from __future__ import annotations
 
@@ -24,8 +29,10 @@ def request_stop(reason: str) -> None:
 
 
 class Trainer:
-    def __init__(self, engine, batches, train_cfg, dist_env, checkpoints, logger, flops_per_token: float):
+    def __init__(self, engine, batches, train_cfg, dist_env, checkpoints, logger, flops_per_token: float,
+                 eval_batches=None):
         self.engine, self.batches, self.train_cfg = engine, batches, train_cfg
+        self.eval_batches = eval_batches  # data.EvalBatches, or None: no validation loss
         self.dist_env, self.checkpoints, self.logger = dist_env, checkpoints, logger
         self.flops_per_token = flops_per_token
         self.step = 0
@@ -38,6 +45,8 @@ class Trainer:
         if latest is not None:
             state = self.checkpoints.load(latest, self.engine)
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            if "data" in state:  # the sampler position (and the data it belongs to) of this rank
+                self.batches.load_state_dict(state["data"], self.step)
         self.logger.truncate_after(self.step)  # steps logged after the checkpoint are replayed
         if latest is None:
             return
@@ -50,7 +59,11 @@ class Trainer:
         last: dict = {}
         while self.step < t.max_steps:
             last = self.train_step()
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
+            evaluate = self.eval_batches is not None and t.eval_every > 0 and (
+                self.step % t.eval_every == 0 or self.step == t.max_steps)
+            if evaluate:
+                last.update(self.evaluate())
+            if evaluate or self.step % t.log_every == 0 or self.step == t.max_steps:
                 self.logger.log(last, step=self.step)
             stop = self._stop_requested()
             if stop or (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == t.max_steps:
@@ -63,13 +76,14 @@ class Trainer:
         start = time.perf_counter()
         device = self.dist_env.device
         micro_batches = list(self.batches.micro_batches(self.step))
-        local_tokens = torch.tensor(float(sum(counted_tokens(labels) for _, labels in micro_batches)))
+        local_tokens = torch.tensor(float(sum(counted_tokens(batch["labels"]) for batch in micro_batches)))
         global_tokens = _all_reduce(local_tokens.clone()).item()
         loss_sum = torch.zeros((), dtype=torch.float64)
-        for i, (input_ids, labels) in enumerate(micro_batches):
-            input_ids, labels = input_ids.to(device), labels.to(device)
+        for i, batch in enumerate(micro_batches):
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            labels = inputs.pop("labels")
             with self.engine.accumulate(last_micro_batch=i == len(micro_batches) - 1):
-                logits = self.engine.model(input_ids=input_ids).logits
+                logits = self.engine.model(**inputs).logits
                 micro_loss = token_loss_sum(logits, labels)
                 self.engine.backward(micro_loss / global_tokens)
             loss_sum += micro_loss.detach().double().cpu()
@@ -101,8 +115,24 @@ class Trainer:
         dist.all_gather_object(ranks, mine)
         self.logger.summary({**mine, "mem_per_rank": ranks})
 
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss: summed token losses over every rank's validation rows / their target tokens."""
+        model, device = self.engine.model, self.dist_env.device
+        model.eval()
+        totals = torch.zeros(2, dtype=torch.float64)  # loss sum, target tokens
+        for batch in self.eval_batches.micro_batches():
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            labels = inputs.pop("labels")
+            totals[0] += token_loss_sum(model(**inputs).logits, labels).double().cpu()
+            totals[1] += counted_tokens(labels)
+        model.train()
+        loss_sum, tokens = _all_reduce(totals).tolist()
+        return {"eval_loss": loss_sum / max(tokens, 1.0), "eval_tokens": int(tokens)}
+
     def save(self) -> None:
-        self.checkpoints.save(self.step, self.engine, {"step": self.step, "tokens_seen": self.tokens_seen})
+        self.checkpoints.save(self.step, self.engine, {"step": self.step, "tokens_seen": self.tokens_seen},
+                              rank_state={"data": self.batches.state_dict(self.step)})
 
     def _stop_requested(self) -> Optional[str]:
         """Agree across ranks: stop if any rank got a signal, or at train.stop_after."""

@@ -10,7 +10,7 @@ def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
     from omegaconf import OmegaConf
 
     from tuneforge.slurm.env import close_distributed, init_distributed
-    from tuneforge.trainers import backends, data, metrics, model
+    from tuneforge.trainers import backends, data, data_sources, metrics, model
     from tuneforge.trainers.checkpoint import Checkpoints
     from tuneforge.trainers.export import write_final
     from tuneforge.trainers.logging import RunLogger
@@ -22,10 +22,10 @@ def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
     dist_env = init_distributed(cfg.cluster)
     logger = None
     try:
-        docs = data.read_documents(cfg.data)
-        tokenizer = model.load_tokenizer(cfg.model, cfg.method, lambda: docs, run_dir, dist_env)
-        rows = data.pack_documents(docs, tokenizer, t.seq_len)
-        batches = data.GlobalBatches(rows, t.global_batch, t.micro_batch, t.seed, dist_env.rank, dist_env.world_size)
+        tokenizer = model.load_tokenizer(cfg.model, cfg.method, lambda: data_sources.texts(cfg.data), run_dir, dist_env)
+        # flash attention reads packed examples from the position ids of a single row only
+        flatten = cfg.model.attn_implementation.startswith("flash")
+        run_data = data.build(cfg.data, t, tokenizer, dist_env, flatten_packed=flatten)
         net = model.load_model(cfg.model, cfg.method, tokenizer, t.dtype, dist_env.device, t.seed)
         net = apply_method(net, cfg.method)
         counts = model.count_parameters(net)
@@ -34,10 +34,10 @@ def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
         run_config = {**cfg_dict, "preflight": json.loads(preflight.read_text())} if preflight.is_file() else cfg_dict
         logger = RunLogger(cfg.logger, run_dir, run_config, enabled=dist_env.is_main)
         logger.summary({**counts, "world_size": dist_env.world_size, "num_nodes": dist_env.num_nodes,
-                        "master_addr": dist_env.master_addr, "rows": len(rows), "job_id": dist_env.job_id})
+                        "master_addr": dist_env.master_addr, "job_id": dist_env.job_id, **run_data.stats})
         flops = metrics.flops_per_token(net.config, counts["params_trainable"], counts["params_total"], t.seq_len)
-        trainer = Trainer(engine, batches, t, dist_env, Checkpoints(run_dir, dist_env.rank, t.keep_checkpoints),
-                          logger, flops)
+        trainer = Trainer(engine, run_data.train, t, dist_env, Checkpoints(run_dir, dist_env.rank, t.keep_checkpoints),
+                          logger, flops, eval_batches=run_data.validation)
         result = trainer.train()
         if result["stopped"] is None:
             write_final(engine, tokenizer, run_dir / "final", dist_env.is_main)

@@ -1,0 +1,120 @@
+"""Examples -> fixed-length rows: packed (several examples per row) or padded (one per row).
+
+A row is three int arrays of length seq_len (input_ids, labels, position_ids) plus its count of
+real tokens. In a packed row the position ids restart at 0 for every example: transformers'
+attention mask code (masking_utils.find_packed_sequence_indices) reads the restarts and lets each
+token attend only within its own example (a block-diagonal causal mask for sdpa/eager; the
+varlen kernels for flash attention, which need the micro batch flattened to one row). The first
+token of every example gets IGNORE_INDEX as label, so no loss is taken on predicting an example
+from the end of the previous one; a packed row therefore gives the loss of its examples run alone.
+
+- Text documents (`split_long=True`) are laid end to end and cut at row boundaries: rows are full.
+- Instruction examples (`split_long=False`, each at most seq_len) are never split: best-fit
+  decreasing puts each, longest first, into the fullest row it still fits in.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import numpy as np
+
+from tuneforge.trainers.optim import IGNORE_INDEX
+from tuneforge.trainers.tokenize import Example
+
+
+@dataclass
+class Rows:
+    input_ids: np.ndarray  # [rows, seq_len] int32, pad_id after the real tokens
+    labels: np.ndarray  # [rows, seq_len] int32, IGNORE_INDEX on prompts, example starts and padding
+    position_ids: np.ndarray  # [rows, seq_len] int32, restarting at 0 for every example (and the padding)
+    lengths: np.ndarray  # [rows] int32, real tokens in each row
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def fill(self) -> float:
+        """Real tokens / row tokens."""
+        return float(self.lengths.sum()) / max(1, self.input_ids.size)
+
+    def take(self, index) -> "Rows":
+        return Rows(self.input_ids[index], self.labels[index], self.position_ids[index], self.lengths[index])
+
+
+def pack(examples: Sequence[Example], seq_len: int, pad_id: int, split_long: bool) -> Rows:
+    """Pack examples into rows of seq_len tokens."""
+    if split_long:
+        layout = _concatenate(examples, seq_len)
+    else:
+        layout = _best_fit_decreasing([len(ids) for ids, _ in examples], seq_len)
+    return _materialise(examples, layout, seq_len, pad_id)
+
+
+def pad(examples: Sequence[Example], seq_len: int, pad_id: int, split_long: bool) -> Rows:
+    """One example per row (documents longer than seq_len split into several), padded to seq_len."""
+    layout = []
+    for i, (ids, _) in enumerate(examples):
+        for start in range(0, len(ids), seq_len) if split_long else [0]:
+            layout.append([(i, start, min(len(ids), start + seq_len))])
+    return _materialise(examples, layout, seq_len, pad_id)
+
+
+#: a row's layout: (example index, first token, end token) pieces, in order
+Layout = List[List[tuple]]
+
+
+def _concatenate(examples: Sequence[Example], seq_len: int) -> Layout:
+    layout: Layout = [[]]
+    free = seq_len
+    for i, (ids, _) in enumerate(examples):
+        start = 0
+        while start < len(ids):
+            if free == 0:
+                layout.append([])
+                free = seq_len
+            end = min(len(ids), start + free)
+            layout[-1].append((i, start, end))
+            free -= end - start
+            start = end
+    return [row for row in layout if row]
+
+
+def _best_fit_decreasing(lengths: Sequence[int], seq_len: int) -> Layout:
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))  # deterministic: ties by index
+    layout: Layout = []
+    free: List[tuple] = []  # sorted (free tokens, row index) of rows with room left
+    for i in order:
+        n = lengths[i]
+        at = bisect.bisect_left(free, (n, -1))  # the row with the least room that still fits n
+        if at < len(free):
+            room, row = free.pop(at)
+        else:
+            room, row = seq_len, len(layout)
+            layout.append([])
+        layout[row].append((i, 0, n))
+        if room - n > 0:
+            bisect.insort(free, (room - n, row))
+    return layout
+
+
+def _materialise(examples: Sequence[Example], layout: Layout, seq_len: int, pad_id: int) -> Rows:
+    n = len(layout)
+    input_ids = np.full((n, seq_len), pad_id, dtype=np.int32)
+    labels = np.full((n, seq_len), IGNORE_INDEX, dtype=np.int32)
+    position_ids = np.zeros((n, seq_len), dtype=np.int32)
+    lengths = np.zeros(n, dtype=np.int32)
+    for r, pieces in enumerate(layout):
+        at = 0
+        for i, start, end in pieces:
+            ids, labs = examples[i]
+            k = end - start
+            input_ids[r, at : at + k] = ids[start:end]
+            labels[r, at : at + k] = labs[start:end]
+            labels[r, at] = IGNORE_INDEX  # not predictable from the previous example
+            position_ids[r, at : at + k] = np.arange(k)
+            at += k
+        position_ids[r, at:] = np.arange(seq_len - at)  # the padding: a segment of its own
+        lengths[r] = at
+    return Rows(input_ids, labels, position_ids, lengths)

@@ -1,0 +1,151 @@
+"""Rows of a dataset -> token ids and labels, one example each, per `data.format`.
+
+Every format is first rendered to one string plus the character spans that are *responses*
+(what the model should learn to write); the string is tokenised once, with offsets, and a token
+is a target when it starts inside a response span. Prompt tokens get IGNORE_INDEX as label unless
+`data.train_on_prompt`. Tokenising the whole string (not prompt and response apart) gives the
+tokens the model will see at inference, where the prompt is followed by its generated answer.
+
+- text:        the document + EOS; every token is a target.
+- alpaca:      ALPACA_PROMPT(instruction, input) + output + EOS; the output and EOS are targets.
+- completion:  prompt + completion + EOS; the completion and EOS are targets.
+- chat:        the messages rendered by the chat template (data.chat_template, else the tokenizer's,
+               else DEFAULT_CHAT_TEMPLATE); each assistant turn (its content and the end-of-turn
+               text the template puts after it) is a target. The spans come from rendering the
+               conversation up to each assistant turn, which needs a template whose render of a
+               prefix of the conversation is a prefix of the whole render (true of common templates).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from tuneforge.data.records import DataError
+from tuneforge.trainers.optim import IGNORE_INDEX
+
+#: Used when neither data.chat_template nor the tokenizer has one (Zephyr's layout). Each turn is
+#: "<|role|>\n" + content + EOS + "\n"; a generation prompt is "<|assistant|>\n".
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+#: The Stanford Alpaca prompts, with and without the optional input.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+Example = Tuple[List[int], List[int]]  # (input_ids, labels)
+Span = Tuple[int, int]  # [start, end) in characters
+
+
+def chat_template(data_cfg, tokenizer) -> str:
+    return data_cfg.chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+
+
+def tokenizer_fingerprint(tokenizer, template: Optional[str]) -> str:
+    """A hash of everything about the tokenizer that changes the tokens: vocabulary, merges,
+    normalisation, special tokens, and the chat template in use."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    h.update((template or "").encode())
+    return h.hexdigest()[:16]
+
+
+class Encoder:
+    """Turns rows of one format into (input_ids, labels) examples."""
+
+    def __init__(self, data_cfg, tokenizer, seq_len: int):
+        self.cfg, self.tokenizer, self.seq_len = data_cfg, tokenizer, seq_len
+        self.format = data_cfg.format
+        self.template = chat_template(data_cfg, tokenizer) if self.format == "chat" else None
+        if tokenizer.eos_token_id is None:
+            raise DataError("the tokenizer has no EOS token; examples could not be terminated")
+        self.truncated = 0  # examples longer than seq_len, cut (text documents are split instead)
+        self.dropped = 0  # examples left without a single target token after truncation
+
+    def render(self, record: Dict[str, Any]) -> Tuple[str, List[Span], bool]:
+        """(text, response spans, whether to append EOS) of one well-formed row."""
+        c = self.cfg
+        if self.format == "text":
+            text = record[c.text_field]
+            return text, [(0, len(text))], True
+        if self.format == "alpaca":
+            extra = record.get(c.input_field) or ""
+            template = ALPACA_PROMPT if extra.strip() else ALPACA_PROMPT_NO_INPUT
+            prompt = template.format(instruction=record[c.instruction_field], input=extra)
+            return prompt + record[c.output_field], [(len(prompt), len(prompt) + len(record[c.output_field]))], True
+        if self.format == "completion":
+            prompt = record[c.prompt_field]
+            return prompt + record[c.completion_field], [(len(prompt), len(prompt) + len(record[c.completion_field]))], True
+        return self._render_chat(record[c.messages_field])
+
+    def _render_chat(self, messages: List[Dict[str, str]]) -> Tuple[str, List[Span], bool]:
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        full = self._apply(messages, generation_prompt=False)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = len(self._apply(messages[:i], generation_prompt=True)) if i else 0
+            upto = self._apply(messages[: i + 1], generation_prompt=False)
+            if not full.startswith(upto) or start > len(upto):
+                raise DataError(
+                    "data.chat_template: rendering the conversation up to a turn does not give a prefix of the "
+                    "whole conversation, so the assistant turns cannot be located; give a template that renders "
+                    "turn by turn (see docs/data.md)"
+                )
+            spans.append((start, len(upto)))
+        return full, spans, False
+
+    def _apply(self, messages, generation_prompt: bool) -> str:
+        if not messages:
+            return ""
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def encode(self, records: Sequence[Dict[str, Any]]) -> List[Example]:
+        """Examples for `records` (well-formed rows); those without any target token are dropped."""
+        rendered = [self.render(r) for r in records]
+        encoded = self.tokenizer(
+            [text for text, _, _ in rendered],
+            add_special_tokens=self.format != "chat",  # a chat template writes its own BOS
+            return_offsets_mapping=True,
+        )
+        examples = []
+        for (text, spans, add_eos), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
+            labels = [tok if self.cfg.train_on_prompt or _inside(off[0], off[1], spans) else IGNORE_INDEX
+                      for tok, off in zip(ids, offsets)]
+            if add_eos and (not ids or ids[-1] != self.tokenizer.eos_token_id):
+                ids, labels = ids + [self.tokenizer.eos_token_id], labels + [self.tokenizer.eos_token_id]
+            if self.format != "text" and len(ids) > self.seq_len:  # documents are split by the packer instead
+                ids, labels = ids[: self.seq_len], labels[: self.seq_len]
+                self.truncated += 1
+            if all(label == IGNORE_INDEX for label in labels[1:]):  # the first token is never a target
+                self.dropped += 1
+                continue
+            examples.append((ids, labels))
+        return examples
+
+
+def _inside(start: int, end: int, spans: List[Span]) -> bool:
+    """Whether a token at [start, end) starts inside a response span (added special tokens have end 0)."""
+    if end == 0 and start == 0:
+        return False
+    return any(s <= start < e for s, e in spans)
