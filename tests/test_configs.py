@@ -11,6 +11,7 @@ from tuneforge.launch.compose import compose, group_options
 from tuneforge.launch.validate import validate
 
 CONF = Path(__file__).parents[1] / "tuneforge" / "conf"
+DATA = Path(__file__).parents[1] / "tuneforge" / "data"
 # Options that need a value no shipped file can know (a user's model path, a cluster partition).
 NEEDS = {
     ("model", "hf"): ["model.name_or_path=org/some-model", "method=full"],
@@ -18,6 +19,12 @@ NEEDS = {
     ("model", "mistral_7b"): ["method=full"],
     ("model", "qwen2_5_7b"): ["method=full"],
     ("method", "full"): ["model=hf", "model.name_or_path=org/some-model"],
+    ("data", "alpaca_jsonl"): [f"data.path={DATA / 'demo_alpaca.jsonl'}"],
+    ("data", "chat_jsonl"): [f"data.path={DATA / 'demo_instruct.jsonl'}"],
+    ("data", "completion_jsonl"): [f"data.path={DATA / 'demo_alpaca.jsonl'}", "data.prompt_field=instruction",
+                                   "data.completion_field=output"],
+    ("data", "text_files"): [f"data.path={DATA / 'demo_corpus.txt'}"],
+    ("data", "hub"): ["data.hub_id=org/some-dataset"],
 }
 
 

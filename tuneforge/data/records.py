@@ -39,6 +39,28 @@ class Scan:
 
 
 # ------------------------------------------------------------------------------------ fields
+@dataclass(frozen=True)
+class RowSpec:
+    """The settings of the data config that say what a row holds, as plain attributes: reading
+    them from an OmegaConf node for every row would cost more than checking the row."""
+
+    format: str
+    text_field: str
+    instruction_field: str
+    input_field: str
+    output_field: str
+    prompt_field: str
+    completion_field: str
+    messages_field: str
+    text_sample_by: str
+
+
+def row_spec(data_cfg) -> RowSpec:
+    if isinstance(data_cfg, RowSpec):
+        return data_cfg
+    return RowSpec(**{name: getattr(data_cfg, name) for name in RowSpec.__dataclass_fields__})
+
+
 def required_fields(data_cfg) -> Dict[str, str]:
     """role -> configured field name of each field a row of `data_cfg.format` must have."""
     d = data_cfg
@@ -186,7 +208,7 @@ def _text_rows(file: Path, data_cfg) -> Iterator[Tuple[int, Any]]:
 
 def scan(files: Sequence[Path], data_cfg, max_problems: int = 5, max_bytes: Optional[int] = None) -> Scan:
     """Read `files` and check every row; stop after `max_bytes` of files (then `complete` is False)."""
-    result, budget = Scan(), max_bytes
+    result, budget, data_cfg = Scan(), max_bytes, row_spec(data_cfg)
     for file in files:
         size = file.stat().st_size
         if budget is not None and size > budget:

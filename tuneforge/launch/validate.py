@@ -193,11 +193,11 @@ def _data_files(key: str, path: Path, cfg: DictConfig) -> Iterator[Problem]:
     if scan.examples == 0:
         yield Problem(key, f"{path}: the dataset is empty (no rows of format={d.format})")
     elif key == "data.path" and d.format != "text":  # documents may split into several rows: counted by the job
-        n = scan.examples
-        if d.validation_fraction and not d.validation_path:
-            n -= max(1, round(n * d.validation_fraction))
+        held = max(1, round(scan.examples * d.validation_fraction)) if d.validation_fraction and not d.validation_path else 0
+        n = scan.examples - held
         if n < t.global_batch:
-            yield Problem(key, f"{path}: {n} training examples, fewer than one global batch "
+            after = f" ({held} of {scan.examples} held out by data.validation_fraction)" if held else ""
+            yield Problem(key, f"{path}: {n} training examples{after}, fewer than one global batch "
                                f"(train.global_batch={t.global_batch}); add data or lower train.global_batch")
 
 

@@ -76,9 +76,12 @@ def dataset(source: Source, data_cfg, streaming: bool = True):
     """The source as a `datasets` dataset (an IterableDataset when streaming)."""
     from datasets import load_dataset
 
+    hub = (data_cfg.hub_config, data_cfg.hub_split, data_cfg.hub_revision) if not source.is_local else None
+    data_cfg = records.row_spec(data_cfg)
+
     if not source.is_local:
-        return load_dataset(source.hub_id, name=data_cfg.hub_config, split=data_cfg.hub_split,
-                            revision=data_cfg.hub_revision, streaming=streaming)
+        name, split, revision = hub
+        return load_dataset(source.hub_id, name=name, split=split, revision=revision, streaming=streaming)
     parts = []
     # One load per run of files of the same type, in file order (a folder may mix types).
     for suffix, group in itertools.groupby(source.files, key=lambda f: f.suffix):
@@ -97,18 +100,20 @@ def dataset(source: Source, data_cfg, streaming: bool = True):
         return parts[0]
     from datasets import concatenate_datasets
 
-    wanted = _fields(data_cfg)
-    return concatenate_datasets([p.select_columns([c for c in p.column_names if c in wanted]) for p in parts])
+    wanted = _fields(data_cfg)  # other columns may differ in type between the files: leave them out
+    return concatenate_datasets([p if p.column_names is None else p.select_columns([c for c in p.column_names if c in wanted])
+                                 for p in parts])
 
 
 def rows(source: Source, data_cfg) -> Iterator[Dict[str, Any]]:
     """Every well-formed row of the source, in order; text documents stripped, blank ones skipped."""
+    spec = records.row_spec(data_cfg)
     for row_no, row in enumerate(dataset(source, data_cfg, streaming=True), 1):
-        row = clean(row, data_cfg)
+        row = clean(row, spec)
         if row is None:
             continue
         if not source.is_local:  # local files were checked with their file and line numbers already
-            bad = records.check_record(row, data_cfg)
+            bad = records.check_record(row, spec)
             if bad:
                 raise DataError(f"{source.label}:{row_no}: field '{bad[0]}': {bad[1]}")
         yield row

@@ -34,6 +34,7 @@ from tuneforge.trainers.packing import Rows
 class StreamingBatches:
     def __init__(self, source, encoder, data_cfg, train_cfg, pad_id: int, dist_env, collate):
         self.source, self.encoder, self.cfg, self.pad_id, self.collate = source, encoder, data_cfg, pad_id, collate
+        self.spec = records.row_spec(data_cfg)
         self.rank, self.world_size = dist_env.rank, dist_env.world_size
         self.seed, self.micro_batch = train_cfg.seed, train_cfg.micro_batch
         self.per_rank = train_cfg.global_batch // dist_env.world_size
@@ -119,10 +120,10 @@ class StreamingBatches:
                 self._ended = True
                 break
             self._row_no += 1
-            row = data_sources.clean(row, self.cfg)
+            row = data_sources.clean(row, self.spec)
             if row is None:
                 continue
-            bad = records.check_record(row, self.cfg)
+            bad = records.check_record(row, self.spec)
             if bad:
                 raise DataError(f"{self.source.label} (rank {self.rank}'s shard, row {self._row_no} of epoch "
                                 f"{self.state['epoch']}): field '{bad[0]}': {bad[1]}")

@@ -16,6 +16,7 @@ def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
     from tuneforge.trainers.logging import RunLogger
     from tuneforge.trainers.loop import Trainer
     from tuneforge.trainers.methods import apply_method
+    from tuneforge.trainers.tokenize import chat_template
 
     cfg = OmegaConf.create(cfg_dict)
     run_dir, t = Path(cfg.run.dir), cfg.train
@@ -23,6 +24,8 @@ def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
     logger = None
     try:
         tokenizer = model.load_tokenizer(cfg.model, cfg.method, lambda: data_sources.texts(cfg.data), run_dir, dist_env)
+        if cfg.data.format == "chat":  # saved with final/: inference renders chats as training did
+            tokenizer.chat_template = chat_template(cfg.data, tokenizer)
         # flash attention reads packed examples from the position ids of a single row only
         flatten = cfg.model.attn_implementation.startswith("flash")
         run_data = data.build(cfg.data, t, tokenizer, dist_env, flatten_packed=flatten)

@@ -21,7 +21,7 @@ import hashlib
 import json
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from tuneforge.data.records import DataError
+from tuneforge.data.records import DataError, row_spec
 from tuneforge.trainers.optim import IGNORE_INDEX
 
 #: Used when neither data.chat_template nor the tokenizer has one (Zephyr's layout). Each turn is
@@ -71,8 +71,8 @@ class Encoder:
     """Turns rows of one format into (input_ids, labels) examples."""
 
     def __init__(self, data_cfg, tokenizer, seq_len: int):
-        self.cfg, self.tokenizer, self.seq_len = data_cfg, tokenizer, seq_len
-        self.format = data_cfg.format
+        self.cfg, self.tokenizer, self.seq_len = row_spec(data_cfg), tokenizer, seq_len  # plain attributes: fast
+        self.format, self.train_on_prompt = data_cfg.format, bool(data_cfg.train_on_prompt)
         self.template = chat_template(data_cfg, tokenizer) if self.format == "chat" else None
         if tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no EOS token; examples could not be terminated")
@@ -130,7 +130,7 @@ class Encoder:
         )
         examples = []
         for (text, spans, add_eos), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
-            labels = [tok if self.cfg.train_on_prompt or _inside(off[0], off[1], spans) else IGNORE_INDEX
+            labels = [tok if self.train_on_prompt or _inside(off[0], off[1], spans) else IGNORE_INDEX
                       for tok, off in zip(ids, offsets)]
             if add_eos and (not ids or ids[-1] != self.tokenizer.eos_token_id):
                 ids, labels = ids + [self.tokenizer.eos_token_id], labels + [self.tokenizer.eos_token_id]
