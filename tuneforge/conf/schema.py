@@ -138,7 +138,8 @@ class DataConfig:
     stream_window: int = 1000  # streaming: examples read, packed and shuffled together (and re-read on resume)
     validation_path: Optional[str] = None  # validation file or folder, same format as the training data
     validation_fraction: float = 0.0  # without validation_path: carve this fraction of examples off for validation
-    cache_dir: str = "~/.cache/tuneforge/data"  # tokenised data, keyed by data, tokenizer, format and seq_len
+    # tokenised data, keyed by data, tokenizer, format and seq_len; $TUNEFORGE_DATA_CACHE sets the default
+    cache_dir: str = "${oc.env:TUNEFORGE_DATA_CACHE,'~/.cache/tuneforge/data'}"
     precheck: bool = True  # scan local files for bad rows before submitting; false when only compute nodes see them
     precheck_max_mb: int = 256  # scan at most this much before submitting; the job checks the rest at its start
 

@@ -132,8 +132,11 @@ class Encoder:
         for (text, spans, add_eos), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
             labels = [tok if self.train_on_prompt or _inside(off[0], off[1], spans) else IGNORE_INDEX
                       for tok, off in zip(ids, offsets)]
-            if add_eos and (not ids or ids[-1] != self.tokenizer.eos_token_id):
-                ids, labels = ids + [self.tokenizer.eos_token_id], labels + [self.tokenizer.eos_token_id]
+            if add_eos:  # the response ends with EOS, a target (also when the tokenizer appended one itself)
+                eos = self.tokenizer.eos_token_id
+                if ids and ids[-1] == eos:
+                    ids, labels = ids[:-1], labels[:-1]
+                ids, labels = ids + [eos], labels + [eos]
             if self.format != "text" and len(ids) > self.seq_len:  # documents are split by the packer instead
                 ids, labels = ids[: self.seq_len], labels[: self.seq_len]
                 self.truncated += 1
