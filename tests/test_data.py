@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import QUICK, losses, metrics, tuneforge
+from conftest import QUICK, TINY, losses, metrics, tuneforge
 from tuneforge import data as bundled_data
 from tuneforge.conf.schema import DataConfig, DDPConfig, TrainConfig
 from tuneforge.data import records
@@ -300,6 +300,19 @@ def test_bad_rows_unchecked_before_submission_stop_the_job_before_training(token
     small = write_jsonl(tmp_path / "small.jsonl", [GOOD["chat"]] * 20)
     with pytest.raises(DataError, match=r"\d+ rows of train.seq_len=64 tokens .* fewer than one global batch"):
         data.build(OmegaConf.merge(cfg, {"path": str(small)}), train_cfg(global_batch=64), tokenizer, ONE_RANK)
+
+
+@pytest.mark.slow
+def test_bad_rows_found_at_job_start_fail_every_rank_before_training(tmp_path, capsys):
+    """Through the CLI on 2 ranks: the job stops at its start with the row named, nothing trained."""
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a good row"}, {"text": 5}] + [{"text": "more text"}] * 10)
+    run = tmp_path / "run"
+    code = tuneforge(*TINY, "logger=none", f"data.path={path}", "data.precheck=false", f"run.dir={run}",
+                     f"data.cache_dir={tmp_path / 'cache'}", check=False)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"DataError: 1 bad row(s) in {path}:\n  {path}:2: field 'text': must be a string, got int" in err, err
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
 
 
 # ------------------------------------------------------------------------------------ cache, batches

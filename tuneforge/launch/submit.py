@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -39,12 +40,24 @@ def follow(job, run_dir: Path, max_steps: int) -> int:
     try:
         results = job.results()
     except Exception as e:  # the task's traceback is in its log; show its last line
-        print(f"job {job.job_id} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}", file=sys.stderr)
+        print(f"job {job.job_id} failed: {task_error(str(e))}", file=sys.stderr)
         print(f"logs: {job.paths.stdout.parent}", file=sys.stderr)
         return 1
     main = results[0]
     print(f"done: step {main['step']}, loss {main['loss']:.4f}" + (f" (stopped: {main['stopped']})" if main["stopped"] else ""))
     return 0
+
+
+def task_error(text: str) -> str:
+    """The task's own exception ("DataError: <message>", which may span lines) from submitit's failure
+    text (a header, the traceback between two dashed lines, then the log paths); else its last line."""
+    parts = text.split("----------------------")
+    body = (parts[1] if len(parts) >= 3 else text).rstrip()
+    found = list(re.finditer(r"^(?:[\w]+\.)*(\w+(?:Error|Exception)): ", body, re.MULTILINE))
+    if found:
+        return found[-1].group(1) + ": " + body[found[-1].end():]
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
 
 
 def _last_step(metrics: Path):
