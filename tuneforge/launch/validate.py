@@ -61,6 +61,8 @@ def _train(cfg: DictConfig) -> Iterator[Problem]:
     for key in ("max_steps", "micro_batch", "global_batch", "seq_len", "log_every"):
         yield from _positive(f"train.{key}", t[key])
     yield from _positive("train.checkpoint_every", t.checkpoint_every, 0)
+    yield from _positive("train.eval_every", t.eval_every, 0)
+    yield from _positive("train.eval_batches", t.eval_batches)
     yield from _positive("train.keep_checkpoints", t.keep_checkpoints)
     yield from _choice("train.dtype", t.dtype, ("fp32", "bf16", "fp16"))
     yield from _choice("train.schedule", t.schedule, ("cosine", "linear", "constant"))
@@ -143,8 +145,6 @@ def _data(cfg: DictConfig) -> Iterator[Problem]:
                                                   "give data.validation_path=<file or folder> instead")
     if d.hub_id and d.path:
         yield Problem("data.path", "give either data.path (local files) or data.hub_id (a dataset id), not both")
-    yield from _positive("train.eval_every", t.eval_every, 0)
-    yield from _positive("train.eval_batches", t.eval_batches)
     train = None
     if not d.hub_id:
         path = bundled_data.resolve(d.path, d.name)
