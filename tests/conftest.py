@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import List
 
@@ -13,6 +14,8 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "offline")  # never reach for the network from tests
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("WANDB_API_KEY", None)
+# Token caches of test runs go to a temporary directory, not the user's ~/.cache.
+os.environ.setdefault("TUNEFORGE_DATA_CACHE", tempfile.mkdtemp(prefix="tuneforge-test-cache-"))
 
 # The smallest model that still shows the behaviour (2 layers, hidden 32, seq 32).
 TINY = ["model=tiny", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
