@@ -23,3 +23,12 @@ def peak_memory_mb(device: str) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def gather_per_rank(value: float) -> list:
+    """Collective: `value` of every rank, in rank order (for the run summary, written by rank 0)."""
+    import torch.distributed as dist
+
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values

@@ -25,7 +25,8 @@ def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
         tokenizer = model.load_tokenizer(cfg.model, cfg.method, lambda: docs, run_dir, dist_env)
         rows = data.pack_documents(docs, tokenizer, t.seq_len)
         batches = data.GlobalBatches(rows, t.global_batch, t.micro_batch, t.seed, dist_env.rank, dist_env.world_size)
-        net = model.load_model(cfg.model, cfg.method, tokenizer, t.dtype, dist_env.device, t.seed)
+        dtype = backends.model_dtype(cfg.backend, t.dtype)  # fp32 master weights where the backend casts
+        net = model.load_model(cfg.model, cfg.method, tokenizer, dtype, dist_env.device, t.seed)
         net = apply_method(net, cfg.method)
         counts = model.count_parameters(net)
         engine = backends.prepare(net, cfg.backend, t, dist_env)
@@ -39,6 +40,7 @@ def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
         if result["stopped"] is None:
             write_final(engine, tokenizer, run_dir / "final", dist_env.is_main)
         result["peak_memory_mb"] = metrics.peak_memory_mb(dist_env.device)
+        result["peak_memory_mb_per_rank"] = metrics.gather_per_rank(result["peak_memory_mb"])
         logger.summary(result)
         return {**result, "rank": dist_env.rank, "world_size": dist_env.world_size}
     finally:
