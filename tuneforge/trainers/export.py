@@ -29,11 +29,31 @@ def save_model_dir(module, tokenizer, out_dir: Path, state_dict: Optional[dict] 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    weights_dtype = _weights_dtype(state_dict) if state_dict is not None else None
+    module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)  # (it empties state_dict)
+    if weights_dtype is not None:
+        _set_config_dtype(tmp / "config.json", weights_dtype)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out_dir)
+
+
+def _weights_dtype(state_dict: dict) -> Optional[str]:
+    """The most common floating dtype of the weights, as config.json spells it ("float32")."""
+    floating = [t.dtype for t in state_dict.values() if hasattr(t, "is_floating_point") and t.is_floating_point()]
+    return str(max(set(floating), key=floating.count)).split(".")[1] if floating else None
+
+
+def _set_config_dtype(config_path: Path, dtype: str) -> None:
+    """save_pretrained records the module's dtype; the weights may be fp32 masters of a bf16 module
+    (DeepSpeed casts the module). from_pretrained's dtype="auto" reads this field: make it the weights'."""
+    import json
+
+    config = json.loads(config_path.read_text())
+    if config.get("dtype") != dtype:
+        config["dtype"] = dtype
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def export_checkpoint(cfg, step_dir: Path, out_dir: Path) -> None:

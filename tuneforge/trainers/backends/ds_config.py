@@ -58,17 +58,20 @@ def build(backend, train, world_size: int, trainable_params: Optional[int] = Non
         "zero_optimization": zero,
         # the optimizer is a torch AdamW (or DeepSpeedCPUAdam under offload) built by trainers/optim.py
         "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1_000_000_000,  # the trainer logs; DeepSpeed's progress lines only add noise
-        "wall_clock_breakdown": False,
     }
+
+
+#: defaults of ours that a user's file may change (merged under the file)
+QUIET = {
+    "steps_per_print": 1_000_000_000,  # the trainer logs; DeepSpeed's progress lines only add noise
+    "wall_clock_breakdown": False,
+}
 
 
 def merged(backend, train, world_size: int, trainable_params: Optional[int] = None) -> Dict[str, Any]:
     """The user's file (if any) with our keys laid over it."""
-    ours = build(backend, train, world_size, trainable_params)
-    if not backend.config_file:
-        return ours
-    return _merge(read_file(backend.config_file), ours)
+    theirs = read_file(backend.config_file) if backend.config_file else {}
+    return _merge(_merge(QUIET, theirs), build(backend, train, world_size, trainable_params))
 
 
 def read_file(path: str) -> Dict[str, Any]:
@@ -100,7 +103,7 @@ def conflicts(backend, train, world_size: int) -> Iterator[Tuple[str, Any, Any]]
 
 
 def our_key(ds_key: str) -> str:
-    """The tuneforge key that decides a DeepSpeed key, for error messages."""
+    """The tuneforge key that decides a DeepSpeed key, for error messages ("": tuneforge fixes it)."""
     names = {
         "train_batch_size": "train.global_batch",
         "train_micro_batch_size_per_gpu": "train.micro_batch",
@@ -121,7 +124,7 @@ def our_key(ds_key: str) -> str:
     for prefix, name in names.items():
         if ds_key == prefix or ds_key.startswith(prefix + "."):
             return name
-    return "tuneforge"
+    return ""
 
 
 def _bucket(value: Optional[int], ds_key: str, trainable_params: Optional[int]) -> int:
