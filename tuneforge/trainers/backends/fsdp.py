@@ -103,12 +103,16 @@ class FSDPEngine:
 
 def read_full_state_dict(engine_dir: Path, module: torch.nn.Module) -> dict:
     """The saved model weights, loaded (and resharded by DCP) into `module`'s own tensors."""
+    import warnings
+
     import torch.distributed.checkpoint as dcp
 
     saved = dcp.FileSystemReader(str(engine_dir)).read_metadata().state_dict_metadata
     state = module.state_dict()
     wanted = {key: value for key, value in state.items() if f"model.{key}" in saved}
-    dcp.load({"model": wanted}, checkpoint_id=str(engine_dir), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*load in a single process")
+        dcp.load({"model": wanted}, checkpoint_id=str(engine_dir), no_dist=True)
     return state
 
 
