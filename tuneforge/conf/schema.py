@@ -73,6 +73,48 @@ class DDPConfig(BackendConfig):
     find_unused_parameters: bool = False  # needed only when some parameters get no gradient in a step
 
 
+@dataclass
+class FSDPConfig(BackendConfig):
+    """FSDP2 (torch.distributed.fsdp.fully_shard): parameters, gradients and optimizer state sharded.
+
+    Each transformer block is one sharding unit (all-gathered for its forward and backward), then the
+    root takes the rest (embeddings, final norm, head). With train.dtype=bf16 the sharded parameters
+    stay fp32 (the optimizer steps fp32 master weights) and a MixedPrecisionPolicy computes in bf16
+    and reduces gradients in fp32.
+    """
+
+    name: str = "fsdp"
+    reshard_after_forward: bool = True  # free each block's gathered weights after its forward (re-gather in
+    # backward): less memory, one more all-gather per block; False keeps them until the backward
+    cpu_offload: bool = False  # keep sharded params, grads and optimizer state in CPU memory (CPUOffloadPolicy);
+    # the optimizer then steps on the CPU. Only meaningful on GPUs (cluster.gpus_per_node > 0)
+    shard_modules: List[str] = field(default_factory=list)  # class names sharded one unit each; empty: the
+    # model's own transformer block classes (transformers' `_no_split_modules`, e.g. LlamaDecoderLayer)
+
+
+@dataclass
+class DeepSpeedConfig(BackendConfig):
+    """DeepSpeed ZeRO. Batch sizes, gradient accumulation, clipping and precision always come from
+    `train`, and the optimizer from trainers/optim.py, so the two can never disagree.
+
+    Bucket sizes are in elements; None: DeepSpeed's default, capped at the model's trainable parameter
+    count (a bucket larger than the model only allocates memory).
+    """
+
+    name: str = "deepspeed"
+    stage: int = 2  # ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters
+    offload_optimizer: bool = False  # optimizer state and step on the CPU (DeepSpeedCPUAdam)
+    offload_params: bool = False  # parameters in CPU memory between uses; stage 3 only
+    overlap_comm: bool = False  # overlap gradient reduction with the backward (more memory)
+    contiguous_gradients: bool = True  # copy gradients into one buffer as they are produced (less fragmentation)
+    reduce_bucket_size: Optional[int] = None  # elements reduced at once
+    allgather_bucket_size: Optional[int] = None  # elements all-gathered at once after the step (stages 1-2)
+    prefetch_bucket_size: Optional[int] = None  # elements of parameters prefetched ahead of use (stage 3)
+    param_persistence_threshold: Optional[int] = None  # parameters smaller than this stay unpartitioned (stage 3)
+    config_file: Optional[str] = None  # a DeepSpeed JSON merged UNDER the keys built from this config and
+    # `train`; a key that conflicts with ours is refused before launch
+
+
 # ---------------------------------------------------------------------------------------- cluster
 @dataclass
 class ClusterConfig:
@@ -182,6 +224,8 @@ class TrainConfig:
     eval_every: int = 50  # steps between validation losses (and at the end), when there is validation data; 0: never
     eval_batches: int = 4  # global batches of validation data per evaluation (fewer when there is less data)
     stop_after: Optional[int] = None  # stop (as if preempted) after this step; for tests and debugging
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward instead of
+    # keeping them (less memory, ~1/3 more compute); works with every backend
 
 
 # ---------------------------------------------------------------------------------------- run
@@ -210,7 +254,7 @@ class Config:
 SCHEMAS: Dict[str, Dict[str, Any]] = {
     "model": {"base_model": ModelConfig},
     "method": {"base_full": FullConfig, "base_pretrain": PretrainConfig},
-    "backend": {"base_ddp": DDPConfig},
+    "backend": {"base_ddp": DDPConfig, "base_fsdp": FSDPConfig, "base_deepspeed": DeepSpeedConfig},
     "cluster": {"base_local": LocalClusterConfig, "base_slurm": SlurmClusterConfig},
     "data": {"base_data": DataConfig},
     "logger": {"base_logger": LoggerConfig},

@@ -259,6 +259,63 @@ def _slurm(c) -> Iterator[Problem]:
         yield Problem("cluster.signal_delay_s", f"must be in [0, timeout_min x 60 = {c.timeout_min * 60}), got {c.signal_delay_s}")
 
 
+# ------------------------------------------------------------------------------------- backend
+@rule
+def _backend(cfg: DictConfig) -> Iterator[Problem]:
+    b, t = cfg.backend, cfg.train
+    yield from _choice("backend.name", b.name, ("ddp", "fsdp", "deepspeed"))
+    if b.name == "fsdp" and t.dtype == "fp16":
+        yield Problem("train.dtype", "fp16 needs loss scaling, which backend=fsdp does not do; use train.dtype=bf16, "
+                                     "or a DeepSpeed backend (backend=zero2) for fp16")
+    if b.name == "deepspeed":
+        yield from _deepspeed(b, t, world_size(cfg.cluster))
+
+
+def _deepspeed(b, t, world: int) -> Iterator[Problem]:
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        yield Problem("backend", f"backend={b.name} needs DeepSpeed: pip install 'tuneforge[deepspeed]', "
+                                 "or use backend=fsdp")
+    yield from _choice("backend.stage", b.stage, (1, 2, 3))
+    if b.offload_params and b.stage != 3:
+        yield Problem("backend.offload_params", f"parameter offload needs ZeRO stage 3 (backend.stage={b.stage}); "
+                                                "use backend=zero3_offload, or set backend.offload_params=false")
+    for key in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size"):
+        if b[key] is not None:
+            yield from _positive(f"backend.{key}", b[key])
+    if b.param_persistence_threshold is not None:
+        yield from _positive("backend.param_persistence_threshold", b.param_persistence_threshold, 0)
+    if b.config_file:
+        yield from _deepspeed_file(b, t, world)
+
+
+def _deepspeed_file(b, t, world: int) -> Iterator[Problem]:
+    """The user's DeepSpeed JSON is merged under ours: every key it sets differently is refused here."""
+    from tuneforge.trainers.backends import ds_config
+
+    path = Path(b.config_file).expanduser()
+    if not path.is_file():
+        yield Problem("backend.config_file", f"'{b.config_file}' does not exist")
+        return
+    try:
+        found = list(ds_config.conflicts(b, t, world))
+    except ValueError as e:  # JSONDecodeError is a ValueError
+        yield Problem("backend.config_file", f"'{b.config_file}' is not a DeepSpeed JSON object: {e}")
+        return
+    for key, theirs, ours in found:
+        if key in ds_config.FORBIDDEN_SECTIONS:
+            yield Problem("backend.config_file", f"'{key}' section in {b.config_file}: the {key} comes from {ours}; "
+                                                 f"remove the section")
+        elif ds_config.our_key(key):
+            yield Problem("backend.config_file", f"'{key}' is {theirs!r} in {b.config_file} but {ours!r} from "
+                                                 f"{ds_config.our_key(key)}; remove it from the file or change "
+                                                 f"{ds_config.our_key(key)}")
+        else:
+            yield Problem("backend.config_file", f"'{key}' is {theirs!r} in {b.config_file} but tuneforge needs "
+                                                 f"{ours!r}; remove it from the file")
+
+
 # ------------------------------------------------------------------------------------- logger, run
 @rule
 def _logger(cfg: DictConfig) -> Iterator[Problem]:

@@ -1,9 +1,17 @@
-"""Hugging Face model directories from a trained engine: `final/` at the end of a run, and export."""
+"""Hugging Face model directories: `final/` at the end of a run, and `tuneforge export` from a checkpoint.
+
+Both write the same thing the same way (`save_model_dir`): the model's config, its full weights as
+safetensors, and the tokenizer, into a temp directory renamed into place. `final/` takes the weights
+from the live engine (`engine.full_state_dict()`, collective); export reads them from a checkpoint's
+engine/ folder in one process (`backends.read_full_state_dict`), so it works from any backend and
+any world size, on a machine without the cluster.
+"""
 from __future__ import annotations
 
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 
 def write_final(engine, tokenizer, out_dir: Path, is_main: bool) -> None:
@@ -12,10 +20,76 @@ def write_final(engine, tokenizer, out_dir: Path, is_main: bool) -> None:
 
     state_dict = engine.full_state_dict()
     if is_main:
-        tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
+        save_model_dir(engine.module, tokenizer, out_dir, state_dict)
     dist.barrier()
+
+
+def save_model_dir(module, tokenizer, out_dir: Path, state_dict: Optional[dict] = None) -> None:
+    """<out_dir>: config + safetensors (+ tokenizer), replaced atomically."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    weights_dtype = _weights_dtype(state_dict) if state_dict is not None else None
+    module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)  # (it empties state_dict)
+    if weights_dtype is not None:
+        _set_config_dtype(tmp / "config.json", weights_dtype)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out_dir)
+
+
+def _weights_dtype(state_dict: dict) -> Optional[str]:
+    """The most common floating dtype of the weights, as config.json spells it ("float32")."""
+    floating = [t.dtype for t in state_dict.values() if hasattr(t, "is_floating_point") and t.is_floating_point()]
+    return str(max(set(floating), key=floating.count)).split(".")[1] if floating else None
+
+
+def _set_config_dtype(config_path: Path, dtype: str) -> None:
+    """save_pretrained records the module's dtype; the weights may be fp32 masters of a bf16 module
+    (DeepSpeed casts the module). from_pretrained's dtype="auto" reads this field: make it the weights'."""
+    import json
+
+    config = json.loads(config_path.read_text())
+    if config.get("dtype") != dtype:
+        config["dtype"] = dtype
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def export_checkpoint(cfg, step_dir: Path, out_dir: Path) -> None:
+    """The model of checkpoint <step_dir> as a Hugging Face directory <out_dir>, in this process.
+
+    The model is built as the run built it (same config, dtype and method), then the checkpoint's
+    full weights are loaded into it: a name or shape that does not match fails here, not at load time.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from tuneforge.trainers import backends, model
+    from tuneforge.trainers.methods import apply_method
+
+    run_dir = Path(step_dir).parent.parent
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(cfg.model, run_dir),
+                                              trust_remote_code=cfg.model.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = backends.model_dtype(cfg.backend, cfg.train.dtype)
+    net = apply_method(model.load_model(cfg.model, cfg.method, tokenizer, dtype, "cpu", cfg.train.seed), cfg.method)
+    state = backends.read_full_state_dict(cfg.backend, Path(step_dir) / "engine", net)
+    with torch.no_grad():
+        result = net.load_state_dict(state, strict=False)
+    if result.unexpected_keys or result.missing_keys:
+        raise RuntimeError(f"checkpoint {step_dir} does not fit the run's model: unexpected "
+                           f"{result.unexpected_keys[:3]}, missing {result.missing_keys[:3]}")
+    save_model_dir(net, tokenizer, out_dir)
+
+
+def _tokenizer_source(model_cfg, run_dir: Path) -> str:
+    """Where the run's tokenizer lives, in model.load_tokenizer's order: model.tokenizer, the loaded
+    model's own, else the one trained on the corpus into <run dir>/tokenizer."""
+    source = model_cfg.tokenizer or (model_cfg.name_or_path if model_cfg.kind == "hf" else None)
+    if source:
+        return source
+    if not (run_dir / "tokenizer" / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{run_dir / 'tokenizer'}: the run's trained tokenizer is missing")
+    return str(run_dir / "tokenizer")

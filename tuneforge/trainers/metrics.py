@@ -94,3 +94,12 @@ def model_state_bytes(engine, grads: int) -> dict:
         inner = getattr(optimizer, "optimizer", None)
         optimizer = inner if inner is not optimizer else None
     return {"mem_params_bytes": storage_bytes(params), "mem_grads_bytes": grads, "mem_optim_bytes": storage_bytes(optim)}
+
+
+def gather_per_rank(value: float) -> list:
+    """Collective: `value` of every rank, in rank order (for the run summary, written by rank 0)."""
+    import torch.distributed as dist
+
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values

@@ -29,7 +29,8 @@ def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
         # flash attention reads packed examples from the position ids of a single row only
         flatten = cfg.model.attn_implementation.startswith("flash")
         run_data = data.build(cfg.data, t, tokenizer, dist_env, flatten_packed=flatten)
-        net = model.load_model(cfg.model, cfg.method, tokenizer, t.dtype, dist_env.device, t.seed)
+        dtype = backends.model_dtype(cfg.backend, t.dtype)  # fp32 master weights where the backend casts
+        net = model.load_model(cfg.model, cfg.method, tokenizer, dtype, dist_env.device, t.seed)
         net = apply_method(net, cfg.method)
         counts = model.count_parameters(net)
         engine = backends.prepare(net, cfg.backend, t, dist_env)
@@ -45,6 +46,7 @@ def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
         if result["stopped"] is None:
             write_final(engine, tokenizer, run_dir / "final", dist_env.is_main)
         result["peak_memory_mb"] = metrics.peak_memory_mb(dist_env.device)
+        result["peak_memory_mb_per_rank"] = metrics.gather_per_rank(result["peak_memory_mb"])
         logger.summary(result)
         return {**result, "rank": dist_env.rank, "world_size": dist_env.world_size}
     finally:

@@ -9,35 +9,75 @@ Contract shared by every backend (the loss math itself lives in trainers/optim.p
 - `save(dir)` / `load(dir)`: collective; the backend's own (possibly sharded) state of model and
   optimizer inside `dir`.
 - `full_state_dict()`: collective; the full model weights on rank 0 (None elsewhere), for export.
+
+Every backend also has a module-level `read_full_state_dict(engine_dir, module)`: the same full
+weights read from a saved `engine/` folder in ONE process without a process group, whatever the
+world size that wrote it (`tuneforge export`).
+
+Weights are exported in the precision training keeps them: with train.dtype=bf16, `ddp` trains bf16
+weights, while `fsdp` and DeepSpeed keep fp32 master weights and compute in bf16 (the model is then
+built in fp32, see `model_dtype`).
+
+Importing this package does not import torch: launch/validate.py reads backends/ds_config.py.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import ContextManager, Optional, Protocol
+from typing import TYPE_CHECKING, ContextManager, Optional, Protocol
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+#: backend.name -> module under trainers/backends/ (imported only when used)
+MODULES = {"ddp": "ddp", "fsdp": "fsdp", "deepspeed": "deepspeed"}
+#: backends that keep fp32 master weights and cast to train.dtype themselves
+MIXED_PRECISION = ("fsdp", "deepspeed")
 
 
 class Engine(Protocol):
-    model: torch.nn.Module  # call this for the forward pass
-    module: torch.nn.Module  # the unwrapped (Hugging Face / PEFT) model
+    model: "torch.nn.Module"  # call this for the forward pass
+    module: "torch.nn.Module"  # the unwrapped (Hugging Face / PEFT) model
 
     def accumulate(self, last_micro_batch: bool) -> ContextManager: ...
-    def backward(self, loss: torch.Tensor) -> None: ...
+    def backward(self, loss: "torch.Tensor") -> None: ...
     def step(self, lr: float, grad_clip: float) -> float: ...
     def save(self, directory) -> None: ...
     def load(self, directory) -> None: ...
     def full_state_dict(self) -> Optional[dict]: ...
 
 
-def prepare(model: torch.nn.Module, backend_cfg, train_cfg, dist_env) -> Engine:
-    """Wrap `model` for `backend_cfg.name`; the module of each backend is imported only when used."""
-    if backend_cfg.name == "ddp":
-        from tuneforge.trainers.backends.ddp import DDPEngine
-
-        return DDPEngine(model, backend_cfg, train_cfg, dist_env)
-    raise ValueError(f"backend.name: unknown backend '{backend_cfg.name}'")
+def model_dtype(backend_cfg, train_dtype: str) -> str:
+    """The dtype to build or load the model in: fp32 when the backend does mixed precision itself."""
+    return "fp32" if backend_cfg.name in MIXED_PRECISION else train_dtype
 
 
-def no_context() -> ContextManager:
-    return contextlib.nullcontext()
+def prepare(model: "torch.nn.Module", backend_cfg, train_cfg, dist_env) -> Engine:
+    """Wrap `model` for `backend_cfg.name`. Activation checkpointing is set up here, for every backend."""
+    model.train()  # from_pretrained returns eval mode; checkpointing and dropout need training mode
+    if train_cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    return _module(backend_cfg.name).make_engine(model, backend_cfg, train_cfg, dist_env)
+
+
+def read_full_state_dict(backend_cfg, engine_dir, module: "torch.nn.Module") -> dict:
+    """Full weights from a checkpoint's engine/ folder, in this process alone (no process group)."""
+    return _module(backend_cfg.name).read_full_state_dict(engine_dir, module)
+
+
+def enable_activation_checkpointing(model: "torch.nn.Module") -> None:
+    """Recompute each transformer block in the backward (transformers' own checkpointing).
+
+    Non-reentrant torch checkpointing: works under DDP (no "marked ready twice"), FSDP2 (the block
+    is re-gathered by its pre-forward hook) and ZeRO-3 (parameters fetched again by DeepSpeed's hooks),
+    and needs no input that requires grad (PEFT with frozen embeddings).
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"train.activation_checkpointing: {type(model).__name__} does not support it")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _module(name: str):
+    import importlib
+
+    if name not in MODULES:
+        raise ValueError(f"backend.name: unknown backend '{name}'; one of {', '.join(MODULES)}")
+    return importlib.import_module(f"tuneforge.trainers.backends.{MODULES[name]}")

@@ -11,6 +11,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tuneforge.trainers.optim import make_optimizer, set_lr
 
+STATE_FILE = "ddp_state.pt"  # rank 0 writes it: every replica is identical
+
+
+def make_engine(model: torch.nn.Module, backend_cfg, train_cfg, dist_env) -> "DDPEngine":
+    return DDPEngine(model, backend_cfg, train_cfg, dist_env)
+
+
+def read_full_state_dict(engine_dir: Path, module: torch.nn.Module) -> dict:
+    """The saved (trainable) weights; frozen ones are the module's own."""
+    saved = torch.load(Path(engine_dir) / STATE_FILE, map_location="cpu", weights_only=True)["model"]
+    return {**module.state_dict(), **saved}
+
 
 class DDPEngine:
     def __init__(self, model: torch.nn.Module, backend_cfg, train_cfg, dist_env):
@@ -44,10 +56,10 @@ class DDPEngine:
     def save(self, directory: Path) -> None:
         if self.rank == 0:  # every replica is identical
             state = {"model": _trainable_state(self.module), "optimizer": self.optimizer.state_dict()}
-            torch.save(state, Path(directory) / "ddp_state.pt")
+            torch.save(state, Path(directory) / STATE_FILE)
 
     def load(self, directory: Path) -> None:
-        state = torch.load(Path(directory) / "ddp_state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
         missing = self.module.load_state_dict(state["model"], strict=False)
         unexpected = missing.unexpected_keys
         if unexpected:
