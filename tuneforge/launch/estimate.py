@@ -73,14 +73,19 @@ class Layout:
     # dtype; torch's AdamW (DDP, FSDP here: the model is loaded in train.dtype) keeps states in the
     # parameter dtype and no copy.
     fp32_master: bool = False
+    # FSDP2 here: the model is built in fp32 and MixedPrecisionPolicy casts each layer for compute,
+    # so the sharded parameters, their gradients and AdamW's moments are fp32 whatever train.dtype.
+    fp32_params: bool = False
     label: str = ""
 
 
 BACKENDS: Dict[str, Layout] = {
     "ddp": Layout(False, False, False, label="DDP: full replica, gradient buckets"),
-    "fsdp": Layout(True, True, True, label="FSDP: params, grads, optimizer sharded"),
-    "fsdp_offload": Layout(True, True, True, True, True, label="FSDP, params and optimizer on CPU"),
-    "zero1": Layout(False, False, True, fp32_master=True, label="ZeRO-1: optimizer sharded"),
+    "fsdp": Layout(True, True, True, fp32_params=True, label="FSDP: params, grads, optimizer sharded"),
+    "fsdp_offload": Layout(True, True, True, True, True, fp32_params=True, label="FSDP, params and optimizer on CPU"),
+    # DeepSpeed 0.19 runs stage 1 with stage 2's optimizer: after backward a rank holds only its
+    # partition of the reduced gradients (measured by tests/test_preflight.py), as under ZeRO-2.
+    "zero1": Layout(False, True, True, fp32_master=True, label="ZeRO-1: optimizer sharded"),
     "zero2": Layout(False, True, True, fp32_master=True, label="ZeRO-2: grads + optimizer sharded"),
     "zero3": Layout(True, True, True, fp32_master=True, label="ZeRO-3: params, grads, optimizer sharded"),
     "zero3_offload": Layout(True, True, True, True, True, fp32_master=True,
@@ -254,15 +259,16 @@ class Memory:
 def memory(shape: ModelShape, method: MethodSpec, job: Job, on_gpu: bool = True) -> Memory:
     layout = BACKENDS[job.backend]
     w, b = job.world_size, DTYPE_BYTES[job.dtype]
+    stored = 4 if layout.fp32_params else b  # bytes of one weight as the backend stores it
     n_all, n_train = shape.params(), method.trainable
-    train_bytes = ADAPTER_BYTES if method.peft else b  # bytes of one trainable weight (and its grad)
+    train_bytes = ADAPTER_BYTES if method.peft else stored  # bytes of one trainable weight (and its grad)
 
     # Parameters: trainable weights + a frozen base (PEFT) in its own storage.
     if method.quantized:
         linear = shape.layers * shape.layer_linear_params()
         frozen = linear * NF4_BYTES + (n_all - linear) * QLORA_UNQUANTIZED_BYTES
     else:
-        frozen = (n_all if method.peft else 0) * b
+        frozen = (n_all if method.peft else 0) * stored
     params = frozen + n_train * train_bytes
     grads = n_train * train_bytes
     # AdamW: two moments; DeepSpeed: fp32 moments plus an fp32 master copy.
