@@ -1,6 +1,7 @@
 """Checkpoint layout, written atomically:
 
-    <run dir>/checkpoints/step_N/        engine/ (the backend's state), trainer.json, rng/rank_R.pt
+    <run dir>/checkpoints/step_N/        engine/ (the backend's state), trainer.json, rng/rank_R.pt,
+                                         and what the method adds (e.g. adapter/ for PEFT methods)
     <run dir>/checkpoints/latest         "step_N", replaced last
 
 Every rank writes into checkpoints/.tmp-step_N; after a barrier rank 0 renames it to step_N and only
@@ -13,7 +14,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -31,7 +32,8 @@ class Checkpoints:
         path = self.root / pointer.read_text().strip()
         return path if (path / "trainer.json").is_file() else None
 
-    def save(self, step: int, engine, trainer_state: dict) -> Path:
+    def save(self, step: int, engine, trainer_state: dict, write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+        """Collective. `write_extra(dir)`, called on every rank, adds files to the checkpoint before it is published."""
         final, tmp = self.root / f"step_{step}", self.root / f".tmp-step_{step}"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -40,6 +42,8 @@ class Checkpoints:
         dist.barrier()
         engine.save(tmp / "engine")
         torch.save(_rng_state(), tmp / "rng" / f"rank_{self.rank}.pt")
+        if write_extra is not None:
+            write_extra(tmp)
         if self.rank == 0:
             (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
         dist.barrier()

@@ -3,6 +3,7 @@
 Per optimizer step: count the target tokens of the whole global batch; for each micro batch run
 forward, sum the token losses and back-propagate that sum divided by the global token count; then
 clip, step and log. Checkpoints at `checkpoint_every`, at a requested stop, and at the end.
+The method's hooks (trainers/methods.py) add its extra loss terms and run around the optimizer step.
 """
 from __future__ import annotations
 
@@ -23,8 +24,12 @@ def request_stop(reason: str) -> None:
 
 
 class Trainer:
-    def __init__(self, engine, batches, train_cfg, dist_env, checkpoints, logger, flops_per_token: float):
+    def __init__(self, engine, batches, train_cfg, dist_env, checkpoints, logger, flops_per_token: float,
+                 hooks=None):
+        from tuneforge.trainers.methods import MethodHooks
+
         self.engine, self.batches, self.train_cfg = engine, batches, train_cfg
+        self.hooks = hooks or MethodHooks()
         self.dist_env, self.checkpoints, self.logger = dist_env, checkpoints, logger
         self.flops_per_token = flops_per_token
         self.step = 0
@@ -36,6 +41,7 @@ class Trainer:
         if latest is None:
             return
         state = self.checkpoints.load(latest, self.engine)
+        self.hooks.load(self.engine.module, latest)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.logger.truncate_after(self.step)  # steps after the checkpoint are replayed
         if self.dist_env.is_main:
@@ -63,17 +69,28 @@ class Trainer:
         local_tokens = torch.tensor(float(sum(counted_tokens(labels) for _, labels in micro_batches)))
         global_tokens = _all_reduce(local_tokens.clone()).item()
         loss_sum = torch.zeros((), dtype=torch.float64)
+        # A method's extra terms (same value on every rank) count once per optimizer step: each micro
+        # batch of each rank back-propagates its share, as the LM loss does.
+        extra_share = 1.0 / (len(micro_batches) * self.dist_env.world_size)
+        extra_values: dict = {}
         for i, (input_ids, labels) in enumerate(micro_batches):
             input_ids, labels = input_ids.to(device), labels.to(device)
             with self.engine.accumulate(last_micro_batch=i == len(micro_batches) - 1):
                 logits = self.engine.model(input_ids=input_ids).logits
                 micro_loss = token_loss_sum(logits, labels)
-                self.engine.backward(micro_loss / global_tokens)
+                objective = micro_loss / global_tokens
+                for name, term in self.hooks.extra_losses(self.engine.module).items():
+                    objective = objective + term * extra_share
+                    extra_values[name] = term.detach()
+                self.engine.backward(objective)
             loss_sum += micro_loss.detach().double().cpu()
         lr = lr_at(self.step, self.train_cfg)
+        self.hooks.before_step(self.engine.module)
         grad_norm = self.engine.step(lr, self.train_cfg.grad_clip)
         loss = _all_reduce(loss_sum).item() / global_tokens
         self.step += 1
+        extra_values = {name: float(value) for name, value in extra_values.items()}
+        extra_values.update(self.hooks.after_step(self.engine.module, self.step))
         self.tokens_seen += int(global_tokens)
         elapsed = time.perf_counter() - start
         tokens_per_s = global_tokens / elapsed
@@ -85,10 +102,12 @@ class Trainer:
             "step_time_s": elapsed,
             "tokens_seen": self.tokens_seen,
             "tflops_per_rank": tokens_per_s * self.flops_per_token / self.dist_env.world_size / 1e12,
+            **extra_values,
         }
 
     def save(self) -> None:
-        self.checkpoints.save(self.step, self.engine, {"step": self.step, "tokens_seen": self.tokens_seen})
+        self.checkpoints.save(self.step, self.engine, {"step": self.step, "tokens_seen": self.tokens_seen},
+                              write_extra=lambda directory: self.hooks.save(self.engine, directory, self.dist_env.is_main))
 
     def _stop_requested(self) -> Optional[str]:
         """Agree across ranks: stop if any rank got a signal, or at train.stop_after."""

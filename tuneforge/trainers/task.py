@@ -26,15 +26,17 @@ def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
         rows = data.pack_documents(docs, tokenizer, t.seq_len)
         batches = data.GlobalBatches(rows, t.global_batch, t.micro_batch, t.seed, dist_env.rank, dist_env.world_size)
         net = model.load_model(cfg.model, cfg.method, tokenizer, t.dtype, dist_env.device, t.seed)
-        net = apply_method(net, cfg.method)
+        net, method_hooks = apply_method(net, cfg.method, total_steps=t.max_steps, seed=t.seed)
         counts = model.count_parameters(net)
+        if dist_env.is_main:
+            print(f"parameters: {counts['params_trainable']:,} trainable of {counts['params_total']:,}", flush=True)
         engine = backends.prepare(net, cfg.backend, t, dist_env)
         logger = RunLogger(cfg.logger, run_dir, cfg_dict, enabled=dist_env.is_main)
         logger.summary({**counts, "world_size": dist_env.world_size, "num_nodes": dist_env.num_nodes,
                         "master_addr": dist_env.master_addr, "rows": len(rows), "job_id": dist_env.job_id})
         flops = metrics.flops_per_token(net.config, counts["params_trainable"], counts["params_total"], t.seq_len)
         trainer = Trainer(engine, batches, t, dist_env, Checkpoints(run_dir, dist_env.rank, t.keep_checkpoints),
-                          logger, flops)
+                          logger, flops, hooks=method_hooks)
         result = trainer.train()
         if result["stopped"] is None:
             write_final(engine, tokenizer, run_dir / "final", dist_env.is_main)
