@@ -33,9 +33,10 @@ ADAPTED_MODULES = 14  # 2 layers x 7 linear projections (all but lm_head)
 # ----------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    """A tiny Llama (hidden 48, 2 layers, BPE vocab 384 trained on the bundled corpus), pretrained for 40
+    """A tiny Llama (hidden 64, 2 layers, BPE vocab 384 trained on the bundled corpus), pretrained for 40
     steps so that finetuning starts from a real language model; plus `<dir>/../data.txt`, a slice of the
-    corpus that packs into exactly one global batch (every step trains on the same rows)."""
+    corpus that packs into exactly one global batch (every step trains on the same rows). Widths are
+    multiples of 32: bitsandbytes' CPU inference kernel repacks 4-bit weights in blocks of 32 rows."""
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -46,7 +47,7 @@ def base(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("peft")
     docs = read_documents(OmegaConf.create({"path": None, "name": "demo_corpus", "text_field": "text"}))
     tok = train_tokenizer(docs, 384, 2)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
@@ -188,14 +189,20 @@ def test_matrix(method, backend, runs, base, tmp_path, capsys):
     losses = [m["loss"] for m in metrics(run_dir)]
     assert len(losses) == STEPS and all(b < a for a, b in zip(losses, losses[1:])), losses
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert 0 < summary["params_trainable"] < summary["params_total"] / 5
+    assert 0 < summary["params_trainable"] < summary["params_total"] / 2  # the base is frozen
     for adapter in (run_dir / "final", run_dir / "checkpoints" / "step_3" / "adapter"):
         assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     assert (run_dir / "final" / "tokenizer.json").is_file()
     from safetensors.torch import load_file
 
     saved = load_file(run_dir / "final" / "adapter_model.safetensors")
-    assert saved and all(t.numel() > 0 for t in saved.values()), "empty adapter tensors"
+    empty = [k for k, t in saved.items() if t.numel() == 0]  # what ZeRO-3 leaves when nothing is gathered
+    assert saved and len(empty) < len(saved), "empty adapter"
+    if method == "adalora":  # only modules whose rank was cut to 0 may be empty
+        pattern = json.loads((run_dir / "final" / "adapter_config.json").read_text())["rank_pattern"]
+        assert len(empty) == 3 * sum(1 for mask in pattern.values() if not any(mask))  # lora_A, lora_B, lora_E
+    else:
+        assert not empty, empty
 
     ids = probe(base)
     reloaded = adapter_logits(run_dir, run_dir / "final", ids)
@@ -232,7 +239,7 @@ def test_qlora_trains_on_a_4bit_base(runs, base):
 
     run_dir = runs.get("qlora")
     summary = json.loads((run_dir / "summary.json").read_text())
-    linear_weights = 2 * (4 * 48 * 48 + 3 * 48 * 96)  # q, k, v, o and the three MLP projections per layer
+    linear_weights = 2 * (4 * 64 * 64 + 3 * 64 * 128)  # q, k, v, o and the three MLP projections per layer
     assert summary["params_4bit"] == linear_weights
     base_model, _ = load_base(run_dir)
     layers = base_model.model.layers

@@ -49,6 +49,7 @@ class Trainer:
 
     def train(self) -> dict:
         self.resume()
+        self.engine.model.train()  # from_pretrained returns a model in eval mode: dropout would be off
         t = self.train_cfg
         last: dict = {}
         while self.step < t.max_steps:
