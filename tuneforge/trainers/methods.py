@@ -54,6 +54,10 @@ def apply_method(model: torch.nn.Module, method_cfg, total_steps: int, seed: int
     from peft import get_peft_model
 
     check_target_modules(model, method_cfg)
+    local_base = Path(str(model.__dict__.get("name_or_path") or ""))
+    if str(local_base) not in ("", ".") and local_base.is_dir():
+        # The adapter records its base model: an absolute path loads from any directory (tuneforge export).
+        model.name_or_path = str(local_base.resolve())
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, peft_config(method_cfg, total_steps))
     hooks = AdaLoraHooks(method_cfg.orth_reg_weight) if method_cfg.name == "adalora" else AdapterHooks()
