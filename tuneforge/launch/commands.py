@@ -22,7 +22,7 @@ def export(args: List[str]) -> int:
                                      "from a run: a PEFT adapter is merged into its base model.")
     parser.add_argument("run_dir", type=Path, help="the run directory (runs/<name>/<timestamp>)")
     parser.add_argument("--step", type=int, default=None, help="export checkpoint step N instead of final/")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: <run dir>/export)")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: <run dir>/export/final or /step_N)")
     try:
         opts = parser.parse_args(args)
     except SystemExit as e:  # argparse has printed the usage line

@@ -59,17 +59,18 @@ def is_adapter_run(run_dir: Path) -> bool:
 def export_adapter_run(run_dir: Path, step=None, out=None) -> str:
     """Merge a PEFT run's adapter into its base model and write a Hugging Face model directory (with the
     tokenizer) to `out`; for an adapter that cannot be merged, copy the adapter there instead. Returns the
-    one-line account of what was written. Default `out`: <run dir>/export (export-step_N for a step)."""
+    one-line account of what was written. Default `out`: <run dir>/export/final (or /step_N)."""
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir = Path(run_dir)
     source = adapter_dir(run_dir, step)
-    out = Path(out) if out else run_dir / ("export" if step is None else f"export-step_{step}")
+    out = Path(out) if out else run_dir / "export" / (source.name if source.name == "final" else source.parent.name)
     config = PeftConfig.from_pretrained(str(source))
     method = _run_method(run_dir) or str(config.peft_type).lower()
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     base_path = config.base_model_name_or_path
     tokenizer_source = source if (source / "tokenizer_config.json").is_file() else base_path
 
