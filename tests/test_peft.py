@@ -269,9 +269,10 @@ def test_export_merges_the_adapter(method, runs, base, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "adalora"])
+@pytest.mark.parametrize("method", ["lora", "adalora", "qlora"])
 def test_resume_equals_uninterrupted(method, runs, base, tmp_path):
-    """Stopped after step 3 (a checkpoint), then restarted: same losses, allocator state and adapter."""
+    """Stopped after step 3 (a checkpoint), then restarted: same losses, allocator state and adapter
+    (QLoRA: the frozen 4-bit base is reloaded, not read from the checkpoint)."""
     from safetensors.torch import load_file
 
     reference = runs.get(method)

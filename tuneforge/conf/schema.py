@@ -92,8 +92,9 @@ class QLoraMethodConfig(LoraMethodConfig):
     name: str = "qlora"  # LoRA on a base loaded in 4 bits (bitsandbytes); compute dtype = train.dtype
     quant_type: str = "nf4"  # "nf4" | "fp4"
     double_quant: bool = True  # also quantise the quantisation constants (~0.4 bit per weight saved)
-    quant_storage: str = "auto"  # dtype holding the packed 4-bit weights: "auto" (= train.dtype, which FSDP
-    #                              needs to shard them) | "uint8" | "fp32" | "bf16" | "fp16"
+    # dtype holding the packed 4-bit weights: "auto" (the dtype the other parameters are loaded in, which
+    # FSDP needs to shard them) | "uint8" | "fp32" | "bf16" | "fp16"
+    quant_storage: str = "auto"
 
 
 @dataclass

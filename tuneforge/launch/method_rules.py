@@ -121,9 +121,11 @@ def _qlora(m, backend, train) -> Iterator[Problem]:
         yield Problem("method.quant_type", f"'{m.quant_type}' is not one of nf4, fp4")
     if m.quant_storage not in QUANT_STORAGE:
         yield Problem("method.quant_storage", f"'{m.quant_storage}' is not one of {', '.join(QUANT_STORAGE)}")
-    elif backend_family(backend)[0] == "fsdp" and m.quant_storage not in ("auto", train.dtype):
-        yield Problem("method.quant_storage", f"FSDP shards 4-bit weights only when they are stored in the parameter "
-                                              f"dtype (train.dtype={train.dtype}): set method.quant_storage=auto")
+    elif backend_family(backend)[0] == "fsdp" and m.quant_storage != "auto":
+        # FSDP needs one float dtype per unit; "auto" stores the 4-bit weights in the dtype the parameters
+        # are loaded in (train.dtype, or fp32 where the backend keeps fp32 master weights).
+        yield Problem("method.quant_storage", f"FSDP shards 4-bit weights only when they are stored in the parameters' "
+                                              f"dtype: set method.quant_storage=auto, not {m.quant_storage}")
     if importlib.util.find_spec("bitsandbytes") is None:
         yield Problem("method", "method=qlora needs bitsandbytes: pip install 'tuneforge[qlora]'")
 

@@ -110,8 +110,8 @@ def load_model(model_cfg, method_cfg, tokenizer, dtype: str, device: str, seed: 
 
 
 def quantization_config(method_cfg, dtype: str):
-    """bitsandbytes 4-bit loading for QLoRA: compute in the training dtype; the packed weights stored in
-    it too by default, so that FSDP (which needs one float dtype) can shard them."""
+    """bitsandbytes 4-bit loading for QLoRA: compute in `dtype` (the dtype the model is loaded in); the
+    packed weights stored in it too by default, so that FSDP (which needs one float dtype) can shard them."""
     from transformers import BitsAndBytesConfig
 
     storage = dtype if method_cfg.quant_storage == "auto" else method_cfg.quant_storage
