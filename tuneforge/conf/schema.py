@@ -37,6 +37,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     params_b: Optional[float] = None  # declared size in billions, for presets (used by estimates only)
+    # Architecture family as in config.json's "model_type" (llama, mistral, qwen2, ...), so that
+    # method.target_modules can be checked before launch; None: read from a local name_or_path.
+    model_type: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------------------- method
@@ -56,6 +59,85 @@ class FullConfig(MethodConfig):
 class PretrainConfig(MethodConfig):
     name: str = "pretrain"  # random init from the model's architecture; trains a tokenizer if none given
     tokenizer_min_frequency: int = 2  # BPE merges need a pair seen at least this often
+
+
+# PEFT methods: peft trains a small adapter on a frozen base (trainers/methods.py maps these onto peft's
+# config classes). Each has its own schema, so a knob of one method given to another is an unknown key.
+PEFT_METHODS = ("lora", "qlora", "adalora", "ia3", "loha", "lokr", "dora")
+
+
+@dataclass
+class PeftMethodConfig(MethodConfig):
+    # Module names (the last part, e.g. q_proj, or a dotted suffix) that get an adapter. None: every
+    # linear layer of the decoder except the output head (IA3: peft's per-architecture default).
+    target_modules: Optional[List[str]] = None
+
+
+@dataclass
+class LoraMethodConfig(PeftMethodConfig):
+    name: str = "lora"  # low-rank update B @ A added to each target weight
+    r: int = 8  # rank of the update
+    alpha: float = 16.0  # the update is scaled by alpha / r (alpha / sqrt(r) with rslora)
+    dropout: float = 0.05  # dropout on the adapter's input
+    rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+
+
+@dataclass
+class DoraMethodConfig(LoraMethodConfig):
+    name: str = "dora"  # LoRA with the weight split into magnitude and direction (peft's use_dora)
+
+
+@dataclass
+class QLoraMethodConfig(LoraMethodConfig):
+    name: str = "qlora"  # LoRA on a base loaded in 4 bits (bitsandbytes); compute dtype = train.dtype
+    quant_type: str = "nf4"  # "nf4" | "fp4"
+    double_quant: bool = True  # also quantise the quantisation constants (~0.4 bit per weight saved)
+    # dtype holding the packed 4-bit weights: "auto" (the dtype the other parameters are loaded in, which
+    # FSDP needs to shard them) | "uint8" | "fp32" | "bf16" | "fp16"
+    quant_storage: str = "auto"
+
+
+@dataclass
+class AdaLoraMethodConfig(PeftMethodConfig):
+    name: str = "adalora"  # LoRA whose ranks are reallocated between modules during training (SVD form)
+    init_r: int = 12  # starting rank of every module
+    target_r: int = 8  # average rank left at the end of the budget schedule
+    alpha: float = 16.0  # scaling of the update (alpha / rank)
+    dropout: float = 0.05
+    tinit: int = 0  # warmup steps before ranks start to be cut
+    tfinal: int = 0  # final steps with the ranks fixed
+    deltaT: int = 1  # steps between two rank allocations
+    beta1: float = 0.85  # EMA of the importance scores
+    beta2: float = 0.85  # EMA of their uncertainty
+    orth_reg_weight: float = 0.5  # weight of the orthogonality penalty on A and B (logged as orth_loss)
+
+
+@dataclass
+class IA3MethodConfig(PeftMethodConfig):
+    name: str = "ia3"  # learned per-channel scaling vectors
+    # Those of target_modules inside the MLP: IA3 scales their input instead of their output.
+    # None: peft's per-architecture default (set it whenever target_modules is set).
+    feedforward_modules: Optional[List[str]] = None
+
+
+@dataclass
+class LohaMethodConfig(PeftMethodConfig):
+    name: str = "loha"  # low-rank Hadamard product update
+    r: int = 8
+    alpha: float = 8.0  # the update is scaled by alpha / r
+    rank_dropout: float = 0.0  # dropout on each rank of the update
+    module_dropout: float = 0.0  # probability of skipping a module's update in a step
+
+
+@dataclass
+class LokrMethodConfig(PeftMethodConfig):
+    name: str = "lokr"  # low-rank Kronecker product update
+    r: int = 8
+    alpha: float = 8.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    factor: int = -1  # Kronecker factor size; -1: as square as possible
+    decompose_both: bool = False  # low-rank decompose the left Kronecker factor too
 
 
 # ---------------------------------------------------------------------------------------- backend
@@ -253,7 +335,12 @@ class Config:
 #: group -> {option schema name: dataclass}. YAMLs say ``defaults: [<schema name>]``.
 SCHEMAS: Dict[str, Dict[str, Any]] = {
     "model": {"base_model": ModelConfig},
-    "method": {"base_full": FullConfig, "base_pretrain": PretrainConfig},
+    "method": {
+        "base_full": FullConfig, "base_pretrain": PretrainConfig,
+        "base_lora": LoraMethodConfig, "base_dora": DoraMethodConfig, "base_qlora": QLoraMethodConfig,
+        "base_adalora": AdaLoraMethodConfig, "base_ia3": IA3MethodConfig, "base_loha": LohaMethodConfig,
+        "base_lokr": LokrMethodConfig,
+    },
     "backend": {"base_ddp": DDPConfig, "base_fsdp": FSDPConfig, "base_deepspeed": DeepSpeedConfig},
     "cluster": {"base_local": LocalClusterConfig, "base_slurm": SlurmClusterConfig},
     "data": {"base_data": DataConfig},

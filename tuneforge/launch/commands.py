@@ -1,6 +1,7 @@
 """Commands on an existing run directory: `tuneforge <command> <run dir> ...`.
 
     tuneforge export <run dir> [--step N] [--out DIR]    # a Hugging Face model dir from a checkpoint
+                                                        # (PEFT runs: the adapter merged into its base)
 
 Each command is one function below taking its own arguments; `main` only dispatches. Exit codes:
 0 done, 1 failed while working, 2 bad arguments (nothing written).
@@ -42,6 +43,19 @@ def export(args: List[str]) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output directory; default: <run dir>/export/step_N")
     try:
         opts = parser.parse_args(args)
+    except _BadArguments as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    from tuneforge.trainers.export import ExportError, export_adapter_run, is_adapter_run
+
+    if is_adapter_run(opts.run_dir):
+        try:
+            print(export_adapter_run(opts.run_dir, opts.step, opts.out))
+        except ExportError as e:
+            print(f"tuneforge export: {e}", file=sys.stderr)
+            return 2
+        return 0
+    try:
         step_dir = _checkpoint_dir(opts.run_dir, opts.step)
     except _BadArguments as e:
         print(str(e), file=sys.stderr)

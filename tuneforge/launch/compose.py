@@ -134,4 +134,4 @@ def _did_you_mean(key: str, schema_name: str) -> str:
     names = [f.name for f in fields(cls)]
     close = difflib.get_close_matches(key, names, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"{hint} valid keys: {', '.join(names)}"
+    return f"{hint or ';'} valid keys: {', '.join(names)}"

@@ -329,3 +329,7 @@ def _run(cfg: DictConfig) -> Iterator[Problem]:
         yield Problem("run.name", f"{cfg.run.name!r}: use letters, digits and _ . = , + - only (it names a directory)")
     if cfg.run.dir and Path(cfg.run.dir).exists() and not Path(cfg.run.dir).is_dir():
         yield Problem("run.dir", f"'{cfg.run.dir}' exists and is not a directory")
+
+
+# ------------------------------------------------------------------------------------- method
+from tuneforge.launch import method_rules  # noqa: E402,F401  (registers the PEFT rules; they import this module)

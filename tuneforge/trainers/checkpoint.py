@@ -1,7 +1,8 @@
 """Checkpoint layout, written atomically:
 
     <run dir>/checkpoints/step_N/        engine/ (the backend's state), trainer.json, rng/rank_R.pt,
-                                         rank/rank_R.json (per-rank trainer state: the data sampler's position)
+                                         rank/rank_R.json (per-rank trainer state: the data sampler's position),
+                                         plus what the method adds what the method adds (e.g. adapter/ for PEFT methods)
     <run dir>/checkpoints/latest         "step_N", replaced last
 
 Every rank writes into checkpoints/.tmp-step_N; after a barrier rank 0 renames it to step_N and only
@@ -14,7 +15,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,7 +33,10 @@ class Checkpoints:
         path = self.root / pointer.read_text().strip()
         return path if (path / "trainer.json").is_file() else None
 
-    def save(self, step: int, engine, trainer_state: dict, rank_state: Optional[dict] = None) -> Path:
+    def save(self, step: int, engine, trainer_state: dict, rank_state: Optional[dict] = None,
+             write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+        """Collective. `rank_state`: this rank's own trainer state (the data position); `write_extra(dir)`,
+        called on every rank, adds files (a method's adapter) to the checkpoint before it is published."""
         final, tmp = self.root / f"step_{step}", self.root / f".tmp-step_{step}"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -44,6 +48,8 @@ class Checkpoints:
         torch.save(_rng_state(), tmp / "rng" / f"rank_{self.rank}.pt")
         if rank_state is not None:
             (tmp / "rank" / f"rank_{self.rank}.json").write_text(json.dumps(rank_state))
+        if write_extra is not None:
+            write_extra(tmp)
         if self.rank == 0:
             (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
         dist.barrier()

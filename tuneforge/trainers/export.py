@@ -5,6 +5,9 @@ safetensors, and the tokenizer, into a temp directory renamed into place. `final
 from the live engine (`engine.full_state_dict()`, collective); export reads them from a checkpoint's
 engine/ folder in one process (`backends.read_full_state_dict`), so it works from any backend and
 any world size, on a machine without the cluster.
+
+For PEFT methods `final/` holds the adapter (PeftModel.save_pretrained writes only the adapter) and the
+tokenizer; `export_adapter_run` merges it into the base model for `tuneforge export`.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ def save_model_dir(module, tokenizer, out_dir: Path, state_dict: Optional[dict] 
     shutil.rmtree(tmp, ignore_errors=True)
     weights_dtype = _weights_dtype(state_dict) if state_dict is not None else None
     module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)  # (it empties state_dict)
-    if weights_dtype is not None:
+    if weights_dtype is not None and (tmp / "config.json").is_file():  # a PEFT model writes adapter_config.json
         _set_config_dtype(tmp / "config.json", weights_dtype)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -74,7 +77,8 @@ def export_checkpoint(cfg, step_dir: Path, out_dir: Path) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = backends.model_dtype(cfg.backend, cfg.train.dtype)
-    net = apply_method(model.load_model(cfg.model, cfg.method, tokenizer, dtype, "cpu", cfg.train.seed), cfg.method)
+    net, _ = apply_method(model.load_model(cfg.model, cfg.method, tokenizer, dtype, "cpu", cfg.train.seed), cfg.method,
+                          total_steps=cfg.train.max_steps, seed=cfg.train.seed)
     state = backends.read_full_state_dict(cfg.backend, Path(step_dir) / "engine", net)
     with torch.no_grad():
         result = net.load_state_dict(state, strict=False)
@@ -93,3 +97,90 @@ def _tokenizer_source(model_cfg, run_dir: Path) -> str:
     if not (run_dir / "tokenizer" / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{run_dir / 'tokenizer'}: the run's trained tokenizer is missing")
     return str(run_dir / "tokenizer")
+
+
+# ------------------------------------------------------------------------------ PEFT runs: tuneforge export
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class ExportError(ValueError):
+    """A run directory that has nothing to export at the requested step."""
+
+
+def adapter_dir(run_dir: Path, step=None) -> Path:
+    """The adapter of a PEFT run: final/ (or the latest checkpoint's before the run ends), or step N's."""
+    run_dir = Path(run_dir)
+    checkpoints = run_dir / "checkpoints"
+    if step is None:
+        if (run_dir / "final" / ADAPTER_CONFIG).is_file():
+            return run_dir / "final"
+        pointer = checkpoints / "latest"
+        if pointer.is_file():
+            return checkpoints / pointer.read_text().strip() / "adapter"
+        raise ExportError(f"{run_dir}: no final/ and no checkpoint yet")
+    path = checkpoints / f"step_{step}" / "adapter"
+    if not (path / ADAPTER_CONFIG).is_file():
+        steps = sorted(int(p.parent.parent.name[5:]) for p in checkpoints.glob(f"step_*/adapter/{ADAPTER_CONFIG}"))
+        raise ExportError(f"{run_dir}: no adapter for step {step}; checkpoints with one: {steps or 'none'}")
+    return path
+
+
+def is_adapter_run(run_dir: Path) -> bool:
+    run_dir = Path(run_dir)
+    return (run_dir / "final" / ADAPTER_CONFIG).is_file() or any(
+        (run_dir / "checkpoints").glob(f"step_*/adapter/{ADAPTER_CONFIG}"))
+
+
+def export_adapter_run(run_dir: Path, step=None, out=None) -> str:
+    """Merge a PEFT run's adapter into its base model and write a Hugging Face model directory (with the
+    tokenizer) to `out`; for an adapter that cannot be merged, copy the adapter there instead. Returns the
+    one-line account of what was written. Default `out`: <run dir>/export/final (or /step_N)."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir = Path(run_dir)
+    source = adapter_dir(run_dir, step)
+    out = Path(out) if out else run_dir / "export" / (source.name if source.name == "final" else source.parent.name)
+    config = PeftConfig.from_pretrained(str(source))
+    method = _run_method(run_dir) or str(config.peft_type).lower()
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base_path = config.base_model_name_or_path
+    tokenizer_source = source if (source / "tokenizer_config.json").is_file() else base_path
+
+    merged, why_not = None, None
+    if config.is_prompt_learning:
+        why_not = "its virtual tokens are not weights of the base model"
+    else:
+        # QLoRA's base is reloaded unquantized: the merged model is full precision, not 4-bit.
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
+        model = PeftModel.from_pretrained(base, str(source))
+        try:
+            merged = model.merge_and_unload()
+        except (AttributeError, NotImplementedError, ValueError) as e:
+            why_not = f"peft cannot merge it ({e})"
+    if merged is None:
+        shutil.copytree(source, tmp)
+        _replace(tmp, out)
+        return (f"method={method} cannot be merged into the base model: {why_not}. Wrote the adapter only, to {out} "
+                f"(load it with PeftModel.from_pretrained(<{base_path}>, '{out}'))")
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(str(tmp))
+    _replace(tmp, out)
+    note = " (into the full-precision base: the 4-bit one is not merged into)" if method == "qlora" else ""
+    return f"merged the method={method} adapter of {source} into {base_path}{note}: wrote a Hugging Face model to {out}"
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def _run_method(run_dir: Path):
+    try:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.load(run_dir / "config.yaml").method.name
+    except Exception:  # noqa: BLE001 - a copied adapter dir without the run's config: peft's type is shown
+        return None

@@ -8,6 +8,7 @@ end, token-normalised over all ranks with the same token_loss_sum.
 
 A micro batch is a dict: `labels` for the loss, everything else (input_ids, and position_ids or
 attention_mask: see trainers/data.py) passed to the model as keyword arguments.
+The method's hooks (trainers/methods.py) add its extra loss terms and run around the optimizer step.
 """
 from __future__ import annotations
 
@@ -30,9 +31,12 @@ def request_stop(reason: str) -> None:
 
 class Trainer:
     def __init__(self, engine, batches, train_cfg, dist_env, checkpoints, logger, flops_per_token: float,
-                 eval_batches=None):
+                 eval_batches=None, hooks=None):
+        from tuneforge.trainers.methods import MethodHooks
+
         self.engine, self.batches, self.train_cfg = engine, batches, train_cfg
         self.eval_batches = eval_batches  # data.EvalBatches, or None: no validation loss
+        self.hooks = hooks or MethodHooks()
         self.dist_env, self.checkpoints, self.logger = dist_env, checkpoints, logger
         self.flops_per_token = flops_per_token
         self.step = 0
@@ -47,6 +51,7 @@ class Trainer:
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             if "data" in state:  # the sampler position (and the data it belongs to) of this rank
                 self.batches.load_state_dict(state["data"], self.step)
+            self.hooks.load(self.engine.module, latest)  # the method's own state (AdaLoRA's allocator)
         self.logger.truncate_after(self.step)  # steps logged after the checkpoint are replayed
         if latest is None:
             return
@@ -55,6 +60,7 @@ class Trainer:
 
     def train(self) -> dict:
         self.resume()
+        self.engine.model.train()  # from_pretrained returns a model in eval mode: dropout would be off
         t = self.train_cfg
         last: dict = {}
         while self.step < t.max_steps:
@@ -79,21 +85,32 @@ class Trainer:
         local_tokens = torch.tensor(float(sum(counted_tokens(batch["labels"]) for batch in micro_batches)))
         global_tokens = _all_reduce(local_tokens.clone()).item()
         loss_sum = torch.zeros((), dtype=torch.float64)
+        # A method's extra terms (same value on every rank) count once per optimizer step: each micro
+        # batch of each rank back-propagates its share, as the LM loss does.
+        extra_share = 1.0 / (len(micro_batches) * self.dist_env.world_size)
+        extra_values: dict = {}
         for i, batch in enumerate(micro_batches):
             inputs = {k: v.to(device) for k, v in batch.items()}
             labels = inputs.pop("labels")
             with self.engine.accumulate(last_micro_batch=i == len(micro_batches) - 1):
                 logits = self.engine.model(**inputs).logits
                 micro_loss = token_loss_sum(logits, labels)
-                self.engine.backward(micro_loss / global_tokens)
+                objective = micro_loss / global_tokens
+                for name, term in self.hooks.extra_losses(self.engine.module).items():
+                    objective = objective + term * extra_share
+                    extra_values[name] = term.detach()
+                self.engine.backward(objective)
             loss_sum += micro_loss.detach().double().cpu()
         lr = lr_at(self.step, self.train_cfg)
         grads_held = None if self.memory_measured else metrics.grad_bytes(self.engine)
+        self.hooks.before_step(self.engine.module)
         grad_norm = self.engine.step(lr, self.train_cfg.grad_clip)
         if grads_held is not None:
             self._log_model_state_bytes(grads_held)
         loss = _all_reduce(loss_sum).item() / global_tokens
         self.step += 1
+        extra_values = {name: float(value) for name, value in extra_values.items()}
+        extra_values.update(self.hooks.after_step(self.engine.module, self.step))
         self.tokens_seen += int(global_tokens)
         elapsed = time.perf_counter() - start
         tokens_per_s = global_tokens / elapsed
@@ -105,6 +122,7 @@ class Trainer:
             "step_time_s": elapsed,
             "tokens_seen": self.tokens_seen,
             "tflops_per_rank": tokens_per_s * self.flops_per_token / self.dist_env.world_size / 1e12,
+            **extra_values,
         }
 
     def _log_model_state_bytes(self, grads_held: int) -> None:
@@ -132,7 +150,8 @@ class Trainer:
 
     def save(self) -> None:
         self.checkpoints.save(self.step, self.engine, {"step": self.step, "tokens_seen": self.tokens_seen},
-                              rank_state={"data": self.batches.state_dict(self.step)})
+                              rank_state={"data": self.batches.state_dict(self.step)},
+                              write_extra=lambda directory: self.hooks.save(self.engine, directory, self.dist_env.is_main))
 
     def _stop_requested(self) -> Optional[str]:
         """Agree across ranks: stop if any rank got a signal, or at train.stop_after."""

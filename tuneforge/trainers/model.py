@@ -89,15 +89,52 @@ def load_model(model_cfg, method_cfg, tokenizer, dtype: str, device: str, seed: 
             trust_remote_code=model_cfg.trust_remote_code,
         )
     else:
+        quantized = {}
+        if method_cfg.name == "qlora":  # 4-bit weights are placed while loading; .to() cannot move them
+            quantized = {"quantization_config": quantization_config(method_cfg, dtype), "device_map": {"": device}}
         model = AutoModelForCausalLM.from_pretrained(
             model_cfg.name_or_path, config=config, dtype=torch_dtype,
             attn_implementation=model_cfg.attn_implementation, trust_remote_code=model_cfg.trust_remote_code,
+            **quantized,
         )
+        if quantized:
+            from peft import prepare_model_for_kbit_training
+
+            # Freezes the base and keeps norms in fp32. Activation checkpointing is not switched on here:
+            # it is a memory knob of its own, not part of the method.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            model.config.use_cache = False
+            return model
     model.config.use_cache = False  # training: no KV cache
     return model.to(device)
 
 
+def quantization_config(method_cfg, dtype: str):
+    """bitsandbytes 4-bit loading for QLoRA: compute in `dtype` (the dtype the model is loaded in); the
+    packed weights stored in it too by default, so that FSDP (which needs one float dtype) can shard them."""
+    from transformers import BitsAndBytesConfig
+
+    storage = dtype if method_cfg.quant_storage == "auto" else method_cfg.quant_storage
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=method_cfg.quant_type,
+        bnb_4bit_use_double_quant=method_cfg.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[dtype],
+        bnb_4bit_quant_storage=torch.uint8 if storage == "uint8" else DTYPES[storage],
+    )
+
+
 def count_parameters(model: torch.nn.Module) -> dict:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"params_total": total, "params_trainable": trainable}
+    total = sum(_weights_in(p) for p in model.parameters())
+    trainable = sum(_weights_in(p) for p in model.parameters() if p.requires_grad)
+    counts = {"params_total": total, "params_trainable": trainable}
+    four_bit = sum(_weights_in(p) for p in model.parameters() if getattr(p, "quant_state", None) is not None)
+    if four_bit:  # QLoRA: how much of the base is held in 4 bits
+        counts["params_4bit"] = four_bit
+    return counts
+
+
+def _weights_in(param: torch.Tensor) -> int:
+    """Weights held by a parameter: a bitsandbytes 4-bit parameter packs several into each element."""
+    quant_state = getattr(param, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else param.numel()

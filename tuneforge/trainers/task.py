@@ -31,8 +31,10 @@ def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
         run_data = data.build(cfg.data, t, tokenizer, dist_env, flatten_packed=flatten)
         dtype = backends.model_dtype(cfg.backend, t.dtype)  # fp32 master weights where the backend casts
         net = model.load_model(cfg.model, cfg.method, tokenizer, dtype, dist_env.device, t.seed)
-        net = apply_method(net, cfg.method)
+        net, method_hooks = apply_method(net, cfg.method, total_steps=t.max_steps, seed=t.seed)
         counts = model.count_parameters(net)
+        if dist_env.is_main:
+            print(f"parameters: {counts['params_trainable']:,} trainable of {counts['params_total']:,}", flush=True)
         engine = backends.prepare(net, cfg.backend, t, dist_env)
         preflight = run_dir / "preflight.json"  # the launcher's estimate, logged with the config (W&B)
         run_config = {**cfg_dict, "preflight": json.loads(preflight.read_text())} if preflight.is_file() else cfg_dict
@@ -41,7 +43,7 @@ def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
                         "master_addr": dist_env.master_addr, "job_id": dist_env.job_id, **run_data.stats})
         flops = metrics.flops_per_token(net.config, counts["params_trainable"], counts["params_total"], t.seq_len)
         trainer = Trainer(engine, run_data.train, t, dist_env, Checkpoints(run_dir, dist_env.rank, t.keep_checkpoints),
-                          logger, flops, eval_batches=run_data.validation)
+                          logger, flops, eval_batches=run_data.validation, hooks=method_hooks)
         result = trainer.train()
         if result["stopped"] is None:
             write_final(engine, tokenizer, run_dir / "final", dist_env.is_main)

@@ -71,6 +71,8 @@ class DDPEngine:
 
 
 def _trainable_state(module: torch.nn.Module) -> dict:
-    """Trainable weights and buffers: frozen base weights (PEFT) are re-read from the base model on resume."""
+    """Trainable weights and buffers: frozen base weights (PEFT) are re-read from the base model on resume.
+    Entries that are neither (the quantisation state bitsandbytes adds for frozen 4-bit weights) are left out."""
     params = dict(module.named_parameters())
-    return {k: v for k, v in module.state_dict().items() if k not in params or params[k].requires_grad}
+    buffers = {name for name, _ in module.named_buffers()}
+    return {k: v for k, v in module.state_dict().items() if k in buffers or (k in params and params[k].requires_grad)}
