@@ -8,8 +8,9 @@ whatever the method and backend:
   penalty), logged under their own names, apart from the language-model `loss`;
 - `before_step(model)` / `after_step(model, step)`: around the backend's optimizer step (AdaLoRA's rank
   allocation, which peft wants after `optimizer.step()` and before the gradients are cleared);
-- `save(engine, directory, is_main)` / `load(model, directory)`: at every checkpoint, the adapter in PEFT format
-  (from the backend's consolidated state, so never empty under sharding) and the method's own state.
+- `save(engine, directory, is_main)` / `load(model, directory)`: at every checkpoint, the adapter in
+  PEFT format (from the backend's consolidated state, so never empty under sharding) and the method's
+  own state (AdaLoRA's rank allocator), restored on resume.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Dict, Tuple
 import torch
 
 from tuneforge.conf.schema import PEFT_METHODS
+
 ADAPTER_DIR = "adapter"  # inside a checkpoint: <run dir>/checkpoints/step_N/adapter
 
 
