@@ -131,11 +131,14 @@ def test_sweep_dry_run_lists_every_element_and_the_array_script(tmp_path, capsys
                 "run.name=sw", "--dry-run"])
     out = capsys.readouterr().out
     assert code == 0
-    elements = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert [e[0] for e in elements] == ["0", "1", "2", "3"]
+    elements = [line.split() for line in out.splitlines() if line[:4].strip().isdigit()]  # "   i  <dir>  <label>"
+    sweep_dir = Path(elements[0][1]).parent
+    assert sweep_dir.parent == root / "sw"
+    assert [e[:2] for e in elements] == [[str(i), str(sweep_dir / str(i))] for i in range(4)]
     assert {" ".join(e[2:]) for e in elements} == {f"train.lr={lr} model.hidden_size={h}"
                                                   for lr in ("0.001", "0.003") for h in (32, 64)}
     assert "#SBATCH --array=0-3%4" in out and out.count("#!/bin/bash") == 1
+    assert out.count("# preflight:") == 4  # every element's estimate
     assert not root.exists()
 
 
