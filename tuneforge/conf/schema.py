@@ -212,6 +212,12 @@ class ClusterConfig:
     gpu_memory_gb: Optional[float] = None  # memory per GPU in GiB; None: that of gpu_type
     peak_tflops: Optional[float] = None  # dense bf16 peak per GPU (or per CPU process); None: that of gpu_type
     assumed_mfu: float = 0.4  # model FLOPs utilisation for time estimates, until the run has measured its own
+    # USR2 this long before the time limit: every rank finishes its step, a checkpoint is saved
+    # collectively and the job requeues into the same run dir (Slurm may send it up to ~30 s earlier)
+    signal_delay_s: int = 120
+    max_requeues: int = 3  # times the job may requeue itself (time-outs and preemptions both count)
+    # a collective that waits longer than this (a rank died or hangs) fails the job instead of hanging it
+    collective_timeout_s: int = 600
 
 
 @dataclass
@@ -229,8 +235,6 @@ class SlurmClusterConfig(ClusterConfig):
     mem_gb: Optional[int] = None  # memory per node in GB; None: the partition's default
     constraint: Optional[str] = None  # sbatch --constraint, e.g. "a100|h100"
     job_name: str = "tuneforge"  # sbatch --job-name
-    signal_delay_s: int = 120  # USR2 this long before the time limit: checkpoint and requeue
-    max_requeues: int = 3  # times the job may requeue itself after a time-out or preemption
     extra_sbatch: List[str] = field(default_factory=list)  # extra lines "--key=value", each one #SBATCH line
     setup: List[str] = field(default_factory=list)  # shell lines run before the task (module load, venv)
 
@@ -308,6 +312,9 @@ class TrainConfig:
     stop_after: Optional[int] = None  # stop (as if preempted) after this step; for tests and debugging
     activation_checkpointing: bool = False  # recompute each block's activations in the backward instead of
     # keeping them (less memory, ~1/3 more compute); works with every backend
+    # pause after every step: a run that lasts long enough to be preempted or to outlive its time
+    # limit, whatever the machine's speed (tests of requeue and of `tuneforge status`); losses unchanged
+    step_sleep_s: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------- run

@@ -1,8 +1,9 @@
 """tuneforge: compose -> validate -> show -> submit. One direction; the task side is trainers/task.py.
 
     tuneforge [key=value ...] [--dry-run] [--wait] [--force]   # train (locally, or submit to Slurm)
-    (--force: submit although the preflight estimates that the job does not fit in GPU memory)
-    tuneforge status|logs|cancel|export|sync ...        # follow and manage runs
+    tuneforge -m key=a,b other=x,y [--dry-run] [--force]       # sweep: a run per combination, ONE Slurm job array
+    tuneforge status|logs|cancel|sync|export <run dir> ...      # follow and manage runs (launch/commands.py)
+(--force: submit although the preflight estimates that a job does not fit in GPU memory)
 """
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from typing import List, Optional
 
 from omegaconf import OmegaConf
 
-from tuneforge.launch import preflight, rundir
+from tuneforge.launch import preflight, rundir, sweep
 from tuneforge.launch.compose import ConfigError, compose
 from tuneforge.launch.validate import validate
 
-FLAGS = {"--dry-run", "--wait", "--force", "--help", "-h"}
+FLAGS = {"--dry-run", "--wait", "--force", "--help", "-h", "-m", "--multirun"}
 COMMANDS = {"status", "logs", "cancel", "export", "sync"}
 USAGE = __doc__
 
@@ -32,6 +33,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         unknown = sorted(flags - FLAGS)
         print((f"unknown option {', '.join(unknown)}\n" if unknown else "") + USAGE, file=sys.stderr)
         return 2 if unknown else 0
+    if flags & {"-m", "--multirun"}:
+        return _sweep(overrides, argv, dry_run="--dry-run" in flags, force="--force" in flags)
     try:
         cfg = compose(overrides)
     except ConfigError as e:
@@ -57,6 +60,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if cfg.cluster.name == "local" or "--wait" in flags:
         return follow(job, run_dir, cfg.train.max_steps)
     return 0
+
+
+def _sweep(overrides: List[str], argv: List[str], dry_run: bool, force: bool) -> int:
+    try:
+        plan = sweep.plan(overrides)
+    except ConfigError as e:
+        return _refuse([str(e)])
+    if plan.problems or (sweep.misfits(plan) and not force and not dry_run):
+        return _refuse(plan.problems or sweep.misfits(plan))
+    return sweep.show(plan) if dry_run else sweep.launch(plan, argv)
 
 
 def _refuse(problems: List[str]) -> int:

@@ -22,27 +22,61 @@ def with_run_dir(cfg: DictConfig, now: Optional[float] = None) -> DictConfig:
     return OmegaConf.create(out)
 
 
+#: packages whose versions decide what a run computes (read from metadata: nothing is imported)
+KEY_PACKAGES = ("tuneforge", "torch", "transformers", "peft", "deepspeed", "bitsandbytes", "accelerate",
+                "datasets", "tokenizers", "submitit", "wandb", "hydra-core", "omegaconf")
+
+
 def create(cfg: DictConfig, argv: Sequence[str]) -> Path:
-    """Make the run dir and write what reproduces the run: resolved config, command, git state."""
+    """Make the run dir and write what reproduces the run: resolved config, command, versions, git state.
+
+    Submitting again into an existing run dir (same run.dir: resume after a failure or a cancel)
+    keeps the earlier jobs in submit.json, so `tuneforge status` sees the whole history.
+    """
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    previous = read_record(run_dir)
     record = {
         "command": "tuneforge " + " ".join(shlex.quote(a) for a in argv),
         "python": sys.executable,
         "cwd": str(Path.cwd()),
+        "versions": package_versions(),
         "git": _git_state(),
-        "jobs": [],
+        "jobs": previous.get("jobs", []),
     }
     (run_dir / "submit.json").write_text(json.dumps(record, indent=1))
     return run_dir
 
 
-def record_job(run_dir: Path, job_id: str, cluster: str) -> None:
+def read_record(run_dir: Path) -> dict:
+    """The run dir's submit.json, or {} when there is none (yet)."""
+    try:
+        return json.loads((Path(run_dir) / "submit.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def record_job(run_dir: Path, job_id: str, cluster: str, folder: Optional[Path] = None) -> None:
+    """Append a submitted job; `folder` is submitit's (logs, pickles, sbatch script), run_dir/slurm by default."""
     path = run_dir / "submit.json"
     record = json.loads(path.read_text())
-    record["jobs"].append({"job_id": job_id, "cluster": cluster, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    record["jobs"].append({"job_id": job_id, "cluster": cluster, "folder": str(folder or run_dir / "slurm"),
+                           "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")})
     path.write_text(json.dumps(record, indent=1))
+
+
+def package_versions() -> dict:
+    """Installed versions of KEY_PACKAGES (None: not installed)."""
+    from importlib import metadata
+
+    versions = {}
+    for name in KEY_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def _git_state() -> Optional[dict]:

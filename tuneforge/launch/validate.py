@@ -84,6 +84,8 @@ def _train(cfg: DictConfig) -> Iterator[Problem]:
         )
     if t.stop_after is not None and not 1 <= t.stop_after <= t.max_steps:
         yield Problem("train.stop_after", f"must be in [1, max_steps={t.max_steps}], got {t.stop_after}")
+    if t.step_sleep_s < 0:
+        yield Problem("train.step_sleep_s", f"must be >= 0, got {t.step_sleep_s}")
 
 
 # ------------------------------------------------------------------------------------- model
@@ -203,6 +205,8 @@ def _data_files(key: str, path: Path, cfg: DictConfig) -> Iterator[Problem]:
 
 # ------------------------------------------------------------------------------------- cluster
 SAFE_SBATCH_VALUE = re.compile(r"^[A-Za-z0-9_.,:@%+=/|&\[\]-]+$")
+#: a literal value given to a credential variable (WANDB_API_KEY=..., HF_TOKEN=...); "$VAR" references pass
+SECRET_ASSIGNMENT = re.compile(r"\b[A-Z0-9_]*(API_KEY|TOKEN|SECRET|PASSWORD)=['\"]?[^$'\"\s]")
 
 
 @rule
@@ -213,6 +217,10 @@ def _cluster(cfg: DictConfig) -> Iterator[Problem]:
     yield from _positive("cluster.tasks_per_node", c.tasks_per_node)
     yield from _positive("cluster.gpus_per_node", c.gpus_per_node, 0)
     yield from _positive("cluster.timeout_min", c.timeout_min)
+    yield from _positive("cluster.max_requeues", c.max_requeues, 0)
+    yield from _positive("cluster.collective_timeout_s", c.collective_timeout_s, 10)
+    if c.signal_delay_s < 0 or c.signal_delay_s >= c.timeout_min * 60:
+        yield Problem("cluster.signal_delay_s", f"must be in [0, timeout_min x 60 = {c.timeout_min * 60}), got {c.signal_delay_s}")
     if c.gpus_per_node and c.tasks_per_node != c.gpus_per_node:
         yield Problem("cluster.tasks_per_node", f"one task per GPU: set cluster.tasks_per_node={c.gpus_per_node} "
                                                 f"to match cluster.gpus_per_node={c.gpus_per_node}")
@@ -251,12 +259,12 @@ def _slurm(c) -> Iterator[Problem]:
     for i, line in enumerate(c.setup):
         if "\n" in line or "\r" in line:
             yield Problem(f"cluster.setup[{i}]", "one shell line per entry: split it at the newline")
+        if SECRET_ASSIGNMENT.search(line):
+            yield Problem(f"cluster.setup[{i}]", "would write a secret into the sbatch script; export it in your "
+                                                 "shell before submitting instead (Slurm passes your environment on)")
     yield from _positive("cluster.cpus_per_task", c.cpus_per_task)
-    yield from _positive("cluster.max_requeues", c.max_requeues, 0)
     if c.mem_gb is not None:
         yield from _positive("cluster.mem_gb", c.mem_gb)
-    if c.signal_delay_s < 0 or c.signal_delay_s >= c.timeout_min * 60:
-        yield Problem("cluster.signal_delay_s", f"must be in [0, timeout_min x 60 = {c.timeout_min * 60}), got {c.signal_delay_s}")
 
 
 # ------------------------------------------------------------------------------------- backend

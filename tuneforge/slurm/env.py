@@ -22,11 +22,13 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed(cluster, timeout_s: int = 600) -> DistEnv:
+def init_distributed(cluster) -> DistEnv:
     """Join the job's process group: gloo on CPU, NCCL on GPUs; rank and master from submitit.
 
     The world size is checked against the cluster config, so a job whose nodes did not all join (or
-    that got fewer tasks than asked) fails here instead of training N independent copies.
+    that got fewer tasks than asked) fails here instead of training N independent copies. A collective
+    that waits longer than cluster.collective_timeout_s (a rank died or hangs) raises on the ranks
+    still alive, so the job fails in bounded time instead of hanging until its time limit.
     """
     import submitit
     import torch
@@ -48,7 +50,7 @@ def init_distributed(cluster, timeout_s: int = 600) -> DistEnv:
         _share_cpu_threads(torch_env.local_world_size)
     dist.init_process_group(
         backend="nccl" if use_cuda else "gloo",
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=datetime.timedelta(seconds=cluster.collective_timeout_s),
         device_id=torch.device(device) if use_cuda else None,
     )
     return DistEnv(

@@ -7,7 +7,7 @@ process per task and give each its rank through submitit's JobEnvironment.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 #: what submitit runs inside the allocation; its folder argument is quoted by submitit itself
 SUBMIT_MODULE = "submitit.core._submit"
@@ -30,6 +30,9 @@ def slurm_parameters(cluster) -> Dict[str, Any]:
         "signal_delay_s": cluster.signal_delay_s,
         "setup": list(cluster.setup),
         "additional_parameters": _extra_sbatch(cluster.extra_sbatch),
+        # a rank that fails ends the step: the others would otherwise wait for it until the time limit
+        # (those blocked in a collective fail after cluster.collective_timeout_s; a hung one never does)
+        "srun_args": ["--kill-on-bad-exit=1"],
     }
     return {k: v for k, v in params.items() if v is not None and v != {} and v != []}
 
@@ -49,11 +52,12 @@ def make_executor(cluster, folder: Path):
     import submitit
 
     if cluster.name == "local":
-        executor = submitit.LocalExecutor(folder=folder)
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=cluster.max_requeues)
         executor.update_parameters(
             timeout_min=cluster.timeout_min,
             tasks_per_node=cluster.tasks_per_node,
             gpus_per_node=cluster.gpus_per_node,
+            signal_delay_s=cluster.signal_delay_s,
             nodes=1,
         )
         return executor
@@ -62,7 +66,10 @@ def make_executor(cluster, folder: Path):
     return executor
 
 
-def sbatch_script(cluster, folder: Path) -> str:
-    """The exact sbatch script that `make_executor(cluster, folder)` would submit (job id left as %j)."""
+def sbatch_script(cluster, folder: Path, array_size: Optional[int] = None) -> str:
+    """The exact sbatch script that `make_executor(cluster, folder)` would submit (job id left as %j);
+    with `array_size`, the script of a job array of that many elements (what a sweep submits)."""
     executor = make_executor(cluster, folder)
+    if array_size is not None:
+        executor.parameters["map_count"] = array_size  # what submitit sets for the copy it submits
     return executor._make_submission_file_text(executor._submitit_command_str, uid="%j")

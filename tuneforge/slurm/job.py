@@ -1,6 +1,7 @@
 """The submitted callable: one object that runs the same way on this machine and on Slurm."""
 from __future__ import annotations
 
+import os
 from typing import Any, Dict
 
 import submitit
@@ -10,16 +11,42 @@ class TrainJob(submitit.helpers.Checkpointable):
     """Run the training task on every rank; requeue itself on time-out or preemption.
 
     The config carries a fixed `run.dir`, so a requeued or restarted job finds the same run directory
-    and resumes from its latest checkpoint: the task always resumes when one exists.
+    and resumes from its latest checkpoint: the task always resumes when one exists. How a stop
+    becomes a requeue is in slurm/requeue.py; what happened is appended to <run dir>/events.jsonl.
     """
 
     def __call__(self, cfg: Dict[str, Any]) -> Dict[str, Any]:
+        from omegaconf import OmegaConf
+
+        from tuneforge.slurm import events
+        from tuneforge.slurm.requeue import Allocation
         from tuneforge.trainers.task import run
 
-        return run(cfg)
+        # A W&B service token inherited from the submitting process points at that process's wandb-core
+        # (another machine, or long gone): wandb would connect to it and fail. Each task starts its own.
+        os.environ.pop("WANDB_SERVICE", None)
+        run_dir = cfg["run"]["dir"]
+        allocation = Allocation(run_dir, OmegaConf.create(cfg["cluster"]))
+        allocation.start()
+        try:
+            result = run(cfg)
+        except Exception as e:  # recorded for `tuneforge status`, then raised to submitit (result pickle)
+            message = (str(e).strip().splitlines() or [""])[0][:300]
+            events.record(run_dir, "failed", rank=allocation.rank, job_id=allocation.env.job_id,
+                          attempt=allocation.attempt, error=f"{type(e).__name__}: {message}")
+            raise
+        if result["stopped"] in ("requeue", "terminate") and allocation.rank == 0:
+            events.record(run_dir, "checkpoint", step=result["step"], reason=result["stopped"])
+        if result["stopped"] == "requeue":
+            allocation.requeue(result["step"])  # does not return
+        if result["stopped"] == "terminate":
+            allocation.stop(result["step"])  # does not return
+        if allocation.rank == 0:
+            events.record(run_dir, "completed" if result["stopped"] is None else "stopped",
+                          step=result["step"], loss=result.get("loss"), reason=result["stopped"])
+        return result
 
     def checkpoint(self, cfg: Dict[str, Any]) -> submitit.helpers.DelayedSubmission:
-        # Called from submitit's USR2 handler on rank 0 just before `scontrol requeue`. Nothing is saved
-        # here (a collective save inside a signal handler would hang): the requeued job resumes from
-        # the run dir's latest checkpoint.
+        # What a requeue runs next: the same task and config. Called by submitit's `_checkpoint` from
+        # Allocation.requeue on rank 0, after every rank saved collectively (never in a signal handler).
         return submitit.helpers.DelayedSubmission(TrainJob(), cfg)

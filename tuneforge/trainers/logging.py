@@ -179,6 +179,27 @@ class RunLogger:
             except (ValueError, KeyError, TypeError):  # a line torn by a killed job
                 continue
         _atomic_write(self.metrics_path, "".join(kept))
+        self._catch_up_wandb(step)
+
+    def _catch_up_wandb(self, step: int) -> None:
+        """On resume (offline): give W&B the steps up to ``step`` that metrics.jsonl has and the offline
+        files of earlier allocations lack. A SIGTERM (preemption, scancel, `scontrol requeue`) kills
+        wandb-core at once, losing what it had not flushed; USR2 (the time-limit warning) does not.
+        Steps past ``step`` are replayed by the trainer and logged again as they come."""
+        if self._run is None or self.mode != "offline":
+            return
+        from tuneforge.trainers.wandb_offline import read_history
+
+        try:
+            has = max((int(row.get("_step", 0)) for row in read_history(self.run_dir)), default=0)
+            rows = [json.loads(line) for line in self.metrics_path.read_text(encoding="utf-8").splitlines()]
+        except Exception as exc:  # noqa: BLE001 - unreadable files: W&B keeps a gap, training goes on
+            _say(f"W&B catch-up skipped ({type(exc).__name__}: {exc})")
+            return
+        for row in rows:
+            row_step = row.pop("step")
+            if has < row_step <= step:
+                self._wandb_call("log", lambda run: run.log(row, step=row_step))
 
     def close(self) -> None:
         """Flush and close metrics.jsonl; finish the W&B run. Safe to call twice."""

@@ -23,10 +23,20 @@ from tuneforge.trainers.optim import counted_tokens, lr_at, token_loss_sum
 
 #: set by a signal handler or by train.stop_after; the ranks agree on it at a step boundary
 _STOP_REQUESTED = {"reason": None}
+#: stop reasons, weakest first: when ranks saw different ones, all take the strongest (a requeue
+#: warning (USR2) beats a SIGTERM: submitit's preemption test sends both, and the job must requeue)
+STOP_REASONS = ("stop_after", "terminate", "requeue")
 
 
 def request_stop(reason: str) -> None:
-    _STOP_REQUESTED["reason"] = reason
+    """Ask every rank to stop after the current step (safe in a signal handler: it only sets a flag)."""
+    current = _STOP_REQUESTED["reason"]
+    if current is None or _strength(reason) >= _strength(current):
+        _STOP_REQUESTED["reason"] = reason
+
+
+def _strength(reason: str) -> int:
+    return STOP_REASONS.index(reason) + 1 if reason in STOP_REASONS else 1
 
 
 class Trainer:
@@ -65,6 +75,8 @@ class Trainer:
         last: dict = {}
         while self.step < t.max_steps:
             last = self.train_step()
+            if t.step_sleep_s:
+                time.sleep(t.step_sleep_s)
             evaluate = self.eval_batches is not None and t.eval_every > 0 and (
                 self.step % t.eval_every == 0 or self.step == t.max_steps)
             if evaluate:
@@ -157,10 +169,13 @@ class Trainer:
         """Agree across ranks: stop if any rank got a signal, or at train.stop_after."""
         if self.train_cfg.stop_after is not None and self.step >= self.train_cfg.stop_after and self.step < self.train_cfg.max_steps:
             request_stop("stop_after")
-        flag = torch.tensor(1.0 if _STOP_REQUESTED["reason"] else 0.0)
-        if _all_reduce(flag, op=dist.ReduceOp.MAX).item() > 0:
-            return _STOP_REQUESTED["reason"] or "signal-on-another-rank"
-        return None
+        mine = _STOP_REQUESTED["reason"]
+        strongest = int(_all_reduce(torch.tensor(float(_strength(mine) if mine else 0)), op=dist.ReduceOp.MAX).item())
+        if strongest == 0:
+            return None
+        if mine is not None and _strength(mine) == strongest:
+            return mine
+        return STOP_REASONS[strongest - 1]
 
 
 def _all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:

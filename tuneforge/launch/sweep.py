@@ -1,0 +1,181 @@
+"""Sweeps: `tuneforge -m key=a,b other=x,y` -> one run per combination, submitted as ONE Slurm job array.
+
+Hydra's own override grammar and its basic sweeper's cartesian product expand the sweep, so
+`key=a,b`, `key=range(1,4)`, `key=choice(a,b)` and quoting mean here what they mean in Hydra.
+Every element is composed and validated before anything is written or submitted. The layout:
+
+    <sweep dir> = runs/<name>/<timestamp>/ (or run.dir)
+        sweep.json          command, elements (index, overrides, run dir), array job id, W&B group
+        slurm/              submitit's folder of the array: sbatch script, logs of every element
+        0/ 1/ ...           one ordinary run dir per element (config.yaml, submit.json, checkpoints, ...)
+
+All elements share one W&B group (logger.group, the sweep's id unless given). On Slurm the command
+returns once the array is queued, and every element requeues itself like a single job does; with
+cluster=local the elements run one after another in the foreground.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+
+from tuneforge.launch import preflight, rundir
+from tuneforge.launch.compose import ConfigError, compose
+from tuneforge.launch.validate import validate
+
+
+@dataclass
+class Sweep:
+    directory: Path
+    group: str
+    overrides: List[List[str]]  # per element, as given to compose
+    labels: List[List[str]]  # per element, the overrides that vary across the sweep
+    configs: List[DictConfig]  # per element, run.dir and logger.group fixed
+    problems: List[str] = field(default_factory=list)
+    reports: list = field(default_factory=list)  # per element, launch/preflight.py's Report
+
+    @property
+    def cluster(self):
+        return self.configs[0].cluster
+
+
+def expand(overrides: Sequence[str]) -> Tuple[List[List[str]], List[List[str]]]:
+    """Every element's full override list (the cartesian product of the sweep overrides, in Hydra's
+    order), and its label: only the overrides that vary across the sweep."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        elements = [list(element) for element in BasicSweeper.split_arguments(parsed, None)[0]]
+    except HydraException as e:
+        raise ConfigError(f"sweep: {str(e).strip().splitlines()[0]}") from None
+    swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+    labels = [[o for o in element if o.split("=", 1)[0] in swept] for element in elements]
+    return elements, labels
+
+
+def plan(overrides: Sequence[str], now: Optional[float] = None) -> Sweep:
+    """Compose and validate every element; `problems` lists them all, each prefixed with its element."""
+    elements, labels = expand(overrides)
+    composed, problems = [], []
+    for i, (element, label) in enumerate(zip(elements, labels)):
+        try:
+            cfg = compose(element)
+        except ConfigError as e:
+            problems.append(f"element {i} ({' '.join(label)}): {e}")
+            continue
+        problems += [f"element {i} ({' '.join(label)}): {p}" for p in validate(cfg)]
+        composed.append(cfg)
+    if problems:
+        return Sweep(Path(), "", elements, labels, [], problems)
+    clusters = {json.dumps(OmegaConf.to_container(c.cluster), sort_keys=True) for c in composed}
+    if len(clusters) > 1:
+        problems.append("cluster: a sweep is one Slurm job array, so every element needs the same cluster "
+                        "settings; sweep cluster.* keys in separate submissions")
+    directory = Path(rundir.with_run_dir(composed[0], now).run.dir)
+    group = composed[0].logger.group or f"{composed[0].run.name}-{directory.name}"
+    configs = [_element_config(cfg, directory / str(i), group) for i, cfg in enumerate(composed)]
+    reports = [preflight.check(cfg) for cfg in configs]
+    return Sweep(directory, group, elements, labels, configs, problems, reports)
+
+
+def misfits(sweep: Sweep) -> List[str]:
+    """The elements that the preflight estimates do not fit in GPU memory (refused unless --force)."""
+    return [f"element {i} ({' '.join(label)}): {preflight.refusal(report).replace('tuneforge: ', '', 1)}"
+            for i, (label, report) in enumerate(zip(sweep.labels, sweep.reports)) if report.fits is False]
+
+
+def _element_config(cfg: DictConfig, run_dir: Path, group: str) -> DictConfig:
+    out = OmegaConf.to_container(cfg)
+    out["run"]["dir"] = str(run_dir)
+    out["logger"]["group"] = group
+    return OmegaConf.create(out)
+
+
+def show(sweep: Sweep) -> int:
+    """--dry-run: the elements, and the sbatch script of the array (Slurm)."""
+    print(f"# sweep of {len(sweep.configs)} element(s) into {sweep.directory} (W&B group {sweep.group})")
+    for i, (label, cfg) in enumerate(zip(sweep.labels, sweep.configs)):
+        print(f"{i:>4}  {cfg.run.dir}  {' '.join(label)}")
+    print("# validation: ok (every element)")
+    for i, report in enumerate(sweep.reports):
+        print(f"# element {i}\n{preflight.render(report)}")
+    if sweep.cluster.name == "slurm":
+        from tuneforge.slurm.executors import sbatch_script
+
+        print(f"# sbatch script (one job array of {len(sweep.configs)})")
+        print(sbatch_script(sweep.cluster, sweep.directory / "slurm", array_size=len(sweep.configs)))
+    else:
+        print("# cluster=local: the elements run one after another in the foreground")
+    print(f"# dry run: nothing submitted, {sweep.directory} not created")
+    for problem in misfits(sweep):
+        print(f"tuneforge: {problem}", file=sys.stderr)
+    return 2 if misfits(sweep) else 0
+
+
+def launch(sweep: Sweep, argv: Sequence[str]) -> int:
+    """Write the sweep dir and every run dir, then submit the array (Slurm) or run each (local)."""
+    sweep.directory.mkdir(parents=True, exist_ok=True)
+    run_dirs = [rundir.create(cfg, element) for cfg, element in zip(sweep.configs, sweep.overrides)]
+    for report, run_dir in zip(sweep.reports, run_dirs):
+        preflight.save(report, run_dir)
+    record = {
+        "command": "tuneforge " + " ".join(shlex.quote(a) for a in argv),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "group": sweep.group,
+        "cluster": sweep.cluster.name,
+        "folder": str(sweep.directory / "slurm"),
+        "array_job_id": None,
+        "elements": [{"index": i, "label": " ".join(label), "overrides": e, "run_dir": str(d)}
+                     for i, (e, label, d) in enumerate(zip(sweep.overrides, sweep.labels, run_dirs))],
+    }
+    _write(sweep.directory, record)
+    print(f"sweep {sweep.directory}: {len(run_dirs)} element(s), W&B group {sweep.group}", flush=True)
+    if sweep.cluster.name == "local":
+        return _run_locally(sweep, run_dirs)
+    from tuneforge.slurm.executors import make_executor
+    from tuneforge.slurm.job import TrainJob
+
+    executor = make_executor(sweep.cluster, sweep.directory / "slurm")
+    with executor.batch():
+        jobs = [executor.submit(TrainJob(), OmegaConf.to_container(cfg)) for cfg in sweep.configs]
+    for job, run_dir in zip(jobs, run_dirs):
+        rundir.record_job(run_dir, str(job.job_id), "slurm", sweep.directory / "slurm")
+    record["array_job_id"] = str(jobs[0].job_id).split("_")[0]
+    _write(sweep.directory, record)
+    print(f"array job {record['array_job_id']} ({len(jobs)} elements)\nlogs {sweep.directory / 'slurm'}\n"
+          f"follow with: tuneforge status {sweep.directory}", flush=True)
+    return 0
+
+
+def _run_locally(sweep: Sweep, run_dirs: List[Path]) -> int:
+    from tuneforge.launch.submit import follow, submit
+
+    worst = 0
+    for i, (cfg, run_dir) in enumerate(zip(sweep.configs, run_dirs)):
+        print(f"[{i + 1}/{len(run_dirs)}] {' '.join(sweep.labels[i])} -> {run_dir}", flush=True)
+        job = submit(cfg, run_dir)
+        worst = max(worst, follow(job, run_dir, cfg.train.max_steps))
+    return worst
+
+
+def _write(directory: Path, record: dict) -> None:
+    tmp = directory / ".sweep.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(directory / "sweep.json")
+
+
+def is_sweep_dir(path: Path) -> bool:
+    return (Path(path) / "sweep.json").is_file()
+
+
+def read(path: Path) -> dict:
+    return json.loads((Path(path) / "sweep.json").read_text())

@@ -1,0 +1,175 @@
+"""Time limits and preemption, inside the task: signal handlers on every rank, then the requeue.
+
+Slurm warns a job with SIGUSR2 `cluster.signal_delay_s` before its time limit (sbatch --signal;
+up to ~30 s earlier than asked), and submitit's preemption test (`job._interrupt()`) sends SIGTERM
+then SIGUSR2. submitit's own USR2 handler runs on rank 0 only: it calls checkpoint(), `scontrol
+requeue` and exits on the spot, killing the other ranks before any collective save, and saving
+inside a signal handler would hang on the collectives anyway. So every rank replaces submitit's
+handlers with ones that only set the trainer's stop flag; at the next step boundary the ranks agree
+on it, save a checkpoint together and return; then rank 0 requeues through submitit's own pieces
+(`_checkpoint` re-dumps the job's pickle from TrainJob.checkpoint with one requeue fewer left, and
+the job environment's `_requeue` runs `scontrol requeue`, or exits 144 for the local executor),
+and every rank exits without writing a result, so the job counts as unfinished.
+
+SIGTERM alone (scancel, `scontrol requeue` from outside, the hard time limit) stops the same way but
+does not requeue: Slurm decides whether the job comes back, and if it does, the task resumes from
+the run dir's latest checkpoint by itself, as every start does.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from tuneforge.slurm import events
+
+#: how long the other ranks wait for rank 0 to requeue before they exit anyway
+WAIT_FOR_RANK0_S = 60.0
+#: submitit's preemption sends SIGTERM, then USR2 with a second scancel: a USR2 this soon after the
+#: SIGTERM stop still turns it into a requeue
+WARNING_AFTER_TERM_S = 3.0
+
+
+class Allocation:
+    """This rank's view of the current allocation: who it is, when it started, which signals came."""
+
+    def __init__(self, run_dir: Path, cluster_cfg):
+        import submitit
+
+        self.run_dir, self.cluster = Path(run_dir), cluster_cfg
+        self.env = submitit.JobEnvironment()
+        self.rank = self.env.global_rank
+        self.started = time.time()
+        self.usr_signal = self.env._usr_sig()
+        self.attempt = 0  # set by start()
+        self.terminated = False  # a SIGTERM came: preemption (scancel --signal, `_interrupt`) or a kill
+        self.warned = False  # the requeue warning (USR2) came
+
+    def start(self) -> None:
+        """Record the allocation and take over the warning signals (after submitit installed its own)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        job_id = self.env.job_id
+        # which start of this job this is, counted per rank: the ranks start in any order, and a
+        # local requeue has no restart count of its own
+        self.attempt = sum(1 for e in events.read(self.run_dir)
+                           if e["event"] == "task" and e.get("rank") == self.rank and e.get("job_id") == job_id)
+        host = os.environ.get("SLURMD_NODENAME") or self.env.hostname  # emulated nodes share a hostname
+        events.record(self.run_dir, "task", rank=self.rank, host=host, pid=os.getpid(), job_id=job_id,
+                      attempt=self.attempt)
+        if self.rank == 0:
+            events.record(self.run_dir, "allocation", job_id=job_id, attempt=self.attempt, cluster=self.env.cluster,
+                          restart=int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0),
+                          nodes=list(self.env.hostnames), num_tasks=self.env.num_tasks,
+                          environment=events.slurm_environment())
+        from tuneforge.trainers.loop import request_stop  # imported now: the handler must be quick
+
+        self._request_stop = request_stop
+        for signum in (self.usr_signal, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+            # restart interrupted system calls: a signal must never break a collective in flight
+            signal.siginterrupt(signum, False)
+
+    def _on_signal(self, signum: int, frame=None) -> None:
+        # Only a flag (and one appended line): collectives and saving happen at the step boundary.
+        self.terminated = self.terminated or signum == signal.SIGTERM
+        self.warned = self.warned or signum == self.usr_signal
+        self._request_stop("requeue" if signum == self.usr_signal else "terminate")
+        events.record(self.run_dir, "signal", rank=self.rank, signal=signal.Signals(signum).name)
+
+    # ------------------------------------------------------------------ after training returned
+    def requeue(self, step: int) -> None:
+        """Every rank, after the collective save of a requeue stop: rank 0 requeues, all exit."""
+        if self.rank != 0:
+            # exit 0 only once rank 0 has decided: srun runs with --kill-on-bad-exit, and an early
+            # non-zero exit here would kill rank 0 before its `scontrol requeue`
+            self._wait_for_rank0()
+            sys.exit(0)
+        from submitit.core.job_environment import _checkpoint
+        from submitit.core.utils import DelayedSubmission, UncompletedJobError
+
+        kind = "timeout" if self.timed_out() else "preemption"
+        pickle = self.env.paths.submitted_pickle
+        delayed = DelayedSubmission.load(pickle)  # what submitit runs; its countdown starts at max_requeues
+        left = delayed._timeout_countdown - 1  # time-outs and preemptions both count
+        refused = "" if left >= 0 else f"requeued {self.cluster.max_requeues} times already (cluster.max_requeues)"
+        refused = refused or _checkpoint(delayed, pickle, left)  # dumps TrainJob.checkpoint()'s submission
+        if refused:
+            events.record(self.run_dir, "requeue_refused", kind=kind, step=step, reason=refused,
+                          job_id=self.env.job_id)
+            raise UncompletedJobError(
+                f"{kind} at step {step}: not requeued because {refused}. The checkpoint of step {step} is in "
+                f"{self.run_dir}; submit again with run.dir={self.run_dir} to continue")
+        events.record(self.run_dir, "requeue", kind=kind, step=step, requeues_left=left, job_id=self.env.job_id)
+        print(f"tuneforge: {kind} at step {step}: checkpoint saved, job {self.env.job_id} requeued "
+              f"({left} requeue(s) left)", file=sys.stderr, flush=True)
+        self.env._requeue(left)  # Slurm: scontrol requeue; local: exit code 144, the controller restarts us
+        sys.exit(-1)
+
+    def stop(self, step: int) -> None:
+        """Every rank, after the collective save of a SIGTERM stop: exit without a result, unless the
+        requeue warning follows at once (submitit's preemption), in which case rank 0 requeues."""
+        if self.rank != 0:
+            self._wait_for_rank0()
+            sys.exit(0)  # the checkpoint is complete; see requeue() for why 0
+        deadline = time.time() + WARNING_AFTER_TERM_S
+        while not self.warned and time.time() < deadline:
+            time.sleep(0.1)
+        if self.warned:
+            self.requeue(step)  # does not return
+        events.record(self.run_dir, "stopped", step=step, signal="SIGTERM", job_id=self.env.job_id)
+        sys.exit(128 + signal.SIGTERM)
+
+    def timed_out(self) -> bool:
+        """Time limit or preemption? A SIGTERM before the warning means preemption (a time limit sends
+        only the warning, then SIGTERM at the limit itself); else Slurm's time left, or the local clock."""
+        if self.terminated:
+            return False
+        if self.env.cluster == "slurm":
+            margin = self.cluster.signal_delay_s + 60  # Slurm warns up to ~30 s early; then the step ends
+            left = _slurm_time_left(self.env.job_id)
+            if left is not None:
+                return left <= margin
+        else:
+            margin = self.cluster.signal_delay_s + 15  # the local controller warns on time
+        return time.time() - self.started >= self.cluster.timeout_min * 60 - margin
+
+    def _wait_for_rank0(self) -> None:
+        """Until rank 0 has recorded what becomes of this allocation (or WAIT_FOR_RANK0_S)."""
+        deadline = time.time() + WAIT_FOR_RANK0_S
+        while time.time() < deadline:
+            if any(e["event"] in ("requeue", "requeue_refused", "stopped") and e["ts"] >= self.started
+                   for e in events.read(self.run_dir)):
+                return
+            time.sleep(0.5)
+
+
+def _slurm_time_left(job_id: str) -> Optional[float]:
+    """Seconds left before the job's time limit, from squeue; None when Slurm cannot say."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True,
+                             timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_duration(out)
+
+
+def parse_duration(text: str) -> Optional[float]:
+    """Slurm's [D-]HH:MM:SS / MM:SS durations in seconds; None for UNLIMITED, INVALID, empty."""
+    text = text.strip()
+    days = 0
+    if "-" in text:
+        d, text = text.split("-", 1)
+        if not d.isdigit():
+            return None
+        days = int(d)
+    parts = text.split(":")
+    if not text or not all(p.isdigit() for p in parts) or len(parts) > 3:
+        return None
+    seconds = 0
+    for p in parts:
+        seconds = seconds * 60 + int(p)
+    return days * 86400 + seconds
