@@ -83,6 +83,8 @@ class ClusterConfig:
     tasks_per_node: int = 1  # processes per machine = GPUs per node
     gpus_per_node: int = 0  # GPUs requested per node; 0 trains on CPU with gloo
     timeout_min: int = 60  # wall-clock limit of one allocation, minutes
+    peak_tflops: Optional[float] = None  # dense bf16 TFLOP/s of one device
+    # (for MFU; None: measured at the model's GEMM shapes at the start of the run, ~1 s)
 
 
 @dataclass
@@ -149,6 +151,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     seed: int = 0
     dtype: str = "fp32"  # "fp32" | "bf16" | "fp16": parameter/compute dtype
+    # torch.compile (inductor) the forward pass and the loss. Faster steps (~1.4x on CPU at seq 512)
+    # for a one-off compile: 30-60 s cold, a few s once cached in $TORCHINDUCTOR_CACHE_DIR (default
+    # ~/.cache/tuneforge/inductor). Off by default: tiny runs and tests would only pay the compile.
+    compile: bool = False
     checkpoint_every: int = 50  # steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     log_every: int = 1  # steps between metric records

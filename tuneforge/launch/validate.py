@@ -152,6 +152,9 @@ def _cluster(cfg: DictConfig) -> Iterator[Problem]:
     if c.gpus_per_node and c.tasks_per_node != c.gpus_per_node:
         yield Problem("cluster.tasks_per_node", f"one task per GPU: set cluster.tasks_per_node={c.gpus_per_node} "
                                                 f"to match cluster.gpus_per_node={c.gpus_per_node}")
+    if c.peak_tflops is not None and c.peak_tflops <= 0:
+        yield Problem("cluster.peak_tflops", f"must be > 0 (dense bf16 TFLOP/s of one device), got {c.peak_tflops}; "
+                                             "or leave it unset (null) to measure it at the start of the run")
     if c.name == "local" and c.nodes > 1:
         yield Problem("cluster.nodes", f"cluster=local runs on this machine only; set cluster.nodes=1 or use cluster=slurm")
     if c.name == "slurm":

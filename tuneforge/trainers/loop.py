@@ -12,7 +12,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from tuneforge.trainers.optim import counted_tokens, lr_at, token_loss_sum
+from tuneforge.trainers import metrics
+from tuneforge.trainers.compile import loss_function
+from tuneforge.trainers.optim import counted_tokens, lr_at
 
 #: set by a signal handler or by train.stop_after; the ranks agree on it at a step boundary
 _STOP_REQUESTED = {"reason": None}
@@ -23,10 +25,13 @@ def request_stop(reason: str) -> None:
 
 
 class Trainer:
-    def __init__(self, engine, batches, train_cfg, dist_env, checkpoints, logger, flops_per_token: float):
+    def __init__(self, engine, batches, train_cfg, dist_env, checkpoints, logger, flops_per_token: float,
+                 peak_tflops: Optional[float] = None):
         self.engine, self.batches, self.train_cfg = engine, batches, train_cfg
         self.dist_env, self.checkpoints, self.logger = dist_env, checkpoints, logger
         self.flops_per_token = flops_per_token
+        self.peak_tflops = peak_tflops  # dense bf16 TFLOP/s of one device, for MFU; None: no MFU
+        self.loss_fn = loss_function(compiled=train_cfg.compile)  # optim.token_loss_sum
         self.step = 0
         self.tokens_seen = 0
 
@@ -62,21 +67,24 @@ class Trainer:
         micro_batches = list(self.batches.micro_batches(self.step))
         local_tokens = torch.tensor(float(sum(counted_tokens(labels) for _, labels in micro_batches)))
         global_tokens = _all_reduce(local_tokens.clone()).item()
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        local_inputs = sum(input_ids.numel() for input_ids, _ in micro_batches)  # what the FLOPs are spent on
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no sync per micro batch
         for i, (input_ids, labels) in enumerate(micro_batches):
             input_ids, labels = input_ids.to(device), labels.to(device)
             with self.engine.accumulate(last_micro_batch=i == len(micro_batches) - 1):
                 logits = self.engine.model(input_ids=input_ids).logits
-                micro_loss = token_loss_sum(logits, labels)
+                micro_loss = self.loss_fn(logits, labels)
                 self.engine.backward(micro_loss / global_tokens)
-            loss_sum += micro_loss.detach().double().cpu()
+            loss_sum += micro_loss.detach().double()
         lr = lr_at(self.step, self.train_cfg)
         grad_norm = self.engine.step(lr, self.train_cfg.grad_clip)
-        loss = _all_reduce(loss_sum).item() / global_tokens
+        loss = _all_reduce(loss_sum.cpu()).item() / global_tokens
         self.step += 1
         self.tokens_seen += int(global_tokens)
         elapsed = time.perf_counter() - start
         tokens_per_s = global_tokens / elapsed
+        tflops_per_rank = local_inputs * self.flops_per_token / elapsed / 1e12
+        perf = {"mfu": tflops_per_rank / self.peak_tflops} if self.peak_tflops else {}
         return {
             "loss": loss,
             "lr": lr,
@@ -84,7 +92,9 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "step_time_s": elapsed,
             "tokens_seen": self.tokens_seen,
-            "tflops_per_rank": tokens_per_s * self.flops_per_token / self.dist_env.world_size / 1e12,
+            "tflops_per_rank": tflops_per_rank,
+            **perf,
+            "peak_memory_mb": metrics.peak_memory_mb(device),
         }
 
     def save(self) -> None:
