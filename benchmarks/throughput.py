@@ -11,9 +11,13 @@ rows of the bundled corpus, with the same batch, sequence length, dtype (bf16 we
   A  tuneforge through its real code path: the CLI (`python -m tuneforge.launch.cli ...
      cluster=local cluster.tasks_per_node=1`) in a subprocess; step times from the run's metrics.jsonl.
   B  transformers.Trainer in a subprocess (this file with --hf-worker); step times between
-     consecutive `on_step_end` callbacks (data loading, step, logging: all of a step).
+     consecutive `on_step_end` callbacks (data loading, step, logging: all of a step). Two settings:
+     "amp"   TrainingArguments(bf16=True): fp32 weights, bf16 autocast, the way HF users train in bf16
+             and the baseline of the issue's goal (`ratio`, `hf_trainer_tokens_per_s`);
+     "bf16"  the model loaded in bf16 (bf16 weights, no autocast): the same parameter dtype as
+             tuneforge's train.dtype=bf16 (`ratio_vs_hf_bf16_weights`). --quick runs "amp" only.
 
-Runs alternate A B A B ... over the rounds (the machine is shared: absolute times drift, ratios of
+Runs alternate A B(amp) B(bf16) A B B ... over the rounds (the machine is shared: absolute times drift, ratios of
 neighbouring runs much less). The first --warmup steps of every run are left out (compilation).
 
 MFU = tokens/s x FLOPs per token / ceiling. FLOPs per token = 6N + 12 x layers x hidden x seq, N the
@@ -54,6 +58,9 @@ def main() -> int:
         return hf_worker(json.loads(Path(args.hf_worker).read_text()))
     spec = {**(QUICK if args.quick else FULL)}
     spec.update({k: v for k, v in vars(args).items() if k in spec and v is not None})
+    spec["hf_modes"] = (args.hf_modes or ("amp" if args.quick else "amp,bf16")).split(",")
+    if spec["hf_modes"][0] != "amp" or not set(spec["hf_modes"]) <= {"amp", "bf16"}:
+        raise SystemExit("--hf-modes: amp first (the baseline), then optionally bf16")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="tuneforge-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
@@ -69,15 +76,18 @@ def main() -> int:
     rounds = []
     for r in range(spec["rounds"]):
         measure_ceilings(spec, ceilings, tries=2 if args.quick else 5)
-        tf = run_tuneforge(spec, work / f"tuneforge-{r}", env)
-        hf = run_hf_trainer(spec, work / f"hf-{r}", env)
-        rounds.append({"tuneforge": tf, "hf": hf, "ratio": tf["tokens_per_s"] / hf["tokens_per_s"]})
-        say(f"round {r + 1}: tuneforge {tf['tokens_per_s']:.0f} tok/s, HF Trainer {hf['tokens_per_s']:.0f} tok/s, "
-            f"ratio {rounds[-1]['ratio']:.2f}")
+        row = {"tuneforge": run_tuneforge(spec, work / f"tuneforge-{r}", env)}
+        for mode in spec["hf_modes"]:
+            row[f"hf_{mode}"] = run_hf_trainer(spec, work / f"hf-{mode}-{r}", env, mode)
+            row[f"ratio_{mode}"] = row["tuneforge"]["tokens_per_s"] / row[f"hf_{mode}"]["tokens_per_s"]
+        rounds.append(row)
+        say(f"round {r + 1}: tuneforge {row['tuneforge']['tokens_per_s']:.0f} tok/s; " + "; ".join(
+            f"HF Trainer ({mode}) {row[f'hf_{mode}']['tokens_per_s']:.0f} tok/s, ratio {row[f'ratio_{mode}']:.2f}"
+            for mode in spec["hf_modes"]))
     measure_ceilings(spec, ceilings, tries=2 if args.quick else 5)
-    dry_run_s = time_dry_run(env)
+    dry_run = time_dry_run(env)
 
-    result = summarise(spec, model_facts, rounds, ceilings, dry_run_s, args.quick)
+    result = summarise(spec, model_facts, rounds, ceilings, dry_run, args.quick)
     print_table(result, rounds)
     print(json.dumps(result), flush=True)
     return 0
@@ -91,6 +101,7 @@ def parse_args():
         p.add_argument(f"--{key.replace('_', '-')}", type=int, dest=key)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="train.compile for tuneforge (default: on, off with --quick)")
+    p.add_argument("--hf-modes", help="HF Trainer settings to run: amp,bf16 (default; --quick: amp)")
     p.add_argument("--hf-worker", help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -194,10 +205,10 @@ def run_tuneforge(spec: dict, run_dir: Path, env: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------- B: HF Trainer
-def run_hf_trainer(spec: dict, out_dir: Path, env: dict) -> dict:
+def run_hf_trainer(spec: dict, out_dir: Path, env: dict, mode: str) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_file = out_dir / "spec.json"
-    spec_file.write_text(json.dumps({**spec, "out_dir": str(out_dir)}))
+    spec_file.write_text(json.dumps({**spec, "out_dir": str(out_dir), "hf_mode": mode}))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-worker", str(spec_file)]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if out.returncode:
@@ -236,10 +247,12 @@ def hf_worker(spec: dict) -> int:
             self.step_s.append(now - self.last)
             self.last = now
 
+    amp = spec["hf_mode"] == "amp"  # fp32 weights + bf16 autocast; else bf16 weights, no autocast
     torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_config(llama_config(spec), dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(llama_config(spec), dtype=torch.float32 if amp else torch.bfloat16,
+                                             attn_implementation="sdpa")
     args = TrainingArguments(
-        output_dir=spec["out_dir"], use_cpu=True, bf16=False,  # bf16 weights, as tuneforge's train.dtype=bf16
+        output_dir=spec["out_dir"], use_cpu=True, bf16=amp,
         per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1, max_steps=spec["steps"],
         learning_rate=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_epsilon=EPS, weight_decay=0.0,
         optim="adamw_torch_fused", max_grad_norm=CLIP, lr_scheduler_type="cosine", warmup_steps=1,
@@ -254,27 +267,44 @@ def hf_worker(spec: dict) -> int:
 
 
 # ----------------------------------------------------------------------------------- report
-def time_dry_run(env: dict) -> float:
-    """Wall time of `tuneforge --dry-run cluster=slurm` (the submit path must stay under ~1 s)."""
+def time_dry_run(env: dict) -> dict:
+    """Wall and CPU time of `tuneforge --dry-run cluster=slurm` (the submit path must stay under ~1 s on
+    an idle machine; CPU time is the figure a busy machine does not inflate)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "tuneforge.launch.cli", "--dry-run", "cluster=slurm"], env=env, cwd=ROOT,
                    capture_output=True, check=True)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return {"wall_s": wall, "cpu_s": cpu}
 
 
-def summarise(spec, facts, rounds, ceilings, dry_run_s, quick) -> dict:
-    tf = statistics.median(r["tuneforge"]["tokens_per_s"] for r in rounds)
-    hf = statistics.median(r["hf"]["tokens_per_s"] for r in rounds)
-    flops = facts["flops_per_token"]
+def summarise(spec, facts, rounds, ceilings, dry_run, quick) -> dict:
+    def median(key, sub="tokens_per_s"):
+        return statistics.median(r[key][sub] if sub else r[key] for r in rounds)
+
+    tf, flops = median("tuneforge"), facts["flops_per_token"]
     own = [r["tuneforge"]["own_mfu"] for r in rounds if r["tuneforge"]["own_mfu"] is not None]
-    return {
+    result = {
         "tuneforge_tokens_per_s": round(tf, 1),
-        "hf_trainer_tokens_per_s": round(hf, 1),
-        "ratio": round(statistics.median(r["ratio"] for r in rounds), 3),
-        "ratios": [round(r["ratio"], 3) for r in rounds],
+        "hf_trainer_tokens_per_s": round(median("hf_amp"), 1),
+        "ratio": round(median("ratio_amp", None), 3),
+        "ratios": [round(r["ratio_amp"], 3) for r in rounds],
         "mfu_bf16": round(tf * flops / 1e12 / ceilings["bf16"], 4),
         "mfu_fp32": round(tf * flops / 1e12 / ceilings["fp32"], 4),
-        "hf_mfu_bf16": round(hf * flops / 1e12 / ceilings["bf16"], 4),
+        "hf_mfu_bf16": round(median("hf_amp") * flops / 1e12 / ceilings["bf16"], 4),
+    }
+    if "bf16" in spec["hf_modes"]:
+        result.update({
+            "hf_trainer_bf16_weights_tokens_per_s": round(median("hf_bf16"), 1),
+            "ratio_vs_hf_bf16_weights": round(median("ratio_bf16", None), 3),
+            "ratios_vs_hf_bf16_weights": [round(r["ratio_bf16"], 3) for r in rounds],
+            "hf_bf16_weights_mfu_bf16": round(median("hf_bf16") * flops / 1e12 / ceilings["bf16"], 4),
+        })
+    result.update({
         "tuneforge_own_mfu": round(statistics.median(own), 4) if own else None,
         "ceiling_bf16_tflops": round(ceilings["bf16"], 4),
         "ceiling_fp32_tflops": round(ceilings["fp32"], 4),
@@ -282,12 +312,14 @@ def summarise(spec, facts, rounds, ceilings, dry_run_s, quick) -> dict:
         "params": facts["params_total"],
         "matmul_params": facts["matmul_params"],
         "tuneforge_peak_memory_mb": round(max(r["tuneforge"]["peak_memory_mb"] for r in rounds)),
-        "hf_peak_memory_mb": round(max(r["hf"]["peak_memory_mb"] for r in rounds)),
-        "dry_run_s": round(dry_run_s, 2),
+        "hf_peak_memory_mb": {m: round(max(r[f"hf_{m}"]["peak_memory_mb"] for r in rounds)) for m in spec["hf_modes"]},
+        "dry_run_s": round(dry_run["wall_s"], 2),
+        "dry_run_cpu_s": round(dry_run["cpu_s"], 2),
         "model": {k: spec[k] for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")},
         "seq": spec["seq"], "batch": spec["batch"], "steps": spec["steps"], "warmup": spec["warmup"],
-        "compile": spec["compile"], "quick": quick, "threads": _threads(),
-    }
+        "compile": spec["compile"], "hf_modes": spec["hf_modes"], "quick": quick, "threads": _threads(),
+    })
+    return result
 
 
 def _threads() -> int:
@@ -297,18 +329,25 @@ def _threads() -> int:
 
 
 def print_table(result: dict, rounds: list) -> None:
-    print(f"{'round':>5}  {'tuneforge tok/s':>15}  {'HF Trainer tok/s':>16}  {'ratio':>6}")
+    modes = result["hf_modes"]
+    head = "".join(f"  {'HF ' + m + ' tok/s':>15}  {'ratio':>6}" for m in modes)
+    print(f"{'round':>6}  {'tuneforge tok/s':>15}{head}")
     for i, r in enumerate(rounds, 1):
-        print(f"{i:>5}  {r['tuneforge']['tokens_per_s']:>15.0f}  {r['hf']['tokens_per_s']:>16.0f}  {r['ratio']:>6.2f}")
-    print(f"{'median':>5}  {result['tuneforge_tokens_per_s']:>15.0f}  {result['hf_trainer_tokens_per_s']:>16.0f}  "
-          f"{result['ratio']:>6.2f}")
+        cells = "".join(f"  {r[f'hf_{m}']['tokens_per_s']:>15.0f}  {r[f'ratio_{m}']:>6.2f}" for m in modes)
+        print(f"{i:>6}  {r['tuneforge']['tokens_per_s']:>15.0f}{cells}")
+    medians = f"  {result['hf_trainer_tokens_per_s']:>15.0f}  {result['ratio']:>6.2f}"
+    if "bf16" in modes:
+        medians += f"  {result['hf_trainer_bf16_weights_tokens_per_s']:>15.0f}  {result['ratio_vs_hf_bf16_weights']:>6.2f}"
+    print(f"{'median':>6}  {result['tuneforge_tokens_per_s']:>15.0f}{medians}")
     print(f"ceiling (best GEMM at the model's shapes): bf16 {result['ceiling_bf16_tflops']:.3f} TFLOP/s, "
-          f"fp32 {result['ceiling_fp32_tflops']:.3f} TFLOP/s")
+          f"fp32 {result['ceiling_fp32_tflops']:.3f} TFLOP/s; {result['flops_per_token'] / 1e6:.0f} MFLOP per token")
     own = "n/a" if result["tuneforge_own_mfu"] is None else f"{100 * result['tuneforge_own_mfu']:.1f}%"
-    print(f"MFU vs bf16 ceiling: tuneforge {100 * result['mfu_bf16']:.1f}%, HF Trainer {100 * result['hf_mfu_bf16']:.1f}%"
-          f" (tuneforge's own metrics.jsonl, its own quick ceiling: {own})")
-    print(f"peak memory (RSS): tuneforge {result['tuneforge_peak_memory_mb']} MB, HF Trainer {result['hf_peak_memory_mb']} MB")
-    print(f"tuneforge --dry-run: {result['dry_run_s']:.2f} s wall")
+    hf_bf16 = (f", HF Trainer (bf16 weights) {100 * result['hf_bf16_weights_mfu_bf16']:.1f}%" if "bf16" in modes else "")
+    print(f"MFU vs the bf16 ceiling: tuneforge {100 * result['mfu_bf16']:.1f}%, HF Trainer (amp) "
+          f"{100 * result['hf_mfu_bf16']:.1f}%{hf_bf16} (tuneforge's own metrics.jsonl, against its own ~1 s "
+          f"ceiling: {own})")
+    print(f"peak memory (RSS, MB): tuneforge {result['tuneforge_peak_memory_mb']}, HF Trainer {result['hf_peak_memory_mb']}")
+    print(f"tuneforge --dry-run: {result['dry_run_s']:.2f} s wall, {result['dry_run_cpu_s']:.2f} s CPU")
 
 
 if __name__ == "__main__":

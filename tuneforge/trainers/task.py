@@ -19,6 +19,10 @@ def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
     cfg = OmegaConf.create(cfg_dict)
     run_dir, t = Path(cfg.run.dir), cfg.train
     dist_env = init_distributed(cfg.cluster)
+    if dist_env.device == "cpu":
+        from tuneforge.trainers.allocator import keep_freed_memory
+
+        keep_freed_memory()  # big tensors reused, not page-faulted back every step
     logger = None
     try:
         docs = data.read_documents(cfg.data)
