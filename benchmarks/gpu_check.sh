@@ -6,11 +6,12 @@
 #
 #   bash benchmarks/gpu_check.sh            # from a fresh checkout; torch with CUDA already installed
 #   bash benchmarks/gpu_check.sh --plan     # no GPU needed: compose + validate every combination only
+#   GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh   # no GPU needed: the whole script with a tiny model on CPU
 #
-# Environment knobs: SKIP_INSTALL=1 (deps already there), COMPILE=1 (train.compile=true),
-# PEAK_TFLOPS=<dense bf16 TFLOP/s> (else looked up from the GPU name, else measured by the run),
-# GPU_CHECK_BUDGET_S (default 450: combinations not started by then are reported as skipped),
-# GPU_CHECK_DIR (work dir; default a new temp dir).
+# Environment knobs: SKIP_INSTALL=1 (deps already there; --plan and the smoke test never install),
+# COMPILE=1 (train.compile=true), PEAK_TFLOPS=<dense bf16 TFLOP/s> (else looked up from the GPU name,
+# else measured by each run), GPU_CHECK_BUDGET_S (default 450 s from the start, install included:
+# combinations not started by then are reported as skipped), GPU_CHECK_DIR (default a new temp dir).
 # Designed to finish in under 8 minutes on one H100-class GPU: 9 runs of 15 steps each.
 # A combination that the config refuses (e.g. a backend or method this checkout lacks, or a pairing
 # the validator forbids) is reported as "unavailable: <reason>"; one that fails at run time as
@@ -21,7 +22,7 @@ PLAN=0
 [[ "${1:-}" == "--plan" ]] && PLAN=1
 START_S=$(date +%s)
 
-if [[ $PLAN == 0 && -z "${SKIP_INSTALL:-}" ]]; then
+if [[ $PLAN == 0 && -z "${SKIP_INSTALL:-}" && "${GPU_CHECK_SMOKE:-}" != 1 ]]; then
   echo "== pip install -e '.[deepspeed,qlora]'"
   python -m pip install -q -e '.[deepspeed,qlora]' || { echo "install failed" >&2; exit 1; }
 fi
@@ -29,16 +30,20 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 
 python - "$PLAN" "$START_S" <<'PY'
-import datetime, json, os, re, statistics, subprocess, sys, tempfile, time
+import datetime, json, os, re, shutil, signal, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 
 PLAN, START = sys.argv[1] == "1", float(sys.argv[2])
+SMOKE = os.environ.get("GPU_CHECK_SMOKE") == "1"  # tiny model on the CPU: checks this script, not a GPU
 BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", 450))
 WORK = Path(os.environ.get("GPU_CHECK_DIR") or tempfile.mkdtemp(prefix="tuneforge-gpu-check-"))
 BACKENDS, METHODS = ("ddp", "fsdp", "zero3"), ("full", "lora", "qlora")
-STEPS, WARMUP, SEQ, MICRO = 15, 5, 2048, 4
+STEPS, WARMUP, SEQ, MICRO = (6, 2, 64, 2) if SMOKE else (15, 5, 2048, 4)
 ARCH = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
             intermediate_size=5504, vocab_size=32000, max_position_embeddings=SEQ)
+if SMOKE:
+    ARCH.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                intermediate_size=128, vocab_size=512)
 # Dense bf16 TFLOP/s per GPU (datasheets, without sparsity), matched on the device name in order.
 PEAKS = [("H100 PCIe", 756.0), ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0), ("H800", 989.0),
          ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L4", 121.0)]
@@ -63,16 +68,17 @@ def build_base(out: Path) -> None:
         config.save_pretrained(out)
         return
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device("cpu" if SMOKE else "cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out)
     del model
-    torch.cuda.empty_cache()
+    if not SMOKE:
+        torch.cuda.empty_cache()
 
 
 def gpu_facts():
-    if PLAN:
-        return "(plan only)", os.environ.get("PEAK_TFLOPS")
+    if PLAN or SMOKE:
+        return "(plan only)" if PLAN else "(smoke test on CPU)", os.environ.get("PEAK_TFLOPS")
     import torch
 
     if not torch.cuda.is_available():
@@ -89,14 +95,22 @@ def overrides(base: Path, backend: str, method: str, peak) -> list:
         extra.append("train.compile=true")
     return ["model=hf", f"model.name_or_path={base}", f"method={method}", f"backend={backend}",
             "data=demo_corpus", "logger=none", "cluster=local", "cluster.tasks_per_node=1",
-            "cluster.gpus_per_node=1", "train.dtype=bf16", f"train.seq_len={SEQ}", f"train.micro_batch={MICRO}",
+            f"cluster.gpus_per_node={0 if SMOKE else 1}", "train.dtype=bf16", f"train.seq_len={SEQ}", f"train.micro_batch={MICRO}",
             f"train.global_batch={MICRO}", f"train.max_steps={STEPS}", "train.warmup_steps=2",
             "train.checkpoint_every=0", "train.lr=1e-4", f"run.dir={run_dir}", *extra]
 
 
 def cli(args, timeout=None):
-    return subprocess.run([sys.executable, "-m", "tuneforge.launch.cli", *args], capture_output=True,
-                          text=True, timeout=timeout)
+    """The CLI in its own process group: on a time-out the training process it started dies with it."""
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge.launch.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def reason(text: str) -> str:
@@ -116,11 +130,14 @@ def run_one(backend, method, base, peak) -> dict:
     if left < 30:
         return {"status": "skipped: time budget spent"}
     t0 = time.time()
+    run_dir = WORK / "runs" / f"{backend}-{method}"
     try:
         out = cli(args, timeout=min(240.0, left))
     except subprocess.TimeoutExpired:
         return {"status": f"failed: timed out after {time.time() - t0:.0f} s"}
-    run_dir = WORK / "runs" / f"{backend}-{method}"
+    finally:  # GBs of checkpoint and export per run: the disk would not hold nine of them
+        for heavy in ("checkpoints", "final"):
+            shutil.rmtree(run_dir / heavy, ignore_errors=True)
     if out.returncode:
         logs = sorted((run_dir / "slurm").glob("*_0_log.err"))
         text = logs[-1].read_text() if logs else out.stderr
@@ -161,7 +178,7 @@ def main():
              f"{', train.compile=true' if os.environ.get('COMPILE') == '1' else ''}")
     table = "\n".join(lines)
     print("\n" + title + "\n" + table, flush=True)
-    if not PLAN:
+    if not (PLAN or SMOKE):
         day = datetime.date.today().isoformat()
         slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
         out = Path("benchmarks/results") / f"gpu_check_{day}_{slug}.md"
