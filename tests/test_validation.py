@@ -27,6 +27,8 @@ BAD = [
     (["method=full"], "method"),  # full finetuning of a randomly built model
     (["method=pretrain", "method.r=8"], "method.r"),  # a knob of another method
     (["train.dtype=fp8"], "train.dtype"),
+    (["cluster.peak_tflops=0"], "cluster.peak_tflops"),  # MFU needs a positive peak (or none: measured)
+    (["train.compile=maybe"], "train.compile"),
     (["logger.mode=sometimes"], "logger.mode"),
     (["run.name=a/b"], "run.name"),
 ]

@@ -114,11 +114,18 @@ class GlobalBatches:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.collate, self.key = collate, key
         self.steps_per_epoch = len(rows) // global_batch
+        self._epoch, self._perm = -1, None  # the permutation of the epoch last asked for
 
     def indices(self, step: int) -> torch.Tensor:
         epoch, position = divmod(step, self.steps_per_epoch)
-        perm = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch))
-        return perm[position * self.global_batch : (position + 1) * self.global_batch]
+        return self._permutation(epoch)[position * self.global_batch : (position + 1) * self.global_batch]
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        # Made once per epoch, not once per step: a permutation of millions of rows costs milliseconds.
+        if self._epoch != epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm, self._epoch = torch.randperm(len(self.rows), generator=generator), epoch
+        return self._perm
 
     def rank_indices(self, step: int) -> torch.Tensor:
         """The rows this rank reads at `step`: its own slice of the global batch."""

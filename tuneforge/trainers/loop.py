@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from tuneforge.trainers import metrics
+from tuneforge.trainers.compile import loss_function
 from tuneforge.trainers.optim import counted_tokens, lr_at, token_loss_sum
 
 #: set by a signal handler or by train.stop_after; the ranks agree on it at a step boundary
@@ -41,7 +42,7 @@ def _strength(reason: str) -> int:
 
 class Trainer:
     def __init__(self, engine, batches, train_cfg, dist_env, checkpoints, logger, flops_per_token: float,
-                 eval_batches=None, hooks=None):
+                 eval_batches=None, hooks=None, peak_tflops: Optional[float] = None):
         from tuneforge.trainers.methods import MethodHooks
 
         self.engine, self.batches, self.train_cfg = engine, batches, train_cfg
@@ -49,6 +50,8 @@ class Trainer:
         self.hooks = hooks or MethodHooks()
         self.dist_env, self.checkpoints, self.logger = dist_env, checkpoints, logger
         self.flops_per_token = flops_per_token
+        self.peak_tflops = peak_tflops  # dense bf16 TFLOP/s of one device, for MFU; None: no MFU
+        self.loss_fn = loss_function(compiled=train_cfg.compile)  # optim.token_loss_sum
         self.step = 0
         self.tokens_seen = 0
         self.memory_measured = False  # model-state bytes are measured once per process (preflight check)
@@ -96,7 +99,8 @@ class Trainer:
         micro_batches = list(self.batches.micro_batches(self.step))
         local_tokens = torch.tensor(float(sum(counted_tokens(batch["labels"]) for batch in micro_batches)))
         global_tokens = _all_reduce(local_tokens.clone()).item()
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        local_inputs = sum(batch["input_ids"].numel() for batch in micro_batches)  # what the FLOPs are spent on
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no sync per micro batch
         # A method's extra terms (same value on every rank) count once per optimizer step: each micro
         # batch of each rank back-propagates its share, as the LM loss does.
         extra_share = 1.0 / (len(micro_batches) * self.dist_env.world_size)
@@ -106,26 +110,28 @@ class Trainer:
             labels = inputs.pop("labels")
             with self.engine.accumulate(last_micro_batch=i == len(micro_batches) - 1):
                 logits = self.engine.model(**inputs).logits
-                micro_loss = token_loss_sum(logits, labels)
+                micro_loss = self.loss_fn(logits, labels)
                 objective = micro_loss / global_tokens
                 for name, term in self.hooks.extra_losses(self.engine.module).items():
                     objective = objective + term * extra_share
                     extra_values[name] = term.detach()
                 self.engine.backward(objective)
-            loss_sum += micro_loss.detach().double().cpu()
+            loss_sum += micro_loss.detach().double()
         lr = lr_at(self.step, self.train_cfg)
         grads_held = None if self.memory_measured else metrics.grad_bytes(self.engine)
         self.hooks.before_step(self.engine.module)
         grad_norm = self.engine.step(lr, self.train_cfg.grad_clip)
         if grads_held is not None:
             self._log_model_state_bytes(grads_held)
-        loss = _all_reduce(loss_sum).item() / global_tokens
+        loss = _all_reduce(loss_sum.cpu()).item() / global_tokens
         self.step += 1
         extra_values = {name: float(value) for name, value in extra_values.items()}
         extra_values.update(self.hooks.after_step(self.engine.module, self.step))
         self.tokens_seen += int(global_tokens)
         elapsed = time.perf_counter() - start
         tokens_per_s = global_tokens / elapsed
+        tflops_per_rank = local_inputs * self.flops_per_token / elapsed / 1e12
+        perf = {"mfu": tflops_per_rank / self.peak_tflops} if self.peak_tflops else {}
         return {
             "loss": loss,
             "lr": lr,
@@ -133,7 +139,9 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "step_time_s": elapsed,
             "tokens_seen": self.tokens_seen,
-            "tflops_per_rank": tokens_per_s * self.flops_per_token / self.dist_env.world_size / 1e12,
+            "tflops_per_rank": tflops_per_rank,
+            **perf,
+            "peak_memory_mb": metrics.peak_memory_mb(device),
             **extra_values,
         }
 

@@ -54,10 +54,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
 
 
 def make_optimizer(model: torch.nn.Module, train) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; the LR is set by the trainer every step."""
-    return torch.optim.AdamW(
-        param_groups(model, train.weight_decay), lr=train.lr, betas=(train.beta1, train.beta2), eps=1e-8
-    )
+    """AdamW over the trainable parameters; the LR is set by the trainer every step.
+
+    The fused implementation (one kernel for every tensor's update) where all trainable weights allow
+    it (floating point, on CPU or CUDA), else torch's default (foreach). Same AdamW maths either way.
+    """
+    groups = param_groups(model, train.weight_decay)
+    params = [p for group in groups for p in group["params"]]
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=1e-8, fused=fused or None)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

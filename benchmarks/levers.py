@@ -1,0 +1,145 @@
+"""What each speed lever of tuneforge's trainer is worth, measured in ONE process, step by step.
+
+    python benchmarks/levers.py                       # every variant below, 45M Llama, seq 512, batch 4
+    python benchmarks/levers.py --variants eager,fused,compiled --steps 8
+
+Each variant is a full training step (forward, token-summed loss, backward, clip, AdamW) built from
+tuneforge's own pieces (optim.make_optimizer, compile.compile_blocks, compile.loss_function). The
+variants' steps are interleaved (A B C A B C ...), so load from neighbours on a shared machine hits
+all of them alike; the report is the median over steps of each variant's speed relative to the
+first variant at the same position. Not a test; numbers go into the issue notes.
+
+Variants (each adds to the one before unless noted):
+  amp        fp32 weights + bf16 autocast, foreach AdamW (what HF Trainer's bf16=True does)
+  eager      bf16 weights, foreach AdamW, eager model and loss
+  fused      + fused AdamW (optim.make_optimizer)
+  blocks     + compiled transformer blocks
+  compiled   + compiled loss (= train.compile=true)
+  ddp1       compiled, wrapped in DistributedDataParallel with one rank (what the DDP backend does)
+  malloc     compiled, glibc malloc keeps freed memory (mallopt): no page faults for big tensors
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ALL = ("amp", "eager", "fused", "blocks", "compiled", "ddp1", "malloc")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--variants", default=",".join(ALL))
+    p.add_argument("--steps", type=int, default=8, help="timed steps per variant (after 2 warm-up steps)")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4)
+    args = p.parse_args()
+
+    import torch
+    from transformers import LlamaConfig
+
+    variants = args.variants.split(",")
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                         num_key_value_heads=args.hidden // 64, max_position_embeddings=args.seq, use_cache=False)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    steps = {}
+    for name in variants:
+        t0 = time.perf_counter()
+        steps[name] = build_step(name, config)
+        _malloc(name == "malloc")
+        for _ in range(2):
+            steps[name](ids)
+        print(f"{name}: built and warmed up in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    speed = {name: [] for name in variants}
+    for i in range(args.steps):
+        for name in variants:
+            _malloc(name == "malloc")
+            t0 = time.perf_counter()
+            steps[name](ids)
+            speed[name].append(ids.numel() / (time.perf_counter() - t0))
+        print(f"step {i + 1}: " + ", ".join(f"{n} {speed[n][-1]:.0f}" for n in variants), file=sys.stderr, flush=True)
+    base = variants[0]
+    print(f"{'variant':>10}  {'tok/s (median)':>14}  {'vs ' + base:>10}  {'vs previous':>11}")
+    for k, name in enumerate(variants):
+        prev = variants[max(0, k - 1)]
+        vs_base = statistics.median(a / b for a, b in zip(speed[name], speed[base]))
+        vs_prev = statistics.median(a / b for a, b in zip(speed[name], speed[prev]))
+        print(f"{name:>10}  {statistics.median(speed[name]):>14.0f}  {vs_base:>10.2f}  {vs_prev:>11.2f}")
+    return 0
+
+
+def build_step(name: str, config):
+    """One training step of variant `name`, as a function of the input ids."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.trainers.compile import compile_blocks, loss_function
+    from tuneforge.trainers.optim import make_optimizer
+
+    amp = name == "amp"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.float32 if amp else torch.bfloat16,
+                                             attn_implementation="sdpa")
+    train = argparse.Namespace(lr=1e-4, beta1=0.9, beta2=0.95, weight_decay=0.0)
+    level = ALL.index(name) if name in ALL[:5] else ALL.index("compiled")
+    if level >= ALL.index("fused"):
+        optimizer = make_optimizer(model, train)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), foreach=True)
+    if level >= ALL.index("blocks"):
+        compile_blocks(model)
+    loss_fn = loss_function(compiled=level >= ALL.index("compiled"))
+    forward = model
+    if name == "ddp1":
+        forward = _ddp_one_rank(model)
+
+    def step(ids):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fn(forward(input_ids=ids).logits, ids)
+        (loss / ids.numel()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _ddp_one_rank(model):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29581")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    return DistributedDataParallel(model)
+
+
+def _malloc(keep: bool) -> None:
+    """trainers/allocator.py's setting for the malloc variant; glibc's fixed defaults for the others
+    (an approximation: the default threshold is dynamic)."""
+    import ctypes
+
+    from tuneforge.trainers.allocator import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, keep_freed_memory
+
+    if keep:
+        keep_freed_memory()
+    elif sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
