@@ -115,13 +115,27 @@ class Allocation:
         if self.rank != 0:
             self._wait_for_rank0()
             sys.exit(0)  # the checkpoint is complete; see requeue() for why 0
-        deadline = time.time() + WARNING_AFTER_TERM_S
-        while not self.warned and time.time() < deadline:
-            time.sleep(0.1)
+        if not self.warned and self._signalled_only():
+            deadline = time.time() + WARNING_AFTER_TERM_S
+            while not self.warned and time.time() < deadline:
+                time.sleep(0.1)
         if self.warned:
             self.requeue(step)  # does not return
         events.record(self.run_dir, "stopped", step=step, signal="SIGTERM", job_id=self.env.job_id)
+        print(f"tuneforge: SIGTERM at step {step}: checkpoint saved, exiting", file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGTERM)
+
+    def _signalled_only(self) -> bool:
+        """Whether the job still runs as far as Slurm knows: a SIGTERM sent with `scancel --signal` (as
+        submitit's preemption does), not a cancel or requeue, which end the job at once."""
+        if self.env.cluster != "slurm":
+            return False
+        try:
+            state = subprocess.run(["squeue", "-h", "-j", self.env.job_id, "-o", "%T"], capture_output=True,
+                                   text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return state == "RUNNING"
 
     def timed_out(self) -> bool:
         """Time limit or preemption? A SIGTERM before the warning means preemption (a time limit sends
