@@ -26,7 +26,7 @@ SEQ_LEN, GLOBAL_BATCH, STEPS = 32, 8, 6
 # dropout 0: runs on different backends must see the same numbers (no RNG in the forward pass)
 METHOD_ARGS: Dict[str, List[str]] = {
     "lora": ["method.dropout=0"], "dora": ["method.dropout=0"], "qlora": ["method.dropout=0"],
-    "adalora": ["method.dropout=0", "method.init_r=6", "method.target_r=2", "method.tinit=2"],
+    "adalora": ["method.dropout=0", "method.init_r=6", "method.target_r=2"],
     "ia3": [], "loha": [], "lokr": [],
 }
 ADAPTED_MODULES = 14  # 2 layers x 7 linear projections (all but lm_head)
