@@ -7,8 +7,10 @@ embedding is a table lookup, so it is left out unless it is tied to the output h
 The peak is `cluster.peak_tflops` when the cluster profile declares it. Otherwise (a CPU, or a GPU
 nobody described) it is measured once at the start of a run: the best bf16 GEMM throughput at the
 model's own matmul shapes, best of a few tries, ~1 s, cached in the run dir so a resumed run reuses it.
-A measured ceiling is what this device reaches at these shapes now, not a datasheet figure: on a
-shared CPU it swings from minute to minute, which is why it is measured at the model's shapes.
+A measured ceiling is what this device reaches at these shapes, not a datasheet figure. On a shared
+CPU the wall time of a GEMM swings 2-5x with the neighbours' load; the CPU time it takes much less,
+so there the ceiling is taken on a CPU-time basis (see gemm_ceiling) and `mfu` (wall clock) shows how
+much of the machine's capacity the run actually got. Declare cluster.peak_tflops for a fixed figure.
 """
 from __future__ import annotations
 
@@ -64,7 +66,9 @@ def gemm_ceiling(shapes: Sequence[Shape], dtype: torch.dtype, device: str = "cpu
                  budget_s: float = 1.0) -> Dict[str, object]:
     """Best GEMM throughput (TFLOP/s) over `shapes`, best of `tries` each, within about `budget_s`.
 
-    Every shape gets one warm-up and at least one timed product, whatever the budget."""
+    Every shape gets one warm-up and at least one timed product, whatever the budget. On a CPU a
+    product's time is the lesser of wall time and the process's CPU time / threads: on a shared
+    machine neighbours stretch the wall time, and the figure wanted is what the cores can do."""
     dev = torch.device(device)
     rng = torch.Generator(dev).manual_seed(0)  # a private generator: the run's RNG streams stay untouched
     best, best_shape = 0.0, None
@@ -75,10 +79,13 @@ def gemm_ceiling(shapes: Sequence[Shape], dtype: torch.dtype, device: str = "cpu
         shape_start = time.perf_counter()
         for _ in range(tries):
             _sync(dev)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             torch.mm(a, b)
             _sync(dev)
-            rate = 2 * m * k * n / max(time.perf_counter() - t0, 1e-9) / 1e12
+            elapsed = time.perf_counter() - t0
+            if dev.type == "cpu":  # the cores' capacity: time they spent, not time others took them away
+                elapsed = min(elapsed, (time.process_time() - c0) / torch.get_num_threads())
+            rate = 2 * m * k * n / max(elapsed, 1e-9) / 1e12
             if rate > best:
                 best, best_shape = rate, (m, k, n)
             if time.perf_counter() - shape_start > budget_s / len(shapes):
