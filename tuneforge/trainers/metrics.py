@@ -8,9 +8,8 @@ The peak is `cluster.peak_tflops` when the cluster profile declares it. Otherwis
 nobody described) it is measured once at the start of a run: the best bf16 GEMM throughput at the
 model's own matmul shapes, best of a few tries, ~1 s, cached in the run dir so a resumed run reuses it.
 A measured ceiling is what this device reaches at these shapes, not a datasheet figure. On a shared
-CPU the wall time of a GEMM swings 2-5x with the neighbours' load; the CPU time it takes much less,
-so there the ceiling is taken on a CPU-time basis (see gemm_ceiling) and `mfu` (wall clock) shows how
-much of the machine's capacity the run actually got. Declare cluster.peak_tflops for a fixed figure.
+CPU a GEMM's wall time swings 2-5x with the neighbours' load, so a ~1 s measurement taken at a busy
+moment reads low (and the MFU high): declare cluster.peak_tflops for a fixed figure.
 """
 from __future__ import annotations
 
@@ -66,9 +65,9 @@ def gemm_ceiling(shapes: Sequence[Shape], dtype: torch.dtype, device: str = "cpu
                  budget_s: float = 1.0) -> Dict[str, object]:
     """Best GEMM throughput (TFLOP/s) over `shapes`, best of `tries` each, within about `budget_s`.
 
-    Every shape gets one warm-up and at least one timed product, whatever the budget. On a CPU a
-    product's time is the lesser of wall time and the process's CPU time / threads: on a shared
-    machine neighbours stretch the wall time, and the figure wanted is what the cores can do."""
+    Every shape gets one warm-up and at least one timed product, whatever the budget. Wall time:
+    CPU time / threads would not do on a shared machine, as it credits a thread that idles (a GEMM
+    split unevenly over the threads) with work it did not do (it read 2x the true peak here)."""
     dev = torch.device(device)
     rng = torch.Generator(dev).manual_seed(0)  # a private generator: the run's RNG streams stay untouched
     best, best_shape = 0.0, None
@@ -79,13 +78,10 @@ def gemm_ceiling(shapes: Sequence[Shape], dtype: torch.dtype, device: str = "cpu
         shape_start = time.perf_counter()
         for _ in range(tries):
             _sync(dev)
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0 = time.perf_counter()
             torch.mm(a, b)
             _sync(dev)
-            elapsed = time.perf_counter() - t0
-            if dev.type == "cpu":  # the cores' capacity: time they spent, not time others took them away
-                elapsed = min(elapsed, (time.process_time() - c0) / torch.get_num_threads())
-            rate = 2 * m * k * n / max(elapsed, 1e-9) / 1e12
+            rate = 2 * m * k * n / max(time.perf_counter() - t0, 1e-9) / 1e12
             if rate > best:
                 best, best_shape = rate, (m, k, n)
             if time.perf_counter() - shape_start > budget_s / len(shapes):
