@@ -18,6 +18,8 @@ Variants (each adds to the one before unless noted):
   compiled   + compiled loss (= train.compile=true)
   clip       + optim.clip_grad_norm instead of torch.nn.utils.clip_grad_norm_
   ddp1       clip, wrapped in DistributedDataParallel with one rank (what the DDP backend did at world size 1)
+  mathattn   clip, with transformers' "eager" attention (matmuls + softmax, compiled) instead of sdpa
+  ampmath    amp, with transformers' "eager" attention (is it a better baseline than amp's sdpa?)
 
 The allocator lever (trainers/allocator.py) is process-wide, so it is not a variant: compare a run
 with --malloc against one without (separate processes; alternate them a few times).
@@ -35,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ALL = ("amp", "eager", "fused", "blocks", "compiled", "clip", "ddp1")
+ALL = ("amp", "eager", "fused", "blocks", "compiled", "clip", "ddp1", "mathattn", "ampmath")
 
 
 def main() -> int:
@@ -110,12 +112,12 @@ def build_step(name: str, config):
     from tuneforge.trainers.compile import compile_blocks, loss_function
     from tuneforge.trainers.optim import clip_grad_norm, make_optimizer
 
-    amp = name == "amp"
+    amp = name in ("amp", "ampmath")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.float32 if amp else torch.bfloat16,
-                                             attn_implementation="sdpa")
+                                             attn_implementation="eager" if name in ("mathattn", "ampmath") else "sdpa")
     train = argparse.Namespace(lr=1e-4, beta1=0.9, beta2=0.95, weight_decay=0.0)
-    level = ALL.index(name)
+    level = {"mathattn": ALL.index("clip"), "ampmath": 0}.get(name, ALL.index(name))
     if level >= ALL.index("fused"):
         optimizer = make_optimizer(model, train)
     else:

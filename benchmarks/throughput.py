@@ -10,6 +10,9 @@ rows of the bundled corpus, with the same batch, sequence length, dtype (bf16 we
 
   A  tuneforge through its real code path: the CLI (`python -m tuneforge.launch.cli ...
      cluster=local cluster.tasks_per_node=1`) in a subprocess; step times from the run's metrics.jsonl.
+     Its settings for a CPU: train.compile=true and model.attn_implementation=eager (compiled, the
+     plain matmul + softmax attention beats the CPU flash-attention kernel by ~1.09x at seq 512; the
+     same eager attention makes HF Trainer 0.96x slower, so HF keeps its default, sdpa).
   B  transformers.Trainer in a subprocess (this file with --hf-worker); step times between
      consecutive `on_step_end` callbacks (data loading, step, logging: all of a step). Two settings:
      "amp"   TrainingArguments(bf16=True): fp32 weights, bf16 autocast, the way HF users train in bf16
@@ -52,9 +55,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 FULL = dict(hidden=512, layers=4, heads=8, kv_heads=8, intermediate=1408, vocab=32000, seq=512, batch=4,
-            steps=12, warmup=3, rounds=3, compile=True)
+            steps=12, warmup=3, rounds=3, compile=True, attn="eager")
 QUICK = dict(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=128, vocab=512, seq=128, batch=2,
-             steps=5, warmup=2, rounds=1, compile=False)
+             steps=5, warmup=2, rounds=1, compile=False, attn="sdpa")
 LR, BETAS, EPS, CLIP, SEED = 3e-4, (0.9, 0.95), 1e-8, 1.0, 0
 
 
@@ -76,7 +79,7 @@ def main() -> int:
     model_facts = describe_model(spec)
     say(f"model: {model_facts['params_total'] / 1e6:.1f}M params ({model_facts['matmul_params'] / 1e6:.1f}M in "
         f"matmuls), seq {spec['seq']}, batch {spec['batch']}, {spec['steps']} steps ({spec['warmup']} warm-up), "
-        f"compile={spec['compile']}, {spec['rounds']} round(s); work dir {work}")
+        f"compile={spec['compile']}, tuneforge attention {spec['attn']}, {spec['rounds']} round(s); work dir {work}")
 
     ceilings = {"bf16": 0.0, "fp32": 0.0}
     rounds = []
@@ -108,6 +111,8 @@ def parse_args():
         p.add_argument(f"--{key.replace('_', '-')}", type=int, dest=key)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="train.compile for tuneforge (default: on, off with --quick)")
+    p.add_argument("--attn", choices=("eager", "sdpa"), help="tuneforge's model.attn_implementation "
+                   "(default: eager, sdpa with --quick); HF Trainer always runs its default, sdpa")
     p.add_argument("--hf-modes", help="HF Trainer settings to run: amp,bf16 (default; --quick: amp)")
     p.add_argument("--hf-worker", help=argparse.SUPPRESS)
     return p.parse_args()
@@ -185,7 +190,7 @@ def tuneforge_overrides(spec: dict, run_dir: Path) -> list:
         f"model.intermediate_size={spec['intermediate']}", f"model.num_layers={spec['layers']}",
         f"model.num_heads={spec['heads']}", f"model.num_kv_heads={spec['kv_heads']}",
         f"model.max_position_embeddings={max(512, spec['seq'])}", f"model.tokenizer={spec['tokenizer']}",
-        "model.attn_implementation=sdpa", "method=pretrain", "backend=ddp", "data=demo_corpus",
+        f"model.attn_implementation={spec['attn']}", "method=pretrain", "backend=ddp", "data=demo_corpus",
         "logger=none", "cluster=local", "cluster.tasks_per_node=1",
         f"train.seq_len={spec['seq']}", f"train.micro_batch={spec['batch']}", f"train.global_batch={spec['batch']}",
         f"train.max_steps={spec['steps']}", "train.warmup_steps=1", "train.schedule=cosine", f"train.lr={LR}",
@@ -334,7 +339,7 @@ def summarise(spec, facts, rounds, ceilings, dry_run, quick) -> dict:
         "dry_run_cpu_s": round(dry_run["cpu_s"], 2),
         "model": {k: spec[k] for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")},
         "seq": spec["seq"], "batch": spec["batch"], "steps": spec["steps"], "warmup": spec["warmup"],
-        "compile": spec["compile"], "hf_modes": spec["hf_modes"], "quick": quick, "threads": _threads(),
+        "compile": spec["compile"], "attn": spec["attn"], "hf_modes": spec["hf_modes"], "quick": quick, "threads": _threads(),
     })
     return result
 
