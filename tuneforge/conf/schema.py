@@ -306,9 +306,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     seed: int = 0
     dtype: str = "fp32"  # "fp32" | "bf16" | "fp16": parameter/compute dtype
-    # torch.compile (inductor) the forward pass and the loss. Faster steps (~1.4x on CPU at seq 512)
-    # for a one-off compile: 30-60 s cold, a few s once cached in $TORCHINDUCTOR_CACHE_DIR (default
-    # ~/.cache/tuneforge/inductor). Off by default: tiny runs and tests would only pay the compile.
+    # torch.compile (inductor) the transformer blocks and the loss (trainers/compile.py). Faster steps
+    # (1.1-1.4x on CPU at seq 512) for a one-off compile: 30-70 s cold, ~5-10 s once cached in
+    # $TORCHINDUCTOR_CACHE_DIR (default ~/.cache/tuneforge/inductor). Off by default: tiny runs and
+    # tests would only pay the compile.
     compile: bool = False
     checkpoint_every: int = 50  # steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept on disk

@@ -6,8 +6,10 @@ region stays inside the block's forward: the module hooks that DDP, FSDP2 and De
 attach to a block (all-gather before, reshard after) keep running eagerly around it. The loss is
 the other place where eager PyTorch wastes time: it materialises the full logits in fp32 and again
 for log-softmax and its gradient; compiled, the cast, the log-sum-exp and the gradient fuse.
-Measured on the 2-core CPU (45M Llama, seq 512, bf16): blocks + loss ~1.4x the eager step, the same
-as compiling the whole step at once, for half the cold compile time.
+Measured on the 2-core CPU (45M Llama, seq 512, batch 4, bf16; benchmarks/levers.py): blocks alone
+~1.05-1.3x the eager step, blocks + loss ~1.35-1.45x (~1.1x once trainers/allocator.py has removed
+most of what eager mode wastes in page faults); compiling the whole model in one graph was no faster
+and took twice as long to compile.
 
 Compiled code is cached on disk (inductor's FX-graph and AOT-autograd caches), under
 $TORCHINDUCTOR_CACHE_DIR, by default ~/.cache/tuneforge/inductor: a cold compile costs 30-60 s on

@@ -94,7 +94,7 @@ class Trainer:
         return {"step": self.step, "stopped": None, **last}
 
     def train_step(self) -> dict:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         device = self.dist_env.device
         micro_batches = list(self.batches.micro_batches(self.step))
         local_tokens = torch.tensor(float(sum(counted_tokens(batch["labels"]) for batch in micro_batches)))
@@ -138,6 +138,9 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s,
             "step_time_s": elapsed,
+            # CPU seconds of all this process's threads: on a GPU, host work per step; on a shared CPU,
+            # the cost of a step that neighbours' load does not inflate the way it inflates step_time_s
+            "cpu_time_s": time.process_time() - cpu_start,
             "tokens_seen": self.tokens_seen,
             "tflops_per_rank": tflops_per_rank,
             **perf,

@@ -7,8 +7,9 @@ embedding is a table lookup, so it is left out unless it is tied to the output h
 The peak is `cluster.peak_tflops` when the cluster profile declares it. Otherwise (a CPU, or a GPU
 nobody described) it is measured once at the start of a run: the best bf16 GEMM throughput at the
 model's own matmul shapes, best of a few tries, ~1 s, cached in the run dir so a resumed run reuses it.
-A measured ceiling is what this device reaches at these shapes now, not a datasheet figure: on a
-shared CPU it swings from minute to minute, which is why it is measured at the model's shapes.
+A measured ceiling is what this device reaches at these shapes, not a datasheet figure. On a shared
+CPU a GEMM's wall time swings 2-5x with the neighbours' load, so a ~1 s measurement taken at a busy
+moment reads low (and the MFU high): declare cluster.peak_tflops for a fixed figure.
 """
 from __future__ import annotations
 
@@ -64,7 +65,9 @@ def gemm_ceiling(shapes: Sequence[Shape], dtype: torch.dtype, device: str = "cpu
                  budget_s: float = 1.0) -> Dict[str, object]:
     """Best GEMM throughput (TFLOP/s) over `shapes`, best of `tries` each, within about `budget_s`.
 
-    Every shape gets one warm-up and at least one timed product, whatever the budget."""
+    Every shape gets one warm-up and at least one timed product, whatever the budget. Wall time:
+    CPU time / threads would not do on a shared machine, as it credits a thread that idles (a GEMM
+    split unevenly over the threads) with work it did not do (it read 2x the true peak here)."""
     dev = torch.device(device)
     rng = torch.Generator(dev).manual_seed(0)  # a private generator: the run's RNG streams stay untouched
     best, best_shape = 0.0, None
