@@ -360,8 +360,6 @@ def test_sweep_is_one_job_array_with_four_run_dirs_and_one_wandb_group(slurm_clu
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@pytest.mark.xfail(reason="timing-bound (failure within collective timeout + KillWait); failed once in the merged "
-                          "suite on a machine loaded by parallel test runs, not yet re-verified", strict=False)
 def test_killed_rank_fails_the_job_in_bounded_time_then_cancel_and_resume(
         slurm_cluster, reference, tmp_path, capsys):
     """kill -9 of one rank: the job fails within the collective timeout, status names the ranks;
