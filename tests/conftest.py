@@ -49,7 +49,10 @@ def tiny_base(tmp_path_factory) -> Path:
     Trained for a few steps on the bundled corpus so that finetuning starts from real weights."""
     out = tmp_path_factory.mktemp("base")
     run = out / "pretrain"
-    tuneforge(*TINY, *QUICK, "cluster.tasks_per_node=1", f"run.dir={run}", "train.max_steps=20")
+    # widths of 64: bitsandbytes' CPU 4-bit kernel needs in_features a multiple of its block size (64)
+    wide = [a for a in TINY if not a.startswith(("model.hidden_size=", "model.intermediate_size="))]
+    tuneforge(*wide, "model.hidden_size=64", "model.intermediate_size=128", *QUICK, "cluster.tasks_per_node=1",
+              f"run.dir={run}", "train.max_steps=20")
     return run / "final"
 
 

@@ -73,8 +73,17 @@ def _share_cpu_threads(local_world_size: int) -> None:
     torch.set_num_threads(cpus)
 
 
-def close_distributed() -> None:
+def close_distributed(finished: bool) -> None:
+    """Tear the process groups down. After a run that finished on every rank, the ranks first meet
+    and drop what may still hold gloo work (at interpreter exit, a gloo thread freeing a tensor
+    aborted a finished FSDP2 rank once on the test cluster: "terminate called without an active
+    exception"). After a failure no rank waits: the others may never arrive."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
+        gc.collect()
         dist.destroy_process_group()

@@ -25,7 +25,7 @@ def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
         from tuneforge.trainers.allocator import keep_freed_memory
 
         keep_freed_memory()  # big tensors reused, not page-faulted back every step
-    logger = None
+    logger, finished = None, False
     try:
         tokenizer = model.load_tokenizer(cfg.model, cfg.method, lambda: data_sources.texts(cfg.data), run_dir, dist_env)
         if cfg.data.format == "chat":  # saved with final/: inference renders chats as training did
@@ -63,8 +63,10 @@ def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
         result["peak_memory_mb"] = metrics.peak_memory_mb(dist_env.device)
         result["peak_memory_mb_per_rank"] = metrics.gather_per_rank(result["peak_memory_mb"])
         logger.summary(result)
+        finished = True
         return {**result, "rank": dist_env.rank, "world_size": dist_env.world_size}
     finally:
         if logger is not None:
             logger.close()
-        close_distributed()
+        engine = trainer = net = None  # noqa: F841 (their gloo work goes before the process group)
+        close_distributed(finished)
