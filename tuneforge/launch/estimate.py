@@ -150,9 +150,10 @@ class MethodSpec:
     quantized: bool = False  # QLoRA: decoder linears in NF4
 
 
-#: PEFT target modules when none are given: peft's own default for Llama/Mistral/Qwen2
-#: (peft.utils.constants TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING).
-DEFAULT_TARGETS = {"ia3": ("k_proj", "v_proj", "down_proj"), "default": ("q_proj", "v_proj")}
+#: IA3's target modules when none are given: peft's own default for Llama/Mistral/Qwen2
+#: (peft.utils.constants TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING). Every other method
+#: adapts every linear of the decoder layers by default (trainers/methods.py: "all-linear").
+IA3_DEFAULT_TARGETS = ("k_proj", "v_proj", "down_proj")
 IA3_FEEDFORWARD = ("down_proj",)  # IA3 scales these on their input side
 PEFT_METHODS = ("lora", "qlora", "dora", "adalora", "loha", "lokr", "ia3")
 #: rank assumed when the method config has no `r` (peft's LoraConfig default)
@@ -193,9 +194,9 @@ def adapter_params(method: str, shape: ModelShape, r: int, targets: Union[str, S
 
 
 def _targets(method: str, shape: ModelShape, targets) -> Sequence[str]:
-    if targets in (None, "", []):
-        return DEFAULT_TARGETS.get(method, DEFAULT_TARGETS["default"])
-    if targets == "all-linear":
+    if targets in (None, "", []) and method == "ia3":
+        return IA3_DEFAULT_TARGETS
+    if targets in (None, "", [], "all-linear"):
         return tuple(shape.linears())
     names = [targets] if isinstance(targets, str) else list(targets)
     unknown = [n for n in names if n not in shape.linears()]

@@ -33,7 +33,10 @@ def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
         # flash attention reads packed examples from the position ids of a single row only
         flatten = cfg.model.attn_implementation.startswith("flash")
         run_data = data.build(cfg.data, t, tokenizer, dist_env, flatten_packed=flatten)
-        dtype = backends.model_dtype(cfg.backend, t.dtype)  # fp32 master weights where the backend casts
+        # fp32 master weights where the backend casts to train.dtype itself. Not for QLoRA's frozen 4-bit
+        # base: its packed bytes are stored in train.dtype, which that cast leaves as they are (a cast from
+        # fp32 storage would rewrite them as numbers).
+        dtype = t.dtype if cfg.method.name == "qlora" else backends.model_dtype(cfg.backend, t.dtype)
         net = model.load_model(cfg.model, cfg.method, tokenizer, dtype, dist_env.device, t.seed)
         net, method_hooks = apply_method(net, cfg.method, total_steps=t.max_steps, seed=t.seed)
         counts = {**model.count_parameters(net), **metrics.matmul_parameters(net)}
