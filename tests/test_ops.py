@@ -386,6 +386,8 @@ def test_killed_rank_fails_the_job_in_bounded_time_then_cancel_and_resume(
     assert "cancelled Slurm job" in command_output(capsys, "cancel", str(run))
     info = wait_final(run, 120)
     assert info.state == "CANCELLED"
+    # Slurm records CANCELLED at once; the ranks save in the KillWait that follows SIGTERM
+    wait_until(lambda: of_kind(run, "stopped"), 60, "the cancel's checkpoint")
     [stopped] = of_kind(run, "stopped")
     assert (run / "checkpoints" / "latest").read_text() == f"step_{stopped['step']}"
     assert "CANCELLED" in command_output(capsys, "status", str(run))

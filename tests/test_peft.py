@@ -234,7 +234,10 @@ def test_matrix(method, backend, runs, base, tmp_path, capsys):
         torch.testing.assert_close(reloaded, reference, atol=1e-5, rtol=1e-5)
     else:  # the same training on DDP, whose saving is checked against its engine state above
         reference = adapter_logits(runs.get(method), runs.get(method) / "final", ids)
-        torch.testing.assert_close(reloaded, reference, atol=1e-3, rtol=1e-3)
+        # ZeRO-3 reduces the partitioned gradients in another order: QLoRA's adapter came out within 5e-5
+        # of DDP's (of weights up to 0.15), which moved a few logits by up to 2e-3
+        tolerance = 3e-3 if backend.startswith("zero3") else 1e-3
+        torch.testing.assert_close(reloaded, reference, atol=tolerance, rtol=1e-3)
     base_model, _ = load_base(run_dir)
     assert (reloaded - logits_of(base_model, ids)).abs().max() > 1e-2, "the adapter changes nothing"
 
@@ -269,6 +272,21 @@ def test_qlora_trains_on_a_4bit_base(runs, base):
     assert all(isinstance(getattr(layer.self_attn, n), bnb.nn.Linear4bit) for layer in layers for n in ("q_proj", "o_proj"))
     assert all(isinstance(layer.mlp.down_proj, bnb.nn.Linear4bit) for layer in layers)
     # loss falls and the adapter reloads onto a freshly quantised base: test_matrix[qlora-ddp]
+
+
+@pytest.mark.slow
+def test_qlora_in_bf16_on_fsdp_and_zero2_trains_as_on_ddp(base, tmp_path):
+    """FSDP2 and DeepSpeed cast the model to bf16 themselves: the 4-bit bytes must be stored in bf16 so
+    that the cast leaves them as they are (from fp32 storage it rewrote them as numbers and the first
+    forward failed on half-sized weights)."""
+    curves = {}
+    for backend in ("ddp", "fsdp", "zero2"):
+        run_dir = tmp_path / backend
+        assert cli.main(train_args(base, "qlora", backend, run_dir, "train.dtype=bf16")) == 0, backend
+        curves[backend] = [m["loss"] for m in metrics(run_dir)]
+    assert curves["ddp"][-1] < curves["ddp"][0], curves
+    for backend in ("fsdp", "zero2"):
+        assert curves[backend] == pytest.approx(curves["ddp"], rel=1e-2), curves
 
 
 @pytest.mark.slow

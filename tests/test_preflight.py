@@ -100,11 +100,12 @@ def test_adapter_counts_match_peft():
                                                         num_hidden_layers=2, num_attention_heads=4,
                                                         num_key_value_heads=2))
     some = ["q_proj", "v_proj", "gate_proj", "down_proj"]
-    cases = [("lora", LoraConfig(r=4), 4, None),
-             ("lora", LoraConfig(r=4, target_modules="all-linear"), 4, "all-linear"),
+    # targets None: what the trainer gives peft then (trainers/methods.py): "all-linear", IA3 peft's default
+    cases = [("lora", LoraConfig(r=4, target_modules="all-linear"), 4, None),
+             ("lora", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), 4, ["q_proj", "v_proj"]),
              ("dora", LoraConfig(r=4, use_dora=True, target_modules=some), 4, some),
-             ("adalora", AdaLoraConfig(init_r=6, target_r=2, total_step=10), 6, None),
-             ("loha", LoHaConfig(r=4, target_modules=["q_proj", "v_proj"]), 4, None),
+             ("adalora", AdaLoraConfig(init_r=6, target_r=2, total_step=10, target_modules="all-linear"), 6, None),
+             ("loha", LoHaConfig(r=4, target_modules=["q_proj", "v_proj"]), 4, ["q_proj", "v_proj"]),
              ("lokr", LoKrConfig(r=4, target_modules=some), 4, some),
              ("ia3", IA3Config(), 0, None)]
     for method, peft_cfg, r, targets in cases:
