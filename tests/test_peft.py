@@ -275,14 +275,16 @@ def test_qlora_trains_on_a_4bit_base(runs, base):
 
 
 @pytest.mark.slow
-def test_qlora_in_bf16_on_fsdp_and_zero2_trains_as_on_ddp(base, tmp_path):
-    """FSDP2 and DeepSpeed cast the model to bf16 themselves: the 4-bit bytes must be stored in bf16 so
-    that the cast leaves them as they are (from fp32 storage it rewrote them as numbers and the first
-    forward failed on half-sized weights)."""
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_bf16_base_on_fsdp_and_zero2_trains_as_on_ddp(method, base, tmp_path):
+    """In bf16 the frozen base is loaded in bf16 on every backend (FSDP2 would otherwise keep fp32 shards
+    of it) while the adapters stay fp32: mixed dtypes in one FSDP unit. QLoRA's 4-bit bytes are then
+    stored in bf16, so that the backends' own cast to bf16 leaves them as they are (from fp32 storage
+    it rewrote them as numbers and the first forward failed on half-sized weights)."""
     curves = {}
     for backend in ("ddp", "fsdp", "zero2"):
         run_dir = tmp_path / backend
-        assert cli.main(train_args(base, "qlora", backend, run_dir, "train.dtype=bf16")) == 0, backend
+        assert cli.main(train_args(base, method, backend, run_dir, "train.dtype=bf16")) == 0, backend
         curves[backend] = [m["loss"] for m in metrics(run_dir)]
     assert curves["ddp"][-1] < curves["ddp"][0], curves
     for backend in ("fsdp", "zero2"):

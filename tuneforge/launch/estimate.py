@@ -269,7 +269,7 @@ def memory(shape: ModelShape, method: MethodSpec, job: Job, on_gpu: bool = True)
         linear = shape.layers * shape.layer_linear_params()
         frozen = linear * NF4_BYTES + (n_all - linear) * QLORA_UNQUANTIZED_BYTES
     else:
-        frozen = (n_all if method.peft else 0) * stored
+        frozen = n_all * b if method.peft else 0  # a frozen base is loaded in train.dtype on every backend
     params = frozen + n_train * train_bytes
     grads = n_train * train_bytes
     # AdamW: two moments; DeepSpeed: fp32 moments plus an fp32 master copy.
