@@ -363,6 +363,21 @@ def test_bad_input_is_refused_before_submission(overrides, key, words, tmp_path,
     assert not run_dir.exists()
 
 
+def test_qlora_on_cpu_refuses_widths_the_4bit_cpu_kernel_cannot_lay_out(tmp_path, capsys):
+    config = {"model_type": "llama", "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    for width, code in ((32, 2), (64, 0)):
+        model_dir = tmp_path / f"model{width}"
+        model_dir.mkdir()
+        (model_dir / "config.json").write_text(json.dumps({**config, "hidden_size": width, "intermediate_size": 2 * width}))
+        args = ["model=hf", f"model.name_or_path={model_dir}", "method=qlora", "cluster.gpus_per_node=0", "--dry-run"]
+        capsys.readouterr()
+        assert cli.main(args) == code, width
+        if code:
+            line = next(line for line in capsys.readouterr().err.splitlines() if "multiples of 64" in line)
+            assert line.strip().startswith("model.name_or_path:") and "hidden_size 32" in line, line
+
+
 def test_unknown_architecture_targets_fail_at_job_start():
     """Validation knows Llama-style names only; for other architectures apply_method names the key and
     lists the model's own linear layers."""

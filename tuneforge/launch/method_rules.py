@@ -76,6 +76,8 @@ def _method(cfg: DictConfig) -> Iterator[Problem]:
     yield from _knobs(m, cfg.train)
     if m.name == "qlora":
         yield from _qlora(m, cfg.backend, cfg.train)
+        if cfg.cluster.gpus_per_node == 0:
+            yield from _qlora_on_cpu(cfg.model)
     yield from _targets(m, cfg.model)
 
 
@@ -127,6 +129,27 @@ def _qlora(m, backend, train) -> Iterator[Problem]:
                                               f"dtype: set method.quant_storage=auto, not {m.quant_storage}")
     if importlib.util.find_spec("bitsandbytes") is None:
         yield Problem("method", "method=qlora needs bitsandbytes: pip install 'tuneforge[qlora]'")
+
+
+#: bitsandbytes' 4-bit block size: its CPU kernel lays a weight's scales out as (out, in / block), so every
+#: quantised linear needs in_features divisible by it (else the first no-grad forward, an eval, fails)
+BNB_CPU_BLOCK = 64
+
+
+def _qlora_on_cpu(model) -> Iterator[Problem]:
+    from tuneforge.launch.preflight import model_shape
+
+    shape, _ = model_shape(model)
+    if shape is None:
+        return  # no sizes known here: the job finds out
+    widths = {"hidden_size": shape.hidden, "intermediate_size": shape.intermediate,
+              "num_heads x head_dim": shape.heads * shape.dim}
+    bad = {name: width for name, width in widths.items() if width % BNB_CPU_BLOCK}
+    if bad:
+        key = "model.name_or_path" if model.kind == "hf" else f"model.{next(iter(bad))}"
+        sizes = ", ".join(f"{name} {width}" for name, width in bad.items())
+        yield Problem(key, f"method=qlora on CPU (cluster.gpus_per_node=0) needs the linear layers' input widths "
+                           f"to be multiples of {BNB_CPU_BLOCK} (bitsandbytes' CPU kernel); this model has {sizes}")
 
 
 def _targets(m, model) -> Iterator[Problem]:
