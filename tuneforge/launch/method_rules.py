@@ -146,7 +146,7 @@ def _qlora_on_cpu(model) -> Iterator[Problem]:
               "num_heads x head_dim": shape.heads * shape.dim}
     bad = {name: width for name, width in widths.items() if width % BNB_CPU_BLOCK}
     if bad:
-        key = "model.name_or_path" if model.kind == "hf" else f"model.{next(iter(bad))}"
+        key = "model.name_or_path" if model.kind == "hf" else "model"  # QLoRA needs trained weights: hf
         sizes = ", ".join(f"{name} {width}" for name, width in bad.items())
         yield Problem(key, f"method=qlora on CPU (cluster.gpus_per_node=0) needs the linear layers' input widths "
                            f"to be multiples of {BNB_CPU_BLOCK} (bitsandbytes' CPU kernel); this model has {sizes}")
