@@ -68,6 +68,7 @@ def export_checkpoint(cfg, step_dir: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoTokenizer
 
+    from tuneforge.conf.schema import PEFT_METHODS
     from tuneforge.trainers import backends, model
     from tuneforge.trainers.methods import apply_method
 
@@ -76,7 +77,7 @@ def export_checkpoint(cfg, step_dir: Path, out_dir: Path) -> None:
                                               trust_remote_code=cfg.model.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dtype = backends.model_dtype(cfg.backend, cfg.train.dtype)
+    dtype = backends.model_dtype(cfg.backend, cfg.train.dtype, peft=cfg.method.name in PEFT_METHODS)
     net, _ = apply_method(model.load_model(cfg.model, cfg.method, tokenizer, dtype, "cpu", cfg.train.seed), cfg.method,
                           total_steps=cfg.train.max_steps, seed=cfg.train.seed)
     state = backends.read_full_state_dict(cfg.backend, Path(step_dir) / "engine", net)

@@ -34,12 +34,7 @@ def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
         # flash attention reads packed examples from the position ids of a single row only
         flatten = cfg.model.attn_implementation.startswith("flash")
         run_data = data.build(cfg.data, t, tokenizer, dist_env, flatten_packed=flatten)
-        # fp32 master weights where the backend casts to train.dtype itself. Not for a PEFT method's frozen
-        # base, which has no optimizer state to keep precise: in train.dtype it takes half the memory under
-        # FSDP, and QLoRA's packed 4-bit bytes, stored in it, pass the backend's cast unchanged (from fp32
-        # storage the cast would rewrite them as numbers). The adapters are fp32 whatever the base (peft).
-        peft_base = cfg.method.name in PEFT_METHODS
-        dtype = t.dtype if peft_base else backends.model_dtype(cfg.backend, t.dtype)
+        dtype = backends.model_dtype(cfg.backend, t.dtype, peft=cfg.method.name in PEFT_METHODS)
         net = model.load_model(cfg.model, cfg.method, tokenizer, dtype, dist_env.device, t.seed)
         net, method_hooks = apply_method(net, cfg.method, total_steps=t.max_steps, seed=t.seed)
         counts = {**model.count_parameters(net), **metrics.matmul_parameters(net)}

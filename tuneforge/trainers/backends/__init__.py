@@ -16,7 +16,7 @@ world size that wrote it (`tuneforge export`).
 
 Weights are exported in the precision training keeps them: with train.dtype=bf16, `ddp` trains bf16
 weights, while `fsdp` and DeepSpeed keep fp32 master weights and compute in bf16 (the model is then
-built in fp32, see `model_dtype`).
+built in fp32, see `model_dtype`; a PEFT method's frozen base stays in train.dtype).
 
 Importing this package does not import torch: launch/validate.py reads backends/ds_config.py.
 """
@@ -45,9 +45,13 @@ class Engine(Protocol):
     def full_state_dict(self) -> Optional[dict]: ...
 
 
-def model_dtype(backend_cfg, train_dtype: str) -> str:
-    """The dtype to build or load the model in: fp32 when the backend does mixed precision itself."""
-    return "fp32" if backend_cfg.name in MIXED_PRECISION else train_dtype
+def model_dtype(backend_cfg, train_dtype: str, peft: bool = False) -> str:
+    """The dtype to build or load the model in: fp32 (the master weights) when the backend does mixed
+    precision itself. Not for a PEFT method's frozen base, which the optimizer never steps: in
+    train.dtype it takes half the memory under FSDP, and QLoRA's packed 4-bit bytes, stored in it,
+    pass the backend's own cast unchanged (from fp32 storage the cast would rewrite them as numbers).
+    The adapters are fp32 whatever the base (peft upcasts them)."""
+    return "fp32" if backend_cfg.name in MIXED_PRECISION and not peft else train_dtype
 
 
 def prepare(model: "torch.nn.Module", backend_cfg, train_cfg, dist_env) -> Engine:

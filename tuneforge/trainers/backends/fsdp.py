@@ -4,7 +4,7 @@ Order (as torchtitan): each transformer block becomes one sharding unit, then th
 left (embeddings, final norm, LM head). Parameters become DTensors sharded on dim 0; the optimizer
 is built on them afterwards, so its state is sharded too.
 
-Precision: the model is built in fp32 (backends.model_dtype). With train.dtype=bf16 a
+Precision: the model is built in fp32 (backends.model_dtype; a PEFT base in train.dtype). With train.dtype=bf16 a
 MixedPrecisionPolicy casts the gathered parameters to bf16 for compute and reduce-scatters gradients
 in fp32; the sharded fp32 parameters are the master weights the optimizer steps.
 
