@@ -11,6 +11,7 @@ rank's peak resident set size from summary.json (`peak_memory_mb_per_rank`), whi
 round, and the ratio to DDP is taken within a round: neighbours share this machine, so compare
 ratios, never absolute times. This prints a table; it is not a test.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,13 +28,26 @@ BACKENDS = ["ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload"]
 
 def run_backend(backend: str, run_dir: Path, opts) -> dict:
     command = [
-        sys.executable, "-m", "tuneforge.launch.cli", "logger=none", "cluster=local", "model=tiny", "method=pretrain",
-        f"model.hidden_size={opts.hidden}", f"model.intermediate_size={opts.hidden * 8 // 3 // 64 * 64}",
-        f"model.num_layers={opts.layers}", f"model.num_heads={max(1, opts.hidden // 64)}",
-        f"model.num_kv_heads={max(1, opts.hidden // 64)}", f"train.seq_len={opts.seq_len}",
-        f"train.max_steps={opts.steps}", "train.warmup_steps=2", "train.checkpoint_every=0",
-        f"train.global_batch={opts.global_batch}", f"train.micro_batch={opts.global_batch // 2}",
-        f"backend={backend}", f"run.dir={run_dir}",
+        sys.executable,
+        "-m",
+        "tuneforge.launch.cli",
+        "logger=none",
+        "cluster=local",
+        "model=tiny",
+        "method=pretrain",
+        f"model.hidden_size={opts.hidden}",
+        f"model.intermediate_size={opts.hidden * 8 // 3 // 64 * 64}",
+        f"model.num_layers={opts.layers}",
+        f"model.num_heads={max(1, opts.hidden // 64)}",
+        f"model.num_kv_heads={max(1, opts.hidden // 64)}",
+        f"train.seq_len={opts.seq_len}",
+        f"train.max_steps={opts.steps}",
+        "train.warmup_steps=2",
+        "train.checkpoint_every=0",
+        f"train.global_batch={opts.global_batch}",
+        f"train.micro_batch={opts.global_batch // 2}",
+        f"backend={backend}",
+        f"run.dir={run_dir}",
     ]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
@@ -42,7 +56,7 @@ def run_backend(backend: str, run_dir: Path, opts) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())
     return {
-        "step_s": statistics.median(r["step_time_s"] for r in records[opts.warmup:]),
+        "step_s": statistics.median(r["step_time_s"] for r in records[opts.warmup :]),
         "memory_mb": summary["peak_memory_mb_per_rank"],
         "params": summary["params_total"],
         "wall_s": time.perf_counter() - started,
@@ -68,24 +82,32 @@ def main() -> int:
     results = {b: [] for b in opts.backends}
     ratios = {b: [] for b in opts.backends}
     for round_ in range(opts.rounds):
-        order = opts.backends[round_ % len(opts.backends):] + opts.backends[: round_ % len(opts.backends)]
+        order = opts.backends[round_ % len(opts.backends) :] + opts.backends[: round_ % len(opts.backends)]
         for backend in order:
             result = run_backend(backend, root / f"r{round_}" / backend, opts)
             results[backend].append(result)
-            print(f"round {round_ + 1}/{opts.rounds} {backend:14s} step {result['step_s'] * 1e3:7.1f} ms  "
-                  f"wall {result['wall_s']:5.1f} s", file=sys.stderr, flush=True)
+            print(
+                f"round {round_ + 1}/{opts.rounds} {backend:14s} step {result['step_s'] * 1e3:7.1f} ms  "
+                f"wall {result['wall_s']:5.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
         for backend in opts.backends:
             ratios[backend].append(results[backend][-1]["step_s"] / results["ddp"][-1]["step_s"])
     params = results["ddp"][0]["params"]
-    print(f"\n{params / 1e6:.1f}M-param Llama (hidden {opts.hidden}, {opts.layers} layers), seq {opts.seq_len}, "
-          f"global batch {opts.global_batch}, 2 CPU ranks, fp32, {opts.rounds} round(s), "
-          f"median of steps {opts.warmup + 1}-{opts.steps}")
+    print(
+        f"\n{params / 1e6:.1f}M-param Llama (hidden {opts.hidden}, {opts.layers} layers), seq {opts.seq_len}, "
+        f"global batch {opts.global_batch}, 2 CPU ranks, fp32, {opts.rounds} round(s), "
+        f"median of steps {opts.warmup + 1}-{opts.steps}"
+    )
     print(f"{'backend':14s} {'step ms':>8s} {'vs ddp':>7s} {'peak MB r0':>11s} {'peak MB r1':>11s} {'loss@end':>9s}")
     for backend in opts.backends:
         step_ms = statistics.median(r["step_s"] for r in results[backend]) * 1e3
         memory = [max(r["memory_mb"][rank] for r in results[backend]) for rank in (0, 1)]
-        print(f"{backend:14s} {step_ms:8.1f} {statistics.median(ratios[backend]):6.2f}x "
-              f"{memory[0]:11.0f} {memory[1]:11.0f} {results[backend][-1]['final_loss']:9.4f}")
+        print(
+            f"{backend:14s} {step_ms:8.1f} {statistics.median(ratios[backend]):6.2f}x "
+            f"{memory[0]:11.0f} {memory[1]:11.0f} {results[backend][-1]['final_loss']:9.4f}"
+        )
     return 0
 
 

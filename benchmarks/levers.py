@@ -24,6 +24,7 @@ Variants (each adds to the one before unless noted):
 The allocator lever (trainers/allocator.py) is process-wide, so it is not a variant: compare a run
 with --malloc against one without (separate processes; alternate them a few times).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,9 +62,16 @@ def main() -> int:
     from transformers import LlamaConfig
 
     variants = args.variants.split(",")
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
-                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                         num_key_value_heads=args.hidden // 64, max_position_embeddings=args.seq, use_cache=False)
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 11 // 4,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 64,
+        max_position_embeddings=args.seq,
+        use_cache=False,
+    )
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     steps = {}
     for name in variants:
@@ -81,18 +89,25 @@ def main() -> int:
             steps[name](ids)
             speed[name].append(ids.numel() / (time.perf_counter() - t0))
             cpu_speed[name].append(ids.numel() / (time.process_time() - c0) * threads)
-        print(f"step {i + 1}: " + ", ".join(f"{n} {speed[n][-1]:.0f} ({cpu_speed[n][-1]:.0f})" for n in variants),
-              file=sys.stderr, flush=True)
+        print(
+            f"step {i + 1}: " + ", ".join(f"{n} {speed[n][-1]:.0f} ({cpu_speed[n][-1]:.0f})" for n in variants),
+            file=sys.stderr,
+            flush=True,
+        )
     base = variants[0]
-    print(f"{'variant':>10}  {'tok/s':>7}  {'vs ' + base:>8}  {'vs prev':>7}  |  {'CPU-time basis:':>15}  "
-          f"{'tok/s':>7}  {'vs ' + base:>8}  {'vs prev':>7}")
+    print(
+        f"{'variant':>10}  {'tok/s':>7}  {'vs ' + base:>8}  {'vs prev':>7}  |  {'CPU-time basis:':>15}  "
+        f"{'tok/s':>7}  {'vs ' + base:>8}  {'vs prev':>7}"
+    )
     for k, name in enumerate(variants):
         prev = variants[max(0, k - 1)]
         cells = []
         for table in (speed, cpu_speed):
-            cells.append(f"{statistics.median(table[name]):>7.0f}  "
-                         f"{statistics.median(a / b for a, b in zip(table[name], table[base])):>8.2f}  "
-                         f"{statistics.median(a / b for a, b in zip(table[name], table[prev])):>7.2f}")
+            cells.append(
+                f"{statistics.median(table[name]):>7.0f}  "
+                f"{statistics.median(a / b for a, b in zip(table[name], table[base])):>8.2f}  "
+                f"{statistics.median(a / b for a, b in zip(table[name], table[prev])):>7.2f}"
+            )
         print(f"{name:>10}  {cells[0]}  |  {'':>15}  {cells[1]}")
     if args.profile:
         from torch.profiler import profile
@@ -114,8 +129,11 @@ def build_step(name: str, config):
 
     amp = name in ("amp", "ampmath")
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.float32 if amp else torch.bfloat16,
-                                             attn_implementation="eager" if name in ("mathattn", "ampmath") else "sdpa")
+    model = AutoModelForCausalLM.from_config(
+        copy.deepcopy(config),
+        dtype=torch.float32 if amp else torch.bfloat16,
+        attn_implementation="eager" if name in ("mathattn", "ampmath") else "sdpa",
+    )
     train = argparse.Namespace(lr=1e-4, beta1=0.9, beta2=0.95, weight_decay=0.0)
     level = {"mathattn": ALL.index("clip"), "ampmath": 0}.get(name, ALL.index(name))
     if level >= ALL.index("fused"):

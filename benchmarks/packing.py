@@ -10,6 +10,7 @@ Fill = real tokens / row tokens. Effective tokens/s = real tokens per second of 
 the default tiny Llama (fp32, CPU), over the same examples in both modes. The two modes alternate
 for `rounds` rounds and the medians are reported (timings on a shared machine vary a lot).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,16 @@ def main() -> None:
         "packed": (packing.pack(examples, args.seq_len, pad_id, split_long=False), Collate(packed=True)),
         "padded": (packing.pad(examples, args.seq_len, pad_id, split_long=False), Collate(packed=False)),
     }
-    config = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, use_cache=False)
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        use_cache=False,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.train()
@@ -93,7 +102,9 @@ def main() -> None:
         for mode in speeds:
             speeds[mode].append(timed(mode))
     result = {
-        "seq_len": args.seq_len, "micro_batch": args.micro_batch, "examples": len(examples),
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "examples": len(examples),
         **{f"{mode}_rows": len(arranged[mode][0]) for mode in arranged},
         **{f"{mode}_fill": round(arranged[mode][0].fill, 4) for mode in arranged},
         "padded_to_longest_fill": round(batch_fill("padded"), 4),  # padded rows trimmed to each micro batch's longest

@@ -3,6 +3,7 @@
 
     python scripts/preset-estimates.py > /tmp/table.md   # then paste it into docs/preflight.md
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,20 +23,26 @@ def deepspeed_zero3(n: int, largest: int) -> float:
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs its accelerator choice to stdout
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-    _, gpu, _ = estimate_zero3_model_states_mem_needs(n, largest, GPUS, 1, cpu_offload=False,
-                                                      cpu_offload_params=False, zero_init=True)
+    _, gpu, _ = estimate_zero3_model_states_mem_needs(
+        n, largest, GPUS, 1, cpu_offload=False, cpu_offload_params=False, zero_init=True
+    )
     return gpu
 
 
 def main() -> None:
-    print("| model | method / backend | params | trainable | model states | activations, no ckpt / ckpt "
-          "| peak, no ckpt | peak, ckpt | DeepSpeed (ours comparable) |")
+    print(
+        "| model | method / backend | params | trainable | model states | activations, no ckpt / ckpt "
+        "| peak, no ckpt | peak, ckpt | DeepSpeed (ours comparable) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for preset in PRESETS:
         shape, _ = preflight.model_shape(compose([f"model={preset}"]).model)
         for method, backend in CASES:
-            spec = (MethodSpec("full", shape.params(), peft=False) if method == "full"
-                    else preflight.method_spec(SimpleNamespace(name=method), shape))
+            spec = (
+                MethodSpec("full", shape.params(), peft=False)
+                if method == "full"
+                else preflight.method_spec(SimpleNamespace(name=method), shape)
+            )
             job = Job(backend, GPUS, MICRO_BATCH, SEQ_LEN, "bf16")
             plain, ckpt = memory(shape, spec, job), memory(shape, spec, job.with_(activation_checkpointing=True))
             theirs = ""
@@ -43,9 +50,11 @@ def main() -> None:
                 ours = plain.model_states + plain.step_transient + plain.buffers
                 ds = deepspeed_zero3(shape.params(), shape.largest_module_params())
                 theirs = f"{ds / GIB:.2f} ({ours / GIB:.2f}, {ours / ds - 1:+.0%})"
-            print(f"| {preset} | {method} / {backend} | {shape.params() / 1e9:.2f}B | {_count(spec.trainable)} "
-                  f"| {plain.model_states / GIB:.2f} | {plain.activations / GIB:.1f} / {ckpt.activations / GIB:.1f} "
-                  f"| {plain.total / GIB:.1f} | {ckpt.total / GIB:.1f} | {theirs} |")
+            print(
+                f"| {preset} | {method} / {backend} | {shape.params() / 1e9:.2f}B | {_count(spec.trainable)} "
+                f"| {plain.model_states / GIB:.2f} | {plain.activations / GIB:.1f} / {ckpt.activations / GIB:.1f} "
+                f"| {plain.total / GIB:.1f} | {ckpt.total / GIB:.1f} | {theirs} |"
+            )
 
 
 def _count(n: float) -> str:

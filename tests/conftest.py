@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny pretrained base model on disk, and helpers to run the real CLI."""
+
 from __future__ import annotations
 
 import json
@@ -18,10 +19,25 @@ os.environ.pop("WANDB_API_KEY", None)
 os.environ.setdefault("TUNEFORGE_DATA_CACHE", tempfile.mkdtemp(prefix="tuneforge-test-cache-"))
 
 # The smallest model that still shows the behaviour (2 layers, hidden 32, seq 32).
-TINY = ["model=tiny", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
-        "model.num_heads=4", "model.num_kv_heads=2", "model.vocab_size=512", "train.seq_len=32"]
-QUICK = ["logger=none", "train.max_steps=10", "train.warmup_steps=2", "train.checkpoint_every=5",
-         "train.micro_batch=2", "train.global_batch=8", "train.lr=3e-3"]
+TINY = [
+    "model=tiny",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.vocab_size=512",
+    "train.seq_len=32",
+]
+QUICK = [
+    "logger=none",
+    "train.max_steps=10",
+    "train.warmup_steps=2",
+    "train.checkpoint_every=5",
+    "train.micro_batch=2",
+    "train.global_batch=8",
+    "train.lr=3e-3",
+]
 
 
 def tuneforge(*args: str, check: bool = True) -> int:
@@ -51,8 +67,15 @@ def tiny_base(tmp_path_factory) -> Path:
     run = out / "pretrain"
     # widths of 64: bitsandbytes' CPU 4-bit kernel needs in_features a multiple of its block size (64)
     wide = [a for a in TINY if not a.startswith(("model.hidden_size=", "model.intermediate_size="))]
-    tuneforge(*wide, "model.hidden_size=64", "model.intermediate_size=128", *QUICK, "cluster.tasks_per_node=1",
-              f"run.dir={run}", "train.max_steps=20")
+    tuneforge(
+        *wide,
+        "model.hidden_size=64",
+        "model.intermediate_size=128",
+        *QUICK,
+        "cluster.tasks_per_node=1",
+        f"run.dir={run}",
+        "train.max_steps=20",
+    )
     return run / "final"
 
 

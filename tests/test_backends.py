@@ -14,6 +14,7 @@ The first DeepSpeed run on a machine JIT-builds DeepSpeed's ops into ~/.cache/tu
 (about 1.5 min for the comm op, 6 min for DeepSpeedCPUAdam used by zero3_offload, on 2 busy cores);
 later runs load them in a second.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,20 @@ import pytest
 
 from tuneforge.launch import cli
 
-TINY = ["logger=none", "cluster=local", "model=tiny", "model.hidden_size=32", "model.num_layers=2",
-        "method=pretrain", "train.seq_len=32", "train.max_steps=10", "train.warmup_steps=2",
-        "train.checkpoint_every=5", "train.global_batch=8", "train.micro_batch=2"]
+TINY = [
+    "logger=none",
+    "cluster=local",
+    "model=tiny",
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "method=pretrain",
+    "train.seq_len=32",
+    "train.max_steps=10",
+    "train.warmup_steps=2",
+    "train.checkpoint_every=5",
+    "train.global_batch=8",
+    "train.micro_batch=2",
+]
 BACKENDS = ["ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload"]
 PARITY_TOL = 1e-4
 EXPORT_TOL = 1e-5
@@ -157,8 +169,9 @@ def test_activation_checkpointing_recomputes_blocks_under_every_backend(tmp_path
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PORT": str(port), "DS_ACCELERATOR": "cpu"}
-    done = subprocess.run([sys.executable, "-c", ACTIVATION_CHECK], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", ACTIVATION_CHECK], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     calls = dict(line.split()[1:] for line in done.stdout.splitlines() if line.startswith("CALLS"))
     assert calls == {"ddp": "2", "fsdp": "2", "deepspeed": "2"}, done.stdout
@@ -200,8 +213,11 @@ def test_deepspeed_config_file_conflicts_are_refused_before_launch(tmp_path, cap
         ({"optimizer": {"type": "Adam"}}, [], ["'optimizer'"]),  # the optimizer is trainers/optim.py's
         ({"scheduler": {"type": "WarmupLR"}}, [], ["'scheduler'"]),
         ({"zero_optimization": {"stage": 3}}, [], ["zero_optimization.stage", "backend.stage"]),
-        ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, [],
-         ["zero_optimization.offload_optimizer.device", "backend.offload_optimizer"]),
+        (
+            {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
+            [],
+            ["zero_optimization.offload_optimizer.device", "backend.offload_optimizer"],
+        ),
         ({"train_micro_batch_size_per_gpu": 8}, [], ["train_micro_batch_size_per_gpu", "train.micro_batch"]),
     ]
     for content, overrides, names in cases:
@@ -223,10 +239,20 @@ def test_deepspeed_config_comes_from_train_and_merges_the_users_file(tmp_path):
     from tuneforge.launch.validate import validate
     from tuneforge.trainers.backends import ds_config
 
-    user = {"train_batch_size": "auto", "gradient_clipping": 0.0, "wall_clock_breakdown": True,
-            "zero_optimization": {"sub_group_size": 1000, "stage": 3}}
-    cfg = compose(["backend=zero3_offload", "train.grad_clip=0", "train.micro_batch=2",
-                   f"backend.config_file={_ds_file(tmp_path, user)}"])
+    user = {
+        "train_batch_size": "auto",
+        "gradient_clipping": 0.0,
+        "wall_clock_breakdown": True,
+        "zero_optimization": {"sub_group_size": 1000, "stage": 3},
+    }
+    cfg = compose(
+        [
+            "backend=zero3_offload",
+            "train.grad_clip=0",
+            "train.micro_batch=2",
+            f"backend.config_file={_ds_file(tmp_path, user)}",
+        ]
+    )
     assert validate(cfg) == []  # same values and "auto" are no conflict
     ds = ds_config.merged(cfg.backend, cfg.train, world_size=2, trainable_params=1000)
     assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 2

@@ -1,4 +1,5 @@
 """The benchmarks run (in their short modes), so they cannot rot. Never asserts on speed."""
+
 from __future__ import annotations
 
 import json
@@ -14,13 +15,20 @@ ROOT = Path(__file__).parents[1]
 
 @pytest.mark.slow
 def test_throughput_quick_prints_its_figures_as_one_json_line(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick",
-                          "--work-dir", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick", "--work-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     for key in ("tuneforge_tokens_per_s", "hf_trainer_tokens_per_s", "ratio", "mfu_bf16"):
         assert isinstance(result[key], (int, float)) and result[key] > 0, key
-    assert result["ratio"] == pytest.approx(result["tuneforge_tokens_per_s"] / result["hf_trainer_tokens_per_s"], rel=1e-2)
+    assert result["ratio"] == pytest.approx(
+        result["tuneforge_tokens_per_s"] / result["hf_trainer_tokens_per_s"], rel=1e-2
+    )
     # tuneforge's own step records carry MFU and peak memory
     records = [json.loads(line) for line in (tmp_path / "tuneforge-0" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["mfu"] > 0 and r["peak_memory_mb"] > 0 for r in records)
@@ -30,11 +38,18 @@ def test_throughput_quick_prints_its_figures_as_one_json_line(tmp_path):
 def test_gpu_check_plan_composes_every_combination(tmp_path):
     """Without a GPU, --plan composes and validates the 9 combinations; the ones this checkout
     lacks are reported as unavailable instead of crashing the script."""
-    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--plan"], capture_output=True,
-                         text=True, timeout=300, cwd=ROOT, env={**os.environ, "GPU_CHECK_DIR": str(tmp_path)})
+    out = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--plan"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "GPU_CHECK_DIR": str(tmp_path)},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])["rows"]
-    assert {(r["backend"], r["method"]) for r in rows} == {(b, m) for b in ("ddp", "fsdp", "zero3")
-                                                            for m in ("full", "lora", "qlora")}
+    assert {(r["backend"], r["method"]) for r in rows} == {
+        (b, m) for b in ("ddp", "fsdp", "zero3") for m in ("full", "lora", "qlora")
+    }
     assert next(r for r in rows if (r["backend"], r["method"]) == ("ddp", "full"))["status"].startswith("ok")
     assert all(r["status"].startswith(("ok", "unavailable: ")) for r in rows)

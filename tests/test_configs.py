@@ -1,4 +1,5 @@
 """Every shipped config composes and validates; the submit path stays light."""
+
 from __future__ import annotations
 
 import subprocess
@@ -20,8 +21,11 @@ NEEDS = {
     ("model", "qwen2_5_7b"): ["method=full"],
     ("data", "alpaca_jsonl"): [f"data.path={DATA / 'demo_alpaca.jsonl'}"],
     ("data", "chat_jsonl"): [f"data.path={DATA / 'demo_instruct.jsonl'}"],
-    ("data", "completion_jsonl"): [f"data.path={DATA / 'demo_alpaca.jsonl'}", "data.prompt_field=instruction",
-                                   "data.completion_field=output"],
+    ("data", "completion_jsonl"): [
+        f"data.path={DATA / 'demo_alpaca.jsonl'}",
+        "data.prompt_field=instruction",
+        "data.completion_field=output",
+    ],
     ("data", "text_files"): [f"data.path={DATA / 'demo_corpus.txt'}"],
     ("data", "hub"): ["data.hub_id=org/some-dataset"],
 }
@@ -51,7 +55,12 @@ def test_every_group_is_walked():
 
 def test_default_run_is_tiny_pretrain_on_bundled_corpus_locally():
     cfg = compose([])
-    assert (cfg.model.kind, cfg.method.name, cfg.data.name, cfg.cluster.name) == ("tiny", "pretrain", "demo_corpus", "local")
+    assert (cfg.model.kind, cfg.method.name, cfg.data.name, cfg.cluster.name) == (
+        "tiny",
+        "pretrain",
+        "demo_corpus",
+        "local",
+    )
 
 
 def test_dry_run_does_not_import_torch():

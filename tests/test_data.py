@@ -1,6 +1,7 @@
 """Data: sources, formats and their label masks, packing equivalence and fill, the token cache,
 deterministic and resumable batches (cached and streaming), bad data refused with file, row and
 field, and a chat finetune through the CLI whose validation loss falls."""
+
 from __future__ import annotations
 
 import copy
@@ -11,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import QUICK, TINY, losses, metrics, tuneforge
 from omegaconf import OmegaConf
 
-from conftest import QUICK, TINY, losses, metrics, tuneforge
 from tuneforge import data as bundled_data
 from tuneforge.conf.schema import DataConfig, DDPConfig, TrainConfig
 from tuneforge.data import records
@@ -24,13 +25,19 @@ from tuneforge.trainers import data, data_sources, packing
 from tuneforge.trainers.optim import IGNORE_INDEX, counted_tokens, token_loss_sum
 from tuneforge.trainers.tokenize import DEFAULT_CHAT_TEMPLATE, Encoder
 
-ONE_RANK = DistEnv(rank=0, local_rank=0, world_size=1, num_nodes=1, master_addr="localhost", master_port=0,
-                   job_id="test", device="cpu")
+ONE_RANK = DistEnv(
+    rank=0, local_rank=0, world_size=1, num_nodes=1, master_addr="localhost", master_port=0, job_id="test", device="cpu"
+)
 CHATS = [
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a yorker?"},
-                  {"role": "assistant", "content": "A full ball aimed at the batter's toes."},
-                  {"role": "user", "content": "And a bouncer?"},
-                  {"role": "assistant", "content": "A short ball that rises towards the head."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is a yorker?"},
+            {"role": "assistant", "content": "A full ball aimed at the batter's toes."},
+            {"role": "user", "content": "And a bouncer?"},
+            {"role": "assistant", "content": "A short ball that rises towards the head."},
+        ]
+    },
     {"messages": [{"role": "user", "content": "Who keeps wicket?"}, {"role": "assistant", "content": "The keeper."}]},
 ]
 
@@ -79,14 +86,26 @@ def test_label_masks_count_only_the_responses(tokenizer):
     eos = tokenizer.eos_token
     cases = [
         (data_cfg(format="text"), {"text": "Keep the head still."}, "Keep the head still." + eos),
-        (data_cfg(format="alpaca"), {"instruction": "Name a shot.", "input": "", "output": "The cover drive."},
-         "The cover drive." + eos),
-        (data_cfg(format="alpaca", instruction_field="q", input_field="ctx", output_field="a"),
-         {"q": "Name a shot.", "ctx": "Off side.", "a": "The cut."}, "The cut." + eos),
-        (data_cfg(format="completion"), {"prompt": "The best drill for footwork is", "completion": " shadow batting."},
-         " shadow batting." + eos),
-        (data_cfg(format="chat"), CHATS[0],
-         f"A full ball aimed at the batter's toes.{eos}\nA short ball that rises towards the head.{eos}\n"),
+        (
+            data_cfg(format="alpaca"),
+            {"instruction": "Name a shot.", "input": "", "output": "The cover drive."},
+            "The cover drive." + eos,
+        ),
+        (
+            data_cfg(format="alpaca", instruction_field="q", input_field="ctx", output_field="a"),
+            {"q": "Name a shot.", "ctx": "Off side.", "a": "The cut."},
+            "The cut." + eos,
+        ),
+        (
+            data_cfg(format="completion"),
+            {"prompt": "The best drill for footwork is", "completion": " shadow batting."},
+            " shadow batting." + eos,
+        ),
+        (
+            data_cfg(format="chat"),
+            CHATS[0],
+            f"A full ball aimed at the batter's toes.{eos}\nA short ball that rises towards the head.{eos}\n",
+        ),
     ]
     for cfg, row, expected in cases:
         example = Encoder(cfg, tokenizer, 256).encode([row])[0]
@@ -102,8 +121,10 @@ def test_label_masks_count_only_the_responses(tokenizer):
     # the chat rendering itself is the documented default template, and the mask follows any template
     rendered = tokenizer.decode(Encoder(data_cfg(format="chat"), tokenizer, 256).encode([CHATS[1]])[0][0])
     assert rendered == f"<|user|>\nWho keeps wicket?{eos}\n<|assistant|>\nThe keeper.{eos}\n"
-    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    chatml = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     example = Encoder(data_cfg(format="chat", chat_template=chatml), tokenizer, 256).encode([CHATS[1]])[0]
     assert targets(tokenizer, example) == "The keeper.<|im_end|>\n"
     assert DEFAULT_CHAT_TEMPLATE in Path(__file__).parents[1].joinpath("docs", "data.md").read_text()
@@ -123,8 +144,16 @@ def test_long_examples_are_truncated_and_those_left_without_targets_dropped(toke
 def tiny_llama(attn: str, vocab: int = 128):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, use_cache=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        use_cache=False,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation=attn, dtype=torch.float32).eval()
 
@@ -146,14 +175,18 @@ def test_packed_row_gives_each_document_its_own_logits_and_loss(attn):
             logits = model(**batch).logits.reshape(len(rows_here), -1, 128)
             for r, pieces in enumerate(_pieces(rows_here)):
                 for start, end in pieces:
-                    alone = model(input_ids=torch.tensor(rows_here.input_ids[r:r + 1, start:end], dtype=torch.long)).logits
+                    alone = model(
+                        input_ids=torch.tensor(rows_here.input_ids[r : r + 1, start:end], dtype=torch.long)
+                    ).logits
                     torch.testing.assert_close(logits[r, start:end], alone[0], atol=1e-5, rtol=0)
             # the loss of the packed (or padded) batch = the documents' losses taken one by one
             assert counted_tokens(labels) == sum(len(d) - 2 for d in docs)
             packed_loss = token_loss_sum(model(**batch).logits, labels).item()
             if not alone_tokens:
                 for ids, labs in examples:
-                    alone_loss += token_loss_sum(model(input_ids=torch.tensor([ids])).logits, torch.tensor([labs])).item()
+                    alone_loss += token_loss_sum(
+                        model(input_ids=torch.tensor([ids])).logits, torch.tensor([labs])
+                    ).item()
                     alone_tokens += counted_tokens(torch.tensor([labs]))
             assert packed_loss == pytest.approx(alone_loss, rel=1e-5)
 
@@ -201,8 +234,9 @@ def test_each_local_file_type_loads_the_same_rows(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", SOURCE_ROWS)
     (tmp_path / "a.json").write_text(json.dumps(SOURCE_ROWS))
     pq.write_table(pa.Table.from_pylist(SOURCE_ROWS), tmp_path / "a.parquet")
-    (tmp_path / "a.csv").write_text("instruction,input,output\n" + "".join(
-        f'"{r["instruction"]}",,"{r["output"]}"\n' for r in SOURCE_ROWS))
+    (tmp_path / "a.csv").write_text(
+        "instruction,input,output\n" + "".join(f'"{r["instruction"]}",,"{r["output"]}"\n' for r in SOURCE_ROWS)
+    )
     cfg = data_cfg(format="alpaca")
     for name in ("a.jsonl", "a.json", "a.parquet", "a.csv"):
         source = data_sources.train_source(OmegaConf.merge(cfg, {"path": str(tmp_path / name)}))
@@ -220,14 +254,19 @@ def test_each_local_file_type_loads_the_same_rows(tmp_path):
     assert docs == ["First paragraph,\nstill first.", "Second.", "Third, from JSONL."]
     lines = OmegaConf.merge(text, {"text_sample_by": "line", "path": str(corpus / "1.txt")})
     assert [r["text"] for r in data_sources.rows(data_sources.train_source(lines), lines)] == [
-        "First paragraph,", "still first.", "Second."]
+        "First paragraph,",
+        "still first.",
+        "Second.",
+    ]
 
     # a dataset id goes through datasets.load_dataset as is: here a local dataset folder
     hub_dir = tmp_path / "hub_dataset"
     hub_dir.mkdir()
     write_jsonl(hub_dir / "train.jsonl", SOURCE_ROWS)
     hub = data_cfg(format="alpaca", hub_id=str(hub_dir), hub_split="train")
-    assert [r["output"] for r in data_sources.rows(data_sources.train_source(hub), hub)] == [r["output"] for r in SOURCE_ROWS]
+    assert [r["output"] for r in data_sources.rows(data_sources.train_source(hub), hub)] == [
+        r["output"] for r in SOURCE_ROWS
+    ]
     write_jsonl(hub_dir / "train.jsonl", [*SOURCE_ROWS, {"instruction": "x", "output": 3}])
     with pytest.raises(DataError, match=r"hub:.*\[train\]:7: field 'output': must be a string, got int"):
         list(data_sources.rows(data_sources.train_source(hub), hub))
@@ -238,14 +277,28 @@ BAD_ROWS = {
     "invalid JSON": ("alpaca", '{"instruction": "a", "output": "b"', "bad.jsonl:3: invalid JSON"),
     "missing field": ("alpaca", {"instruction": "a"}, "bad.jsonl:3: field 'output': missing"),
     "empty text": ("text", {"text": "   "}, "bad.jsonl:3: field 'text': empty"),
-    "wrong type": ("completion", {"prompt": "a", "completion": 42}, "bad.jsonl:3: field 'completion': must be a string, got int"),
-    "unknown role": ("chat", {"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]},
-                     "bad.jsonl:3: field 'messages[1].role': unknown role 'bot'"),
-    "no assistant turn": ("chat", {"messages": [{"role": "user", "content": "a"}]},
-                          "bad.jsonl:3: field 'messages': no assistant turn"),
+    "wrong type": (
+        "completion",
+        {"prompt": "a", "completion": 42},
+        "bad.jsonl:3: field 'completion': must be a string, got int",
+    ),
+    "unknown role": (
+        "chat",
+        {"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]},
+        "bad.jsonl:3: field 'messages[1].role': unknown role 'bot'",
+    ),
+    "no assistant turn": (
+        "chat",
+        {"messages": [{"role": "user", "content": "a"}]},
+        "bad.jsonl:3: field 'messages': no assistant turn",
+    ),
 }
-GOOD = {"alpaca": {"instruction": "a", "output": "b"}, "text": {"text": "a"}, "completion": {"prompt": "a", "completion": "b"},
-        "chat": {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}}
+GOOD = {
+    "alpaca": {"instruction": "a", "output": "b"},
+    "text": {"text": "a"},
+    "completion": {"prompt": "a", "completion": "b"},
+    "chat": {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+}
 
 
 def refused(tmp_path, capsys, *overrides) -> str:
@@ -271,18 +324,28 @@ def test_empty_or_too_small_datasets_and_unusable_files_are_refused(tmp_path, ca
     small = write_jsonl(tmp_path / "small.jsonl", [GOOD["alpaca"]] * 7)
     err = refused(tmp_path, capsys, f"data.path={small}", "data.format=alpaca", "data.validation_fraction=0")
     assert "7 training examples, fewer than one global batch (train.global_batch=8)" in err
-    err = refused(tmp_path, capsys, f"data.path={small}", "data.format=alpaca", "train.global_batch=4",
-                  "train.micro_batch=1", "data.validation_fraction=0.5")
+    err = refused(
+        tmp_path,
+        capsys,
+        f"data.path={small}",
+        "data.format=alpaca",
+        "train.global_batch=4",
+        "train.micro_batch=1",
+        "data.validation_fraction=0.5",
+    )
     assert "3 training examples (4 of 7 held out by data.validation_fraction), fewer than one global batch" in err
     err = refused(tmp_path, capsys, "data=demo_instruct", "data.validation_fraction=0.99")
     assert "fewer than one global batch" in err
     csv = tmp_path / "chats.csv"
     csv.write_text("messages\nhello\n")
-    assert "format=chat needs .jsonl, .json, .parquet" in refused(tmp_path, capsys, f"data.path={csv}", "data.format=chat")
+    assert "format=chat needs .jsonl, .json, .parquet" in refused(
+        tmp_path, capsys, f"data.path={csv}", "data.format=chat"
+    )
     broken_csv = tmp_path / "broken.csv"
     broken_csv.write_text("instruction,output\na,b\na,b,c\n")
     assert "broken.csv:3: 3 cells, the header has 2 columns" in refused(
-        tmp_path, capsys, f"data.path={broken_csv}", "data.format=alpaca")
+        tmp_path, capsys, f"data.path={broken_csv}", "data.format=alpaca"
+    )
     err = refused(tmp_path, capsys, "data=alpaca_jsonl")
     assert "data.path: no data: data.name=alpaca is not a bundled dataset; set data.path=" in err
     err = refused(tmp_path, capsys, "data.streaming=true", "data.validation_fraction=0.1")
@@ -307,8 +370,15 @@ def test_bad_rows_found_at_job_start_fail_every_rank_before_training(tmp_path, c
     """Through the CLI on 2 ranks: the job stops at its start with the row named, nothing trained."""
     path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a good row"}, {"text": 5}] + [{"text": "more text"}] * 10)
     run = tmp_path / "run"
-    code = tuneforge(*TINY, "logger=none", f"data.path={path}", "data.precheck=false", f"run.dir={run}",
-                     f"data.cache_dir={tmp_path / 'cache'}", check=False)
+    code = tuneforge(
+        *TINY,
+        "logger=none",
+        f"data.path={path}",
+        "data.precheck=false",
+        f"run.dir={run}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        check=False,
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert f"DataError: 1 bad row(s) in {path}:\n  {path}:2: field 'text': must be a string, got int" in err, err
@@ -326,8 +396,11 @@ def test_token_cache_is_reused_and_keyed_by_data_tokenizer_and_seq_len(tokenizer
     assert first.stats["validation_examples"] == 4 and first.stats["train_examples"] == 36
     np.testing.assert_array_equal(first.train.rows.input_ids, again.train.rows.input_ids)
     keys = {first.stats["data_key"]}
-    for changed_cfg, changed_train in ((cfg, train_cfg(seq_len=128)), (OmegaConf.merge(cfg, {"train_on_prompt": True}), train_cfg()),
-                                       (OmegaConf.merge(cfg, {"packing": False}), train_cfg())):
+    for changed_cfg, changed_train in (
+        (cfg, train_cfg(seq_len=128)),
+        (OmegaConf.merge(cfg, {"train_on_prompt": True}), train_cfg()),
+        (OmegaConf.merge(cfg, {"packing": False}), train_cfg()),
+    ):
         keys.add(data.build(changed_cfg, changed_train, tokenizer, ONE_RANK).stats["data_key"])
     other_tok = copy.deepcopy(tokenizer)
     other_tok.add_tokens(["<new>"])
@@ -392,20 +465,31 @@ def test_resuming_mid_epoch_yields_the_batches_of_the_uninterrupted_run(streamin
     from tuneforge.trainers.checkpoint import Checkpoints
     from tuneforge.trainers.logging import RunLogger
 
-    path = write_jsonl(tmp_path / "chats.jsonl", [json.loads(line) for line in
-                                                   bundled_data.bundled("demo_instruct").read_text().splitlines()[:60]])
-    cfg = data_cfg(format="chat", path=str(path), cache_dir=str(tmp_path / "cache"), streaming=streaming,
-                   stream_window=25)
-    t = train_cfg(seq_len=128, global_batch=4, micro_batch=2, max_steps=16, warmup_steps=2, checkpoint_every=0,
-                  lr=3e-3, seed=3)
+    path = write_jsonl(
+        tmp_path / "chats.jsonl",
+        [json.loads(line) for line in bundled_data.bundled("demo_instruct").read_text().splitlines()[:60]],
+    )
+    cfg = data_cfg(
+        format="chat", path=str(path), cache_dir=str(tmp_path / "cache"), streaming=streaming, stream_window=25
+    )
+    t = train_cfg(
+        seq_len=128, global_batch=4, micro_batch=2, max_steps=16, warmup_steps=2, checkpoint_every=0, lr=3e-3, seed=3
+    )
 
     def run(run_dir, log, stop_after=None):
         loop._STOP_REQUESTED["reason"] = None
         tc = OmegaConf.merge(t, {"stop_after": stop_after})
         run_data = data.build(cfg, tc, tokenizer, ONE_RANK)
         engine = DDPEngine(tiny_llama("sdpa", vocab=len(tokenizer)), OmegaConf.structured(DDPConfig()), tc, ONE_RANK)
-        trainer = loop.Trainer(engine, Recorder(run_data.train, log), tc, ONE_RANK, Checkpoints(run_dir, 0, 2),
-                               RunLogger(OmegaConf.create({"name": "none"}), run_dir, {}, enabled=True), 0.0)
+        trainer = loop.Trainer(
+            engine,
+            Recorder(run_data.train, log),
+            tc,
+            ONE_RANK,
+            Checkpoints(run_dir, 0, 2),
+            RunLogger(OmegaConf.create({"name": "none"}), run_dir, {}, enabled=True),
+            0.0,
+        )
         return run_data, trainer.train()
 
     full: dict = {}
@@ -434,9 +518,20 @@ def test_chat_finetune_on_demo_instruct_through_the_cli(tiny_base, tmp_path, cap
     """2 ranks finetune the tiny base on the bundled chats: the validation loss is logged and falls;
     a requeued job (the same command again) reuses the token cache."""
     run = tmp_path / "chat"
-    common = ["model=hf", f"model.name_or_path={tiny_base}", "method=full", "data=demo_instruct", *QUICK,
-              "train.seq_len=256", "train.max_steps=16", "train.eval_every=4", "train.eval_batches=2",
-              "cluster.tasks_per_node=2", f"run.dir={run}", f"data.cache_dir={tmp_path / 'cache'}"]
+    common = [
+        "model=hf",
+        f"model.name_or_path={tiny_base}",
+        "method=full",
+        "data=demo_instruct",
+        *QUICK,
+        "train.seq_len=256",
+        "train.max_steps=16",
+        "train.eval_every=4",
+        "train.eval_batches=2",
+        "cluster.tasks_per_node=2",
+        f"run.dir={run}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
     tuneforge(*common, "train.stop_after=8")
     assert json.loads((run / "summary.json").read_text())["data_cache"] == "built"
     tuneforge(*common)  # resumes at step 8: the cache is found, not rebuilt

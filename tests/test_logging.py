@@ -3,6 +3,7 @@
 W&B inits cost about a second each, so one requeued run (attempt 1 here, attempt 2 in a fresh
 process, like a Slurm requeue) is built once per module and checked by several tests.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,7 @@ def _isolate(mp: pytest.MonkeyPatch, home: pathlib.Path) -> None:
     restoring an old value after a test would hand later tests, and their children, a dead socket.
     """
     for name in list(os.environ):
-        if (name.startswith("WANDB_") and name != "WANDB_SERVICE") or name in ("NETRC", "HTTPS_PROXY",
-                                                                              "https_proxy"):
+        if (name.startswith("WANDB_") and name != "WANDB_SERVICE") or name in ("NETRC", "HTTPS_PROXY", "https_proxy"):
             mp.delenv(name)
     mp.setenv("HOME", str(home))
     mp.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -67,8 +67,14 @@ def no_wandb_left_running():
 
 
 def _run_script(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **env})
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -239,8 +245,7 @@ for step in range(3):
 time.sleep(4.0)  # > the 2 s flush interval of the .wandb file
 os.kill(os.getpid(), signal.SIGKILL)
 """
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, capture_output=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, capture_output=True, timeout=120)
     assert proc.returncode == -9, proc.stderr
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
     assert wandb_offline.read_config(tmp_path) == CONFIG

@@ -6,6 +6,7 @@ long enough to be signalled use train.step_sleep_s, so their length hardly depen
 speed. Every loss curve is compared with ONE uninterrupted local run: the LR is constant, so an
 N-step run's losses are the first N of any longer run's.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,16 +19,22 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 import pytest
-
 from conftest import TINY, losses, metrics, tuneforge
+
 from tuneforge.launch import runinfo
 from tuneforge.launch.cli import main as cli
 from tuneforge.slurm import events
 from tuneforge.slurm.requeue import parse_duration
 from tuneforge.trainers import wandb_offline
 
-TRAIN = ["train.schedule=constant", "train.warmup_steps=0", "train.micro_batch=2", "train.global_batch=8",
-         "train.lr=3e-3", "train.checkpoint_every=50"]
+TRAIN = [
+    "train.schedule=constant",
+    "train.warmup_steps=0",
+    "train.micro_batch=2",
+    "train.global_batch=8",
+    "train.lr=3e-3",
+    "train.checkpoint_every=50",
+]
 REFERENCE_STEPS = 500  # the longest run below: the time-limit test
 WANDB = ["logger=wandb", "logger.mode=offline"]
 FAKE_WANDB_KEY = "f" * 31 + "0123456789"  # a W&B key is 40 hex characters
@@ -35,16 +42,30 @@ FAKE_HF_TOKEN = "hf_FakeTokenForTheSecretTest0123456789"
 
 
 def slurm(partition: str, nodes: int = 2, timeout_min: int = 10) -> List[str]:
-    return ["cluster=slurm", f"cluster.partition={partition}", f"cluster.nodes={nodes}", "cluster.tasks_per_node=1",
-            "cluster.cpus_per_task=1", f"cluster.timeout_min={timeout_min}", "cluster.mem_gb=2"]
+    return [
+        "cluster=slurm",
+        f"cluster.partition={partition}",
+        f"cluster.nodes={nodes}",
+        "cluster.tasks_per_node=1",
+        "cluster.cpus_per_task=1",
+        f"cluster.timeout_min={timeout_min}",
+        "cluster.mem_gb=2",
+    ]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> List[float]:
     """Losses of an uninterrupted 2-process local run of REFERENCE_STEPS steps."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    tuneforge(*TINY, *TRAIN, "cluster=local", "cluster.tasks_per_node=2", "logger=none",
-              f"train.max_steps={REFERENCE_STEPS}", f"run.dir={run}")
+    tuneforge(
+        *TINY,
+        *TRAIN,
+        "cluster=local",
+        "cluster.tasks_per_node=2",
+        "logger=none",
+        f"train.max_steps={REFERENCE_STEPS}",
+        f"run.dir={run}",
+    )
     return losses(run)
 
 
@@ -83,8 +104,12 @@ def wait_final(run: Path, timeout_s: float) -> runinfo.RunInfo:
     """The run's info once its latest job has ended, as Slurm's accounting (or the local controller) says."""
     info = runinfo.gather([run])[0]
     deadline = time.time() + timeout_s
-    while info.state not in runinfo.FINAL_STATES or info.state == "COMPLETED" and info.job.cluster == "slurm" \
-            and runinfo.slurm_states([info.job]).get(info.job.job_id) != "COMPLETED":
+    while (
+        info.state not in runinfo.FINAL_STATES
+        or info.state == "COMPLETED"
+        and info.job.cluster == "slurm"
+        and runinfo.slurm_states([info.job]).get(info.job.job_id) != "COMPLETED"
+    ):
         if time.time() > deadline:
             pytest.fail(f"{run}: still {info.state} after {timeout_s:.0f} s; events: {events.read(run)[-5:]}")
         time.sleep(2)
@@ -103,8 +128,12 @@ def command_output(capsys, *args: str) -> str:
 
 
 def wandb_group(run: Path) -> set:
-    return {r.run.run_group for f in wandb_offline.find_offline_runs(run) for r in wandb_offline.read_records(f)
-            if r.WhichOneof("record_type") == "run"}
+    return {
+        r.run.run_group
+        for f in wandb_offline.find_offline_runs(run)
+        for r in wandb_offline.read_records(f)
+        if r.WhichOneof("record_type") == "run"
+    }
 
 
 def assert_wandb_continues(run: Path, allocations: int) -> None:
@@ -127,16 +156,26 @@ def test_parse_slurm_durations():
 
 def test_sweep_dry_run_lists_every_element_and_the_array_script(tmp_path, capsys):
     root = tmp_path / "runs"
-    code = cli(["-m", "cluster=slurm", "train.lr=1e-3,3e-3", "model.hidden_size=32,64", f"run.root={root}",
-                "run.name=sw", "--dry-run"])
+    code = cli(
+        [
+            "-m",
+            "cluster=slurm",
+            "train.lr=1e-3,3e-3",
+            "model.hidden_size=32,64",
+            f"run.root={root}",
+            "run.name=sw",
+            "--dry-run",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     elements = [line.split() for line in out.splitlines() if line[:4].strip().isdigit()]  # "   i  <dir>  <label>"
     sweep_dir = Path(elements[0][1]).parent
     assert sweep_dir.parent == root / "sw"
     assert [e[:2] for e in elements] == [[str(i), str(sweep_dir / str(i))] for i in range(4)]
-    assert {" ".join(e[2:]) for e in elements} == {f"train.lr={lr} model.hidden_size={h}"
-                                                  for lr in ("0.001", "0.003") for h in (32, 64)}
+    assert {" ".join(e[2:]) for e in elements} == {
+        f"train.lr={lr} model.hidden_size={h}" for lr in ("0.001", "0.003") for h in (32, 64)
+    }
     assert "#SBATCH --array=0-3%4" in out and out.count("#!/bin/bash") == 1
     assert out.count("# preflight:") == 4  # every element's estimate
     assert not root.exists()
@@ -171,9 +210,22 @@ def test_local_warning_signal_saves_requeues_and_resumes(reference, tmp_path, ca
     # the tasks: they would connect to that process's wandb-core, or to nothing
     monkeypatch.setenv("WANDB_SERVICE", "3-1-unix-/nonexistent/wandb-service.sock")
     code = []
-    thread = threading.Thread(target=lambda: code.append(cli(
-        [*TINY, *TRAIN, *WANDB, "cluster=local", "cluster.tasks_per_node=2", f"train.max_steps={steps}",
-         "train.step_sleep_s=0.2", f"run.dir={run}"])))
+    thread = threading.Thread(
+        target=lambda: code.append(
+            cli(
+                [
+                    *TINY,
+                    *TRAIN,
+                    *WANDB,
+                    "cluster=local",
+                    "cluster.tasks_per_node=2",
+                    f"train.max_steps={steps}",
+                    "train.step_sleep_s=0.2",
+                    f"run.dir={run}",
+                ]
+            )
+        )
+    )
     thread.start()
     wait_until(lambda: last_step(run) >= 8, 120, "step 8")
     for pid in task_pids(run).values():
@@ -209,8 +261,16 @@ def test_local_requeue_limit_then_resume_then_cancel(tmp_path, capsys):
     """cluster.max_requeues=0: the warning saves but the job fails, saying why; the same command resumes
     from that checkpoint; `tuneforge cancel` stops it (SIGTERM: every rank saves first)."""
     run = tmp_path / "run"
-    common = [*TINY, *TRAIN, "logger=none", "cluster=local", "cluster.tasks_per_node=2", "train.max_steps=60",
-              "train.step_sleep_s=0.2", f"run.dir={run}"]
+    common = [
+        *TINY,
+        *TRAIN,
+        "logger=none",
+        "cluster=local",
+        "cluster.tasks_per_node=2",
+        "train.max_steps=60",
+        "train.step_sleep_s=0.2",
+        f"run.dir={run}",
+    ]
 
     def start(*extra: str) -> threading.Thread:
         thread = threading.Thread(target=cli, args=([*common, *extra],))
@@ -229,8 +289,11 @@ def test_local_requeue_limit_then_resume_then_cancel(tmp_path, capsys):
     assert "FAILED" in out and "requeue refused: requeued 0 times already" in out
 
     thread = start()
-    wait_until(lambda: "resumed from" in rank0_output(run) and last_step(run) >= refused["step"] + 5, 120,
-               "resumed and 5 steps on")
+    wait_until(
+        lambda: "resumed from" in rank0_output(run) and last_step(run) >= refused["step"] + 5,
+        120,
+        "resumed and 5 steps on",
+    )
     assert "RUNNING" in command_output(capsys, "status", str(run))
     assert "cancelled local job" in command_output(capsys, "cancel", str(run))
     thread.join(timeout=120)
@@ -243,8 +306,18 @@ def test_local_requeue_limit_then_resume_then_cancel(tmp_path, capsys):
 @pytest.mark.slow
 def test_local_sweep_runs_elements_in_turn_in_one_wandb_group(tmp_path, capsys):
     root = tmp_path / "runs"
-    tuneforge("-m", *TINY, *TRAIN, *WANDB, "cluster=local", "cluster.tasks_per_node=1", "train.max_steps=3",
-              f"run.root={root}", "run.name=sw", "train.lr=1e-3,3e-3")
+    tuneforge(
+        "-m",
+        *TINY,
+        *TRAIN,
+        *WANDB,
+        "cluster=local",
+        "cluster.tasks_per_node=1",
+        "train.max_steps=3",
+        f"run.root={root}",
+        "run.name=sw",
+        "train.lr=1e-3,3e-3",
+    )
     [sweep_dir] = list((root / "sw").iterdir())
     record = json.loads((sweep_dir / "sweep.json").read_text())
     runs = [sweep_dir / "0", sweep_dir / "1"]
@@ -259,14 +332,24 @@ def test_local_sweep_runs_elements_in_turn_in_one_wandb_group(tmp_path, capsys):
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_time_limit_requeues_until_done_with_one_curve_one_wandb_run_and_no_secret(
-        slurm_cluster, reference, tmp_path, capsys, monkeypatch):
+    slurm_cluster, reference, tmp_path, capsys, monkeypatch
+):
     """A 2-minute limit and ~75 s of training: USR2 comes 50-80 s before the limit, every rank saves,
     the job requeues itself (as often as needed) and ends with the uninterrupted loss curve."""
     monkeypatch.setenv("WANDB_API_KEY", FAKE_WANDB_KEY)  # secrets in the submitting shell:
     monkeypatch.setenv("HF_TOKEN", FAKE_HF_TOKEN)  # the job inherits them, no file may keep them
     steps, run = REFERENCE_STEPS, tmp_path / "run"
-    tuneforge(*TINY, *TRAIN, *WANDB, *slurm(slurm_cluster, timeout_min=2), "cluster.signal_delay_s=50",
-              "cluster.max_requeues=8", f"train.max_steps={steps}", "train.step_sleep_s=0.12", f"run.dir={run}")
+    tuneforge(
+        *TINY,
+        *TRAIN,
+        *WANDB,
+        *slurm(slurm_cluster, timeout_min=2),
+        "cluster.signal_delay_s=50",
+        "cluster.max_requeues=8",
+        f"train.max_steps={steps}",
+        "train.step_sleep_s=0.12",
+        f"run.dir={run}",
+    )
     info = wait_final(run, 900)
     assert info.state == "COMPLETED", info.errors
     requeues = of_kind(run, "requeue")
@@ -301,8 +384,15 @@ def test_preempted_and_requeued_job_resumes_and_completes(slurm_cluster, referen
     import submitit
 
     steps, run = 150, tmp_path / "run"
-    tuneforge(*TINY, *TRAIN, *WANDB, *slurm(slurm_cluster), f"train.max_steps={steps}", "train.step_sleep_s=0.1",
-              f"run.dir={run}")
+    tuneforge(
+        *TINY,
+        *TRAIN,
+        *WANDB,
+        *slurm(slurm_cluster),
+        f"train.max_steps={steps}",
+        "train.step_sleep_s=0.1",
+        f"run.dir={run}",
+    )
     wait_until(lambda: last_step(run) >= 30, 300, "step 30")
     out = command_output(capsys, "status", str(run))
     assert "RUNNING" in out and job_id(run) in out
@@ -336,8 +426,19 @@ def test_preempted_and_requeued_job_resumes_and_completes(slurm_cluster, referen
 @pytest.mark.slow
 def test_sweep_is_one_job_array_with_four_run_dirs_and_one_wandb_group(slurm_cluster, tmp_path, capsys):
     root = tmp_path / "runs"
-    out = command_output(capsys, "-m", *TINY, *TRAIN, *WANDB, *slurm(slurm_cluster, nodes=1), "train.max_steps=4",
-                         f"run.root={root}", "run.name=sw", "train.lr=1e-3,3e-3", "model.hidden_size=32,64")
+    out = command_output(
+        capsys,
+        "-m",
+        *TINY,
+        *TRAIN,
+        *WANDB,
+        *slurm(slurm_cluster, nodes=1),
+        "train.max_steps=4",
+        f"run.root={root}",
+        "run.name=sw",
+        "train.lr=1e-3,3e-3",
+        "model.hidden_size=32,64",
+    )
     [sweep_dir] = list((root / "sw").iterdir())
     record = json.loads((sweep_dir / "sweep.json").read_text())
     array = record["array_job_id"]
@@ -347,8 +448,9 @@ def test_sweep_is_one_job_array_with_four_run_dirs_and_one_wandb_group(slurm_clu
     assert [job_id(r) for r in runs] == [f"{array}_{i}" for i in range(4)]
     infos = [wait_final(r, 300) for r in runs]
     assert [i.state for i in infos] == ["COMPLETED"] * 4, [i.errors for i in infos]
-    accounting = subprocess.run(["sacct", "-j", array, "-X", "-n", "-P", "-o", "JobID,State"], capture_output=True,
-                                text=True, check=True).stdout.split()
+    accounting = subprocess.run(
+        ["sacct", "-j", array, "-X", "-n", "-P", "-o", "JobID,State"], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert sorted(accounting) == [f"{array}_{i}|COMPLETED" for i in range(4)]
     assert [p.name for p in (sweep_dir / "slurm").glob("*_submission.sh")] == [f"{array}_submission.sh"]
     assert "#SBATCH --array=0-3%4" in (sweep_dir / "slurm" / f"{array}_submission.sh").read_text()
@@ -360,13 +462,20 @@ def test_sweep_is_one_job_array_with_four_run_dirs_and_one_wandb_group(slurm_clu
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_killed_rank_fails_the_job_in_bounded_time_then_cancel_and_resume(
-        slurm_cluster, reference, tmp_path, capsys):
+def test_killed_rank_fails_the_job_in_bounded_time_then_cancel_and_resume(slurm_cluster, reference, tmp_path, capsys):
     """kill -9 of one rank: the job fails within the collective timeout, status names the ranks;
     the next submission resumes from the last checkpoint; cancel saves and a further one completes."""
     steps, run = 100, tmp_path / "run"
-    common = [*TINY, *TRAIN, "logger=none", *slurm(slurm_cluster), "cluster.collective_timeout_s=30",
-              "train.checkpoint_every=20", f"train.max_steps={steps}", f"run.dir={run}"]
+    common = [
+        *TINY,
+        *TRAIN,
+        "logger=none",
+        *slurm(slurm_cluster),
+        "cluster.collective_timeout_s=30",
+        "train.checkpoint_every=20",
+        f"train.max_steps={steps}",
+        f"run.dir={run}",
+    ]
     tuneforge(*common, "train.step_sleep_s=0.1")
     wait_until(lambda: last_step(run) >= 25, 300, "step 25")
     victim = task_pids(run)[1]
@@ -380,8 +489,11 @@ def test_killed_rank_fails_the_job_in_bounded_time_then_cancel_and_resume(
 
     first_job = job_id(run)
     tuneforge(*common, "train.step_sleep_s=0.1")  # the same run again: resumes from step 20
-    wait_until(lambda: job_id(run) != first_job and "resumed from" in rank0_output(run)
-               and last_step(run) >= 30, 300, "resumed and past step 30")
+    wait_until(
+        lambda: job_id(run) != first_job and "resumed from" in rank0_output(run) and last_step(run) >= 30,
+        300,
+        "resumed and past step 30",
+    )
     assert "RUNNING" in command_output(capsys, "status", str(run))
     assert "cancelled Slurm job" in command_output(capsys, "cancel", str(run))
     info = wait_final(run, 120)

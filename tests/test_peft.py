@@ -5,11 +5,11 @@ file of exactly one global batch, so the loss must fall step after step. One run
 serves several tests (runs are cached per module): the matrix checks, AdaLoRA's ranks, QLoRA's 4-bit
 base, the merged export and the uninterrupted reference of the resume tests.
 """
+
 from __future__ import annotations
 
-import math
-
 import json
+import math
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -25,9 +25,13 @@ CONF = Path(tuneforge.__file__).parent / "conf"
 SEQ_LEN, GLOBAL_BATCH, STEPS = 32, 8, 6
 # dropout 0: runs on different backends must see the same numbers (no RNG in the forward pass)
 METHOD_ARGS: Dict[str, List[str]] = {
-    "lora": ["method.dropout=0"], "dora": ["method.dropout=0"], "qlora": ["method.dropout=0"],
+    "lora": ["method.dropout=0"],
+    "dora": ["method.dropout=0"],
+    "qlora": ["method.dropout=0"],
     "adalora": ["method.dropout=0", "method.init_r=6", "method.target_r=2"],
-    "ia3": [], "loha": [], "lokr": [],
+    "ia3": [],
+    "loha": [],
+    "lokr": [],
 }
 ADAPTED_MODULES = 14  # 2 layers x 7 linear projections (all but lm_head)
 
@@ -39,7 +43,6 @@ def base(tmp_path_factory) -> Path:
     steps so that finetuning starts from a real language model; plus `<dir>/../data.txt`, a slice of the
     corpus that packs into exactly one global batch (every step trains on the same rows). Widths are
     multiples of 32: bitsandbytes' CPU inference kernel repacks 4-bit weights in blocks of 32 rows."""
-    from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from tuneforge.data import bundled
@@ -49,9 +52,18 @@ def base(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("peft")
     docs = [p.strip() for p in bundled("demo_corpus").read_text().split("\n\n") if p.strip()]
     tok = train_tokenizer(docs, 384, 2)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     ids = [i for encoded in tok(docs, add_special_tokens=False)["input_ids"] for i in (*encoded, tok.eos_token_id)]
@@ -68,8 +80,10 @@ def base(tmp_path_factory) -> Path:
     kept, tokens = [], 0
     for doc in docs[::-1]:  # the corpus's end: text the base saw least
         words = doc.split(" ")
-        while words and tokens + len(tok(" ".join(words), add_special_tokens=False)["input_ids"]) + 1 > \
-                GLOBAL_BATCH * SEQ_LEN:  # + EOS
+        while (
+            words
+            and tokens + len(tok(" ".join(words), add_special_tokens=False)["input_ids"]) + 1 > GLOBAL_BATCH * SEQ_LEN
+        ):  # + EOS
             words.pop()  # the last document is cut to fit
         if not words:
             break
@@ -83,11 +97,24 @@ def base(tmp_path_factory) -> Path:
 
 def train_args(base: Path, method: str, backend: str, run_dir: Path, *extra: str) -> List[str]:
     return [
-        "logger=none", "model=hf", f"model.name_or_path={base}", f"data.path={base.parent / 'data.txt'}",
+        "logger=none",
+        "model=hf",
+        f"model.name_or_path={base}",
+        f"data.path={base.parent / 'data.txt'}",
         "data.validation_fraction=0",
-        f"method={method}", f"backend={backend}", f"run.dir={run_dir}", *METHOD_ARGS[method], *partitioned(backend),
-        f"train.max_steps={STEPS}", "train.warmup_steps=1", "train.lr=1e-2", f"train.seq_len={SEQ_LEN}",
-        "train.micro_batch=2", f"train.global_batch={GLOBAL_BATCH}", "train.checkpoint_every=3", *extra,
+        f"method={method}",
+        f"backend={backend}",
+        f"run.dir={run_dir}",
+        *METHOD_ARGS[method],
+        *partitioned(backend),
+        f"train.max_steps={STEPS}",
+        "train.warmup_steps=1",
+        "train.lr=1e-2",
+        f"train.seq_len={SEQ_LEN}",
+        "train.micro_batch=2",
+        f"train.global_batch={GLOBAL_BATCH}",
+        "train.checkpoint_every=3",
+        *extra,
     ]
 
 
@@ -269,7 +296,9 @@ def test_qlora_trains_on_a_4bit_base(runs, base):
     assert summary["params_4bit"] == linear_weights
     base_model, _ = load_base(run_dir)
     layers = base_model.model.layers
-    assert all(isinstance(getattr(layer.self_attn, n), bnb.nn.Linear4bit) for layer in layers for n in ("q_proj", "o_proj"))
+    assert all(
+        isinstance(getattr(layer.self_attn, n), bnb.nn.Linear4bit) for layer in layers for n in ("q_proj", "o_proj")
+    )
     assert all(isinstance(layer.mlp.down_proj, bnb.nn.Linear4bit) for layer in layers)
     # loss falls and the adapter reloads onto a freshly quantised base: test_matrix[qlora-ddp]
 
@@ -307,7 +336,9 @@ def test_export_merges_the_adapter(method, runs, base, capsys):
     assert not (out / "adapter_config.json").exists()
     ids = probe(base)
     merged = logits_of(AutoModelForCausalLM.from_pretrained(out), ids)
-    with_adapter = logits_of(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(run_dir / "final")), ids)
+    with_adapter = logits_of(
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(run_dir / "final")), ids
+    )
     torch.testing.assert_close(merged, with_adapter, atol=1e-4, rtol=1e-4)
 
 
@@ -336,20 +367,26 @@ def test_resume_equals_uninterrupted(method, runs, base, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("overrides,key,words", [
-    (["method=lora", "method.target_modules=[q_proj,qkv_proj]"], "method.target_modules", "'qkv_proj'"),
-    (["method=lora", "method.target_modules=[q_prj]"], "method.target_modules", "did you mean 'q_proj'"),
-    (["method=dora", "method.r=0"], "method.r", "must be >= 1"),
-    (["method=loha", "method.r=-2"], "method.r", "must be >= 1"),
-    (["method=adalora", "method.init_r=0"], "method.init_r", "must be >= 1"),
-    (["method=adalora", "method.target_r=16"], "method.target_r", "exceeds method.init_r"),
-    (["method=lora", "method.init_r=4"], "method.init_r", "unknown key"),
-    (["method=ia3", "method.r=4"], "method.r", "unknown key"),
-    (["method=lokr", "method.orth_reg_weight=0.1"], "method.orth_reg_weight", "unknown key"),
-    (["method=ia3", "method.target_modules=[k_proj]", "method.feedforward_modules=[down_proj]"],
-     "method.feedforward_modules", "not in method.target_modules"),
-    (["method=qlora", "method.quant_type=int3"], "method.quant_type", "nf4"),
-])
+@pytest.mark.parametrize(
+    "overrides,key,words",
+    [
+        (["method=lora", "method.target_modules=[q_proj,qkv_proj]"], "method.target_modules", "'qkv_proj'"),
+        (["method=lora", "method.target_modules=[q_prj]"], "method.target_modules", "did you mean 'q_proj'"),
+        (["method=dora", "method.r=0"], "method.r", "must be >= 1"),
+        (["method=loha", "method.r=-2"], "method.r", "must be >= 1"),
+        (["method=adalora", "method.init_r=0"], "method.init_r", "must be >= 1"),
+        (["method=adalora", "method.target_r=16"], "method.target_r", "exceeds method.init_r"),
+        (["method=lora", "method.init_r=4"], "method.init_r", "unknown key"),
+        (["method=ia3", "method.r=4"], "method.r", "unknown key"),
+        (["method=lokr", "method.orth_reg_weight=0.1"], "method.orth_reg_weight", "unknown key"),
+        (
+            ["method=ia3", "method.target_modules=[k_proj]", "method.feedforward_modules=[down_proj]"],
+            "method.feedforward_modules",
+            "not in method.target_modules",
+        ),
+        (["method=qlora", "method.quant_type=int3"], "method.quant_type", "nf4"),
+    ],
+)
 def test_bad_input_is_refused_before_submission(overrides, key, words, tmp_path, capsys):
     model_dir = tmp_path / "model"  # validation reads config.json only
     model_dir.mkdir()
@@ -364,12 +401,21 @@ def test_bad_input_is_refused_before_submission(overrides, key, words, tmp_path,
 
 
 def test_qlora_on_cpu_refuses_widths_the_4bit_cpu_kernel_cannot_lay_out(tmp_path, capsys):
-    config = {"model_type": "llama", "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    config = {
+        "model_type": "llama",
+        "vocab_size": 512,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
     for width, code in ((32, 2), (64, 0)):
         model_dir = tmp_path / f"model{width}"
         model_dir.mkdir()
-        (model_dir / "config.json").write_text(json.dumps({**config, "hidden_size": width, "intermediate_size": 2 * width}))
+        (model_dir / "config.json").write_text(
+            json.dumps({**config, "hidden_size": width, "intermediate_size": 2 * width})
+        )
         args = ["model=hf", f"model.name_or_path={model_dir}", "method=qlora", "cluster.gpus_per_node=0", "--dry-run"]
         capsys.readouterr()
         assert cli.main(args) == code, width
@@ -386,10 +432,26 @@ def test_unknown_architecture_targets_fail_at_job_start():
 
     from tuneforge.trainers.methods import apply_method
 
-    model = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
-                                                       ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16))
-    cfg = OmegaConf.create({"name": "lora", "r": 4, "alpha": 8.0, "dropout": 0.0, "rslora": False,
-                            "target_modules": ["q_proj", "gate_proj"]})
+    model = AutoModelForCausalLM.from_config(
+        OPTConfig(
+            vocab_size=64,
+            hidden_size=16,
+            num_hidden_layers=1,
+            ffn_dim=32,
+            num_attention_heads=2,
+            word_embed_proj_dim=16,
+        )
+    )
+    cfg = OmegaConf.create(
+        {
+            "name": "lora",
+            "r": 4,
+            "alpha": 8.0,
+            "dropout": 0.0,
+            "rslora": False,
+            "target_modules": ["q_proj", "gate_proj"],
+        }
+    )
     with pytest.raises(ValueError, match=r"method.target_modules: 'gate_proj' matches no module .* fc1, fc2"):
         apply_method(model, cfg, total_steps=10, seed=0)
 

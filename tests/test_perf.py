@@ -1,4 +1,5 @@
 """Throughput plumbing: FLOPs and MFU figures, the measured ceiling, the speed levers keep the maths."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,17 @@ from tuneforge.trainers import metrics
 def tiny_llama(tied: bool = False, **overrides):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied, use_cache=False,
-                         **overrides)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+        use_cache=False,
+        **overrides,
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config)
 
@@ -23,8 +32,10 @@ def test_flops_count_the_weights_that_enter_a_matmul():
     untied, tied = tiny_llama(), tiny_llama(tied=True)
     embedding = 128 * 32
     total = sum(p.numel() for p in untied.parameters())
-    assert metrics.matmul_parameters(untied) == {"matmul_params_total": total - embedding,
-                                                 "matmul_params_trainable": total - embedding}
+    assert metrics.matmul_parameters(untied) == {
+        "matmul_params_total": total - embedding,
+        "matmul_params_trainable": total - embedding,
+    }
     # tied: the table is the output head too, and counted once
     assert metrics.matmul_parameters(tied)["matmul_params_total"] == sum(p.numel() for p in tied.parameters())
     untied.model.embed_tokens.requires_grad_(False)

@@ -7,6 +7,7 @@
 - DeepSpeed's own estimator for the presets, and the published rules of thumb (docs/preflight.md);
 - the CLI: the refused 8B full finetune on one 80 GB GPU, its suggestions, --force, exit codes, no torch.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,7 +17,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,15 +25,31 @@ import pytest
 from tuneforge.launch import preflight, rundir
 from tuneforge.launch.cli import main
 from tuneforge.launch.compose import compose, group_options
-from tuneforge.launch.estimate import (BACKENDS, GIB, GPU_TYPES, Job, MethodSpec, ModelShape, activation_bytes_per_token,
-                                       adapter_params, flops_per_token, memory)
+from tuneforge.launch.estimate import (
+    BACKENDS,
+    GIB,
+    GPU_TYPES,
+    Job,
+    MethodSpec,
+    ModelShape,
+    activation_bytes_per_token,
+    adapter_params,
+    flops_per_token,
+    memory,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = ("llama3_8b", "mistral_7b", "qwen2_5_7b")
 #: every option a suggestion may use once the backends and PEFT methods are merged
 ALL_OPTIONS = {"backend": list(BACKENDS), "method": ["full", "lora", "qlora"]}
-REFUSED_8B = ["model=llama3_8b", "method=full", "cluster=slurm", "cluster.gpu_type=a100_80g",
-              "cluster.gpus_per_node=1", "cluster.tasks_per_node=1"]
+REFUSED_8B = [
+    "model=llama3_8b",
+    "method=full",
+    "cluster=slurm",
+    "cluster.gpu_type=a100_80g",
+    "cluster.gpus_per_node=1",
+    "cluster.tasks_per_node=1",
+]
 TINY_SHAPE = dict(vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
 
 
@@ -51,9 +67,18 @@ def tiny_hf(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny_hf")
     tok = train_tokenizer(data.resolve(None, "demo_corpus").read_text().splitlines(), 512, 2)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -79,8 +104,15 @@ def test_config_json_shapes_count_what_transformers_builds(tmp_path):
     }
     for name, extra in variants.items():
         model_type = extra.pop("model_type")
-        cfg = AutoConfig.for_model(model_type, vocab_size=300, hidden_size=64, intermediate_size=96,
-                                   num_hidden_layers=3, num_attention_heads=4, **extra)
+        cfg = AutoConfig.for_model(
+            model_type,
+            vocab_size=300,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            **extra,
+        )
         cfg.save_pretrained(tmp_path / name)
         shape, source = preflight.model_shape(SimpleNamespace(kind="hf", name_or_path=str(tmp_path / name)))
         assert source.endswith("config.json"), source
@@ -96,18 +128,27 @@ def test_adapter_counts_match_peft():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     shape = ModelShape(vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=176)
-    base = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=176,
-                                                        num_hidden_layers=2, num_attention_heads=4,
-                                                        num_key_value_heads=2))
+    base = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=176,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     some = ["q_proj", "v_proj", "gate_proj", "down_proj"]
     # targets None: what the trainer gives peft then (trainers/methods.py): "all-linear", IA3 peft's default
-    cases = [("lora", LoraConfig(r=4, target_modules="all-linear"), 4, None),
-             ("lora", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), 4, ["q_proj", "v_proj"]),
-             ("dora", LoraConfig(r=4, use_dora=True, target_modules=some), 4, some),
-             ("adalora", AdaLoraConfig(init_r=6, target_r=2, total_step=10, target_modules="all-linear"), 6, None),
-             ("loha", LoHaConfig(r=4, target_modules=["q_proj", "v_proj"]), 4, ["q_proj", "v_proj"]),
-             ("lokr", LoKrConfig(r=4, target_modules=some), 4, some),
-             ("ia3", IA3Config(), 0, None)]
+    cases = [
+        ("lora", LoraConfig(r=4, target_modules="all-linear"), 4, None),
+        ("lora", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), 4, ["q_proj", "v_proj"]),
+        ("dora", LoraConfig(r=4, use_dora=True, target_modules=some), 4, some),
+        ("adalora", AdaLoraConfig(init_r=6, target_r=2, total_step=10, target_modules="all-linear"), 6, None),
+        ("loha", LoHaConfig(r=4, target_modules=["q_proj", "v_proj"]), 4, ["q_proj", "v_proj"]),
+        ("lokr", LoKrConfig(r=4, target_modules=some), 4, some),
+        ("ia3", IA3Config(), 0, None),
+    ]
     for method, peft_cfg, r, targets in cases:
         model = get_peft_model(copy.deepcopy(base), peft_cfg)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -123,10 +164,15 @@ def test_qlora_base_bytes_match_bitsandbytes(tiny_hf):
 
     from tuneforge.trainers.metrics import _quant_tensors, storage_bytes
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(tiny_hf, quantization_config=quant, device_map="cpu",
-                                                 dtype=torch.bfloat16)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_hf, quantization_config=quant, device_map="cpu", dtype=torch.bfloat16
+    )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
     measured = storage_bytes([t for p in model.parameters() for t in (p, *_quant_tensors(p))])
@@ -145,8 +191,15 @@ def test_saved_activations_match_autograd():
 
     from tuneforge.trainers.optim import token_loss_sum
 
-    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_cache=False,
+    )
     shape = ModelShape(vocab=512, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=352)
     batch, seq = 4, 64
     ids = torch.randint(0, 512, (batch, seq))
@@ -154,8 +207,11 @@ def test_saved_activations_match_autograd():
     for dtype in ("fp32", "bf16"):
         for attention in ("sdpa", "eager"):
             for ckpt in (False, True):
-                model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=attention,
-                                                         dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
+                model = AutoModelForCausalLM.from_config(
+                    copy.deepcopy(cfg),
+                    attn_implementation=attention,
+                    dtype=torch.float32 if dtype == "fp32" else torch.bfloat16,
+                )
                 model.train()
                 if ckpt:
                     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -177,7 +233,9 @@ def test_saved_activations_match_autograd():
                 rows.append((dtype, attention, ckpt, measured, estimated))
     print("\nsaved activations  dtype attention ckpt  measured  estimated  error")
     for dtype, attention, ckpt, measured, estimated in rows:
-        print(f"  {dtype:>5} {attention:>9} {ckpt!s:>5} {measured:9d} {estimated:10.0f} {estimated / measured - 1:+.1%}")
+        print(
+            f"  {dtype:>5} {attention:>9} {ckpt!s:>5} {measured:9d} {estimated:10.0f} {estimated / measured - 1:+.1%}"
+        )
         assert estimated == pytest.approx(measured, rel=0.05)
 
 
@@ -229,14 +287,26 @@ def test_peak_activation_memory_vs_measured_rss():
     rows = json.loads(result.stdout.strip().splitlines()[-1])
     print("\npeak within one step  vocab hidden dtype ckpt  measured MiB  estimated MiB  error")
     for vocab, hidden, dtype, ckpt, measured, estimated in rows:
-        print(f"  {vocab:6d} {hidden:4d} {dtype} {ckpt!s:>5}  {measured / 2**20:8.1f}  {estimated / 2**20:8.1f}  "
-              f"{estimated / measured - 1:+.0%}")
+        print(
+            f"  {vocab:6d} {hidden:4d} {dtype} {ckpt!s:>5}  {measured / 2**20:8.1f}  {estimated / 2**20:8.1f}  "
+            f"{estimated / measured - 1:+.0%}"
+        )
     assert all(0.8 < estimated / measured < 1.3 for *_, measured, estimated in rows)
 
 
 # ------------------------------------------------------------------------------------ model states of real runs
-RUNS = [("ddp", "full"), ("fsdp", "full"), ("zero1", "full"), ("zero2", "full"), ("zero3", "full"),
-        ("zero3_offload", "full"), ("ddp", "lora"), ("fsdp", "lora"), ("ddp", "qlora"), ("fsdp", "qlora")]
+RUNS = [
+    ("ddp", "full"),
+    ("fsdp", "full"),
+    ("zero1", "full"),
+    ("zero2", "full"),
+    ("zero3", "full"),
+    ("zero3_offload", "full"),
+    ("ddp", "lora"),
+    ("fsdp", "lora"),
+    ("ddp", "qlora"),
+    ("fsdp", "qlora"),
+]
 
 
 @pytest.mark.slow
@@ -245,14 +315,26 @@ def test_model_states_match_a_real_run(tiny_hf, tmp_path, capsys, backend, metho
     """Per rank, params + grads + optimizer state bytes held after the first step (the trainer's
     mem_*_bytes in summary.json) within 10% of the estimate. The ddp/full run also shows the refusal
     and --force: its cluster declares 2 GPUs of 1 MiB (there is no GPU: the tasks train on CPU)."""
-    missing = [f"{group}={name}" for group, name in (("backend", backend), ("method", method))
-               if name not in group_options(group)]
+    missing = [
+        f"{group}={name}"
+        for group, name in (("backend", backend), ("method", method))
+        if name not in group_options(group)
+    ]
     if missing:
         pytest.skip(f"{' and '.join(missing)} not in this checkout (issues 3 and 4); the lead re-runs after merge")
     run_dir = tmp_path / "run"
-    overrides = [f"model=hf", f"model.name_or_path={tiny_hf}", f"method={method}", f"backend={backend}",
-                 "logger=none", "train.max_steps=2", "train.warmup_steps=1", "train.dtype=bf16",
-                 "train.checkpoint_every=0", f"run.dir={run_dir}"]
+    overrides = [
+        "model=hf",
+        f"model.name_or_path={tiny_hf}",
+        f"method={method}",
+        f"backend={backend}",
+        "logger=none",
+        "train.max_steps=2",
+        "train.warmup_steps=1",
+        "train.dtype=bf16",
+        "train.checkpoint_every=0",
+        f"run.dir={run_dir}",
+    ]
     if (backend, method) == ("ddp", "full"):
         overrides += ["cluster.gpus_per_node=2", "cluster.tasks_per_node=2", "cluster.gpu_memory_gb=0.001"]
         assert main(overrides) == 2, "a job that does not fit is refused"
@@ -266,12 +348,17 @@ def test_model_states_match_a_real_run(tiny_hf, tmp_path, capsys, backend, metho
     m = report.memory
     estimated = {"params": m.params, "grads": m.grads, "optim": m.optim}
     expected_total = m.model_states + m.cpu  # offloaded state is CPU memory: on CPU it is all counted
-    print(f"\n{backend}/{method} per rank bytes: estimated "
-          + ", ".join(f"{k} {v:.0f}" for k, v in estimated.items()) + f" (+ offloaded {m.cpu:.0f})")
+    print(
+        f"\n{backend}/{method} per rank bytes: estimated "
+        + ", ".join(f"{k} {v:.0f}" for k, v in estimated.items())
+        + f" (+ offloaded {m.cpu:.0f})"
+    )
     for rank, held in enumerate(summary["mem_per_rank"]):
         total = held["mem_params_bytes"] + held["mem_grads_bytes"] + held["mem_optim_bytes"]
-        print(f"  rank {rank} measured params {held['mem_params_bytes']}, grads {held['mem_grads_bytes']}, optim "
-              f"{held['mem_optim_bytes']}: total {total} vs {expected_total:.0f} ({expected_total / total - 1:+.1%})")
+        print(
+            f"  rank {rank} measured params {held['mem_params_bytes']}, grads {held['mem_grads_bytes']}, optim "
+            f"{held['mem_optim_bytes']}: total {total} vs {expected_total:.0f} ({expected_total / total - 1:+.1%})"
+        )
         assert expected_total == pytest.approx(total, rel=0.10), (rank, held)
 
 
@@ -298,8 +385,9 @@ def test_presets_agree_with_deepspeeds_estimator():
                 _, theirs = estimate_zero2_model_states_mem_needs(n, 8, 1, cpu_offload=False)
             else:
                 offload = kind == "zero3_offload"
-                _, theirs, _ = estimate_zero3_model_states_mem_needs(n, largest, 8, 1, cpu_offload=offload,
-                                                                     cpu_offload_params=offload, zero_init=True)
+                _, theirs, _ = estimate_zero3_model_states_mem_needs(
+                    n, largest, 8, 1, cpu_offload=offload, cpu_offload_params=offload, zero_init=True
+                )
             rows.append((preset, kind, ours, theirs))
             assert ours == pytest.approx(theirs, rel=tolerance), (preset, kind)
         # the published rule of thumb: 16 bytes/param for mixed-precision Adam, sharded 8 ways by ZeRO-3
@@ -307,8 +395,14 @@ def test_presets_agree_with_deepspeeds_estimator():
         assert persistent == pytest.approx(16 * n / 8, rel=1e-9)
         for method, backend in (("lora", "fsdp"), ("qlora", "fsdp")):
             spec = preflight.method_spec(SimpleNamespace(name=method), shape)
-            rows.append((preset, f"{method}/{backend}", memory(shape, spec, Job(backend, 8, 1, 4096, "bf16")).model_states,
-                         None))
+            rows.append(
+                (
+                    preset,
+                    f"{method}/{backend}",
+                    memory(shape, spec, Job(backend, 8, 1, 4096, "bf16")).model_states,
+                    None,
+                )
+            )
     print("\nmodel states per GPU, 8 x 80 GB, bf16 (GiB)   ours   DeepSpeed")
     for preset, kind, ours, theirs in rows:
         print(f"  {preset:11} {kind:14} {ours / GIB:7.2f} {'' if theirs is None else f'{theirs / GIB:9.2f}'}")
@@ -339,15 +433,26 @@ def test_refused_8b_full_finetune_on_one_80gb_gpu(tmp_path, capsys):
     assert any(s.gpus > 1 and "method" not in s.overrides for s in fixes.values()), "more GPUs"
     assert "method=qlora" in fixes and "method=lora" in fixes
     # and with activations that dominate: checkpointing and a smaller micro batch are what it takes
-    long = _check(REFUSED_8B + ["train.dtype=bf16", "train.seq_len=4096", "train.micro_batch=4",
-                                "train.global_batch=8"], ALL_OPTIONS)
+    long = _check(
+        REFUSED_8B + ["train.dtype=bf16", "train.seq_len=4096", "train.micro_batch=4", "train.global_batch=8"],
+        ALL_OPTIONS,
+    )
     assert long.fits is False and any("train.micro_batch" in s.overrides for s in long.suggestions)
     print(preflight.render(long))
 
 
 def test_exit_codes(tmp_path, capsys):
-    fits = ["model=llama3_8b", "method=full", "cluster=slurm", "cluster.gpus_per_node=8", "cluster.tasks_per_node=8",
-            "train.dtype=bf16", "train.global_batch=32", f"run.dir={tmp_path / 'x'}", "--dry-run"]
+    fits = [
+        "model=llama3_8b",
+        "method=full",
+        "cluster=slurm",
+        "cluster.gpus_per_node=8",
+        "cluster.tasks_per_node=8",
+        "train.dtype=bf16",
+        "train.global_batch=32",
+        f"run.dir={tmp_path / 'x'}",
+        "--dry-run",
+    ]
     assert main(fits + ["cluster.gpu_type=h200"]) == 0
     assert "(h200): fits" in capsys.readouterr().out
     assert main(fits + ["cluster.gpu_type=h100"]) == 2  # a config problem
@@ -358,11 +463,18 @@ def test_exit_codes(tmp_path, capsys):
 
 
 def test_dry_run_is_fast_and_imports_no_torch():
-    code = ("import sys, time; t = time.perf_counter(); from tuneforge.launch.cli import main; "
-            f"rc = main({REFUSED_8B + ['--dry-run']!r}); "
-            "print('RESULT', rc, 'torch' in sys.modules, round(time.perf_counter() - t, 3))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    code = (
+        "import sys, time; t = time.perf_counter(); from tuneforge.launch.cli import main; "
+        f"rc = main({REFUSED_8B + ['--dry-run']!r}); "
+        "print('RESULT', rc, 'torch' in sys.modules, round(time.perf_counter() - t, 3))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=60,
+    )
     rc, torch_loaded, seconds = result.stdout.split("RESULT")[-1].split()
     print(f"\ndry run of the refused 8B job: {seconds} s in-process (imports included), torch imported: {torch_loaded}")
     assert rc == "2" and torch_loaded == "False"
@@ -382,10 +494,23 @@ def test_cpu_runs_are_reported_not_checked():
 
 
 def test_time_cost_and_requeue_warning():
-    overrides = ["model=llama3_8b", "method=full", "backend=ddp", "cluster=slurm", "cluster.gpu_type=h100_80g",
-                 "cluster.gpus_per_node=8", "cluster.tasks_per_node=8", "cluster.nodes=2", "train.seq_len=4096",
-                 "train.micro_batch=1", "train.global_batch=64", "train.max_steps=20000", "train.dtype=bf16",
-                 "cluster.timeout_min=120", "cluster.max_requeues=2"]
+    overrides = [
+        "model=llama3_8b",
+        "method=full",
+        "backend=ddp",
+        "cluster=slurm",
+        "cluster.gpu_type=h100_80g",
+        "cluster.gpus_per_node=8",
+        "cluster.tasks_per_node=8",
+        "cluster.nodes=2",
+        "train.seq_len=4096",
+        "train.micro_batch=1",
+        "train.global_batch=64",
+        "train.max_steps=20000",
+        "train.dtype=bf16",
+        "cluster.timeout_min=120",
+        "cluster.max_requeues=2",
+    ]
     report = _check(overrides)
     shape, world = report.shape, 16
     per_token = 6 * shape.params() + 12 * shape.layers * shape.hidden * 4096
@@ -428,8 +553,14 @@ def test_flops_match_the_trainers_count():
 
 def test_plain_fields_map_future_schemas():
     """The estimator reads names and a few optional fields, so the backend and PEFT schemas plug in as they land."""
-    kinds = {("deepspeed", 1, None): "zero1", ("deepspeed", 3, None): "zero3", ("deepspeed", 3, "cpu"): "zero3_offload",
-             ("zero2", None, None): "zero2", ("fsdp", None, None): "fsdp", ("ddp", None, None): "ddp"}
+    kinds = {
+        ("deepspeed", 1, None): "zero1",
+        ("deepspeed", 3, None): "zero3",
+        ("deepspeed", 3, "cpu"): "zero3_offload",
+        ("zero2", None, None): "zero2",
+        ("fsdp", None, None): "fsdp",
+        ("ddp", None, None): "ddp",
+    }
     for (name, stage, offload), kind in kinds.items():
         assert preflight.backend_kind(SimpleNamespace(name=name, stage=stage, offload_optimizer=offload)) == kind
     shape = ModelShape(**TINY_SHAPE)

@@ -1,4 +1,5 @@
 """The sbatch text for a 2-node profile, against a golden file (regenerate: TUNEFORGE_GOLDEN=update)."""
+
 from __future__ import annotations
 
 import os
@@ -10,9 +11,17 @@ from tuneforge.slurm.executors import sbatch_script
 
 GOLDEN = Path(__file__).parent / "golden" / "sbatch_2node.txt"
 OVERRIDES = [
-    "cluster=slurm", "cluster.nodes=2", "cluster.tasks_per_node=4", "cluster.gpus_per_node=4",
-    "cluster.partition=gpu", "cluster.account=proj42", "cluster.qos=normal", "cluster.mem_gb=256",
-    "cluster.cpus_per_task=8", "cluster.timeout_min=240", "cluster.constraint=h100",
+    "cluster=slurm",
+    "cluster.nodes=2",
+    "cluster.tasks_per_node=4",
+    "cluster.gpus_per_node=4",
+    "cluster.partition=gpu",
+    "cluster.account=proj42",
+    "cluster.qos=normal",
+    "cluster.mem_gb=256",
+    "cluster.cpus_per_task=8",
+    "cluster.timeout_min=240",
+    "cluster.constraint=h100",
     "cluster.extra_sbatch=['--reservation=tuning','--exclusive']",
     "cluster.setup=['module load cuda/12.4','source /opt/venvs/train/bin/activate']",
 ]

@@ -1,21 +1,27 @@
 """Real Slurm jobs through the CLI: 2 nodes of the test cluster (scripts/slurm-cluster.sh), one task each."""
+
 from __future__ import annotations
 
 import json
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-
 from conftest import QUICK, TINY, metrics, tuneforge
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def slurm(partition: str, nodes: int = 2):
-    return ["cluster=slurm", f"cluster.partition={partition}", f"cluster.nodes={nodes}", "cluster.tasks_per_node=1",
-            "cluster.cpus_per_task=1", "cluster.timeout_min=10", "cluster.mem_gb=2"]
+    return [
+        "cluster=slurm",
+        f"cluster.partition={partition}",
+        f"cluster.nodes={nodes}",
+        "cluster.tasks_per_node=1",
+        "cluster.cpus_per_task=1",
+        "cluster.timeout_min=10",
+        "cluster.mem_gb=2",
+    ]
 
 
 def test_two_node_job_completes_with_both_ranks(slurm_cluster, tmp_path, capsys):

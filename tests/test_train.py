@@ -1,11 +1,11 @@
 """End-to-end training through the real CLI: 1 and 2 gloo processes, pretraining, full finetuning, resume."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-
 from conftest import QUICK, TINY, losses, metrics, tuneforge
 
 pytestmark = pytest.mark.slow
@@ -47,8 +47,15 @@ def test_full_finetuning_of_a_model_loaded_by_path(tiny_base, tmp_path):
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "full"
-    tuneforge("model=hf", f"model.name_or_path={tiny_base}", "method=full", *QUICK, "train.seq_len=32",
-              "cluster.tasks_per_node=2", f"run.dir={run}")
+    tuneforge(
+        "model=hf",
+        f"model.name_or_path={tiny_base}",
+        "method=full",
+        *QUICK,
+        "train.seq_len=32",
+        "cluster.tasks_per_node=2",
+        f"run.dir={run}",
+    )
     curve = losses(run)
     assert curve[-1] < curve[0]
     base = AutoModelForCausalLM.from_pretrained(tiny_base)

@@ -1,4 +1,5 @@
 """Bad input fails in the CLI before anything is submitted: exit code 2, the key named, nothing written."""
+
 from __future__ import annotations
 
 import pytest

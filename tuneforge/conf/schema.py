@@ -7,6 +7,7 @@ given to the wrong option is then an unknown key too. Cross-field rules live in 
 
 This module imports only the standard library, omegaconf and hydra: the submit path stays light.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -350,9 +351,14 @@ class Config:
 SCHEMAS: Dict[str, Dict[str, Any]] = {
     "model": {"base_model": ModelConfig},
     "method": {
-        "base_full": FullConfig, "base_pretrain": PretrainConfig,
-        "base_lora": LoraMethodConfig, "base_dora": DoraMethodConfig, "base_qlora": QLoraMethodConfig,
-        "base_adalora": AdaLoraMethodConfig, "base_ia3": IA3MethodConfig, "base_loha": LohaMethodConfig,
+        "base_full": FullConfig,
+        "base_pretrain": PretrainConfig,
+        "base_lora": LoraMethodConfig,
+        "base_dora": DoraMethodConfig,
+        "base_qlora": QLoraMethodConfig,
+        "base_adalora": AdaLoraMethodConfig,
+        "base_ia3": IA3MethodConfig,
+        "base_loha": LohaMethodConfig,
         "base_lokr": LokrMethodConfig,
     },
     "backend": {"base_ddp": DDPConfig, "base_fsdp": FSDPConfig, "base_deepspeed": DeepSpeedConfig},

@@ -1,4 +1,5 @@
 """Datasets written for this project and shipped with it (see the README's data section)."""
+
 from __future__ import annotations
 
 from pathlib import Path

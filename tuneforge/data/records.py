@@ -8,6 +8,7 @@ library (trainers/data.py) after running the same checks, so nothing is trained 
 Row numbers: the line in JSONL and CSV files (CSV: the line where the row ends), the 1-based element
 of a JSON array, the 1-based row of a Parquet file, the 1-based document of a text file.
 """
+
 from __future__ import annotations
 
 import csv
@@ -178,8 +179,10 @@ def _csv_rows(file: Path) -> Iterator[Tuple[int, Any]]:
         reader = csv.DictReader(f)
         for row in reader:
             if None in row:  # more cells than header columns
-                raise DataError(f"{file}:{reader.line_num}: {len(row) - 1 + len(row[None])} cells, "
-                                f"the header has {len(reader.fieldnames)} columns")
+                raise DataError(
+                    f"{file}:{reader.line_num}: {len(row) - 1 + len(row[None])} cells, "
+                    f"the header has {len(reader.fieldnames)} columns"
+                )
             yield reader.line_num, row
 
 

@@ -5,6 +5,7 @@
     tuneforge status|logs|cancel|sync|export <run dir> ...      # follow and manage runs (launch/commands.py)
 (--force: submit although the preflight estimates that a job does not fit in GPU memory)
 """
+
 from __future__ import annotations
 
 import sys

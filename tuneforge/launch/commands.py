@@ -11,6 +11,7 @@ reads the run dir's records (launch/runinfo.py), asks the scheduler through subm
 Each command is one function below taking its own arguments; `main` only dispatches. Exit codes:
 0 done, 1 failed while working, 2 bad arguments (nothing written).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -108,11 +109,9 @@ def _checkpoint_dir(run_dir: Path, step) -> Path:
     else:
         path = root / f"step_{step}"
     if not (path / "trainer.json").is_file():
-        kept = sorted((p.name for p in root.glob("step_*") if (p / "trainer.json").is_file()),
-                      key=lambda n: int(n[5:]))
+        kept = sorted((p.name for p in root.glob("step_*") if (p / "trainer.json").is_file()), key=lambda n: int(n[5:]))
         raise _BadArguments(f"--step: no checkpoint {path.name} in {root}; kept: {', '.join(kept) or 'none'}")
     return path
-
 
 
 # ------------------------------------------------------------------------------------------ status
@@ -125,14 +124,26 @@ def status(args: List[str]) -> int:
     infos = runinfo.gather(runinfo.run_dirs(path))
     if sweep.is_sweep_dir(path):
         record = sweep.read(path)
-        print(f"sweep {path}: {len(infos)} element(s), array job {record.get('array_job_id') or '-'}, "
-              f"W&B group {record['group']}")
+        print(
+            f"sweep {path}: {len(infos)} element(s), array job {record.get('array_job_id') or '-'}, "
+            f"W&B group {record['group']}"
+        )
     rows = [("RUN", "JOB", "STATE", "STEP", "LOSS", "TOK/S", "ELAPSED", "REQUEUES", "W&B")]
     for info in infos:
         name = info.run_dir.name if sweep.is_sweep_dir(path) else str(info.run_dir)
-        rows.append((name, info.job.job_id if info.job else "-", info.state,
-                     f"{_or(info.step)}/{_or(info.max_steps)}", _or(info.loss, "{:.4f}"),
-                     _or(info.tokens_per_s, "{:.0f}"), _duration(info.elapsed_s), str(info.requeues), info.wandb))
+        rows.append(
+            (
+                name,
+                info.job.job_id if info.job else "-",
+                info.state,
+                f"{_or(info.step)}/{_or(info.max_steps)}",
+                _or(info.loss, "{:.4f}"),
+                _or(info.tokens_per_s, "{:.0f}"),
+                _duration(info.elapsed_s),
+                str(info.requeues),
+                info.wandb,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -209,8 +220,11 @@ def _single_run(path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------ cancel
 def cancel(args: List[str]) -> int:
-    p = _parser("cancel", "Cancel a run's job, or a sweep's whole array. Each rank saves a checkpoint first "
-                          "(SIGTERM); submit again with the same run.dir to continue.")
+    p = _parser(
+        "cancel",
+        "Cancel a run's job, or a sweep's whole array. Each rank saves a checkpoint first "
+        "(SIGTERM); submit again with the same run.dir to continue.",
+    )
     p.add_argument("path", type=Path)
     opts = p.parse_args(args)
     path = opts.path.expanduser().resolve()
@@ -236,8 +250,11 @@ def cancel(args: List[str]) -> int:
 
 # ------------------------------------------------------------------------------------------ sync
 def sync(args: List[str]) -> int:
-    p = _parser("sync", "Upload the offline W&B runs of a run or sweep dir with `wandb sync` (one call per run: "
-                        "the offline dirs of every allocation of a requeued run, oldest first).")
+    p = _parser(
+        "sync",
+        "Upload the offline W&B runs of a run or sweep dir with `wandb sync` (one call per run: "
+        "the offline dirs of every allocation of a requeued run, oldest first).",
+    )
     p.add_argument("path", type=Path)
     p.add_argument("--print", dest="print_only", action="store_true", help="list what would be synced; upload nothing")
     p.add_argument("--timeout", type=float, default=600, help="seconds per run before giving up")
@@ -272,8 +289,9 @@ def _run_sync(run_dir: Path, command: List[str], timeout: float) -> bool:
 
     env = {**os.environ, "WANDB_SILENT": "false"}
     try:
-        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=timeout, cwd=run_dir, env=env)
+        done = subprocess.run(
+            command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, cwd=run_dir, env=env
+        )
         rc, output = done.returncode, (done.stdout + done.stderr).strip()
     except subprocess.TimeoutExpired as e:
         rc, output = None, f"no answer within {timeout:.0f} s: {(e.stderr or b'')[-300:]!r}"
@@ -287,8 +305,10 @@ def _run_sync(run_dir: Path, command: List[str], timeout: float) -> bool:
     if not can_reach(base_url):
         hints.append(f"{base_url} is unreachable from here: run `tuneforge sync` on a machine with internet access")
     tail = " | ".join(output.splitlines()[-3:])
-    print(f"tuneforge sync: {run_dir} failed (wandb exit {rc}): {tail}" + "".join(f"\n  {h}" for h in hints),
-          file=sys.stderr)
+    print(
+        f"tuneforge sync: {run_dir} failed (wandb exit {rc}): {tail}" + "".join(f"\n  {h}" for h in hints),
+        file=sys.stderr,
+    )
     return False
 
 

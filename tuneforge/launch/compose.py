@@ -3,6 +3,7 @@
 Composition is strict: the schemas in conf/schema.py reject unknown keys and wrong types. Hydra's
 own exceptions are long and nested; `ConfigError` carries one line that names the key and the fix.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -32,8 +33,10 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     for override in overrides:
         if override.startswith(("+", "~")):
             key = override.lstrip("+~").split("=")[0]
-            raise ConfigError(f"{key}: adding or deleting keys ('{override[0]}') is not allowed; the schema "
-                              f"lists every key, set an existing one with {key}=<value>")
+            raise ConfigError(
+                f"{key}: adding or deleting keys ('{override[0]}') is not allowed; the schema "
+                f"lists every key, set an existing one with {key}=<value>"
+            )
     _check_syntax(overrides)
     schema.register()
     GlobalHydra.instance().clear()
@@ -69,8 +72,10 @@ def _check_syntax(overrides: Sequence[str]) -> None:
             parser.parse_override(override)
         except HydraException:
             key = override.split("=")[0]
-            raise ConfigError(f"{key}: cannot parse '{override}'; quote a value with spaces or special "
-                              f"characters, e.g. \"{key}='a value'\"") from None
+            raise ConfigError(
+                f"{key}: cannot parse '{override}'; quote a value with spaces or special "
+                f"characters, e.g. \"{key}='a value'\""
+            ) from None
 
 
 def _check_missing(cfg: DictConfig) -> None:

@@ -9,6 +9,7 @@ the bytes a real run holds.
 
 Units: bytes and FLOPs as plain numbers; GiB (2**30) only when printed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -88,8 +89,9 @@ BACKENDS: Dict[str, Layout] = {
     "zero1": Layout(False, True, True, fp32_master=True, label="ZeRO-1: optimizer sharded"),
     "zero2": Layout(False, True, True, fp32_master=True, label="ZeRO-2: grads + optimizer sharded"),
     "zero3": Layout(True, True, True, fp32_master=True, label="ZeRO-3: params, grads, optimizer sharded"),
-    "zero3_offload": Layout(True, True, True, True, True, fp32_master=True,
-                            label="ZeRO-3, params and optimizer on CPU"),
+    "zero3_offload": Layout(
+        True, True, True, True, True, fp32_master=True, label="ZeRO-3, params and optimizer on CPU"
+    ),
 }
 #: Sharding order, least to most: what "a higher stage" means when suggesting fixes.
 SHARDING_ORDER = ("ddp", "zero1", "zero2", "fsdp", "zero3", "fsdp_offload", "zero3_offload")
@@ -117,8 +119,15 @@ class ModelShape:
     def linears(self) -> Dict[str, Tuple[int, int]]:
         """(in, out) features of each linear of one decoder layer, by its Hugging Face name."""
         h, q, kv, i = self.hidden, self.heads * self.dim, self.kv_heads * self.dim, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
     def layer_linear_params(self) -> int:
         return sum(a * b for a, b in self.linears().values())
@@ -201,8 +210,9 @@ def _targets(method: str, shape: ModelShape, targets) -> Sequence[str]:
     names = [targets] if isinstance(targets, str) else list(targets)
     unknown = [n for n in names if n not in shape.linears()]
     if unknown:
-        raise ValueError(f"target modules {unknown} are not linears of a Llama-family layer "
-                         f"({', '.join(shape.linears())})")
+        raise ValueError(
+            f"target modules {unknown} are not linears of a Llama-family layer ({', '.join(shape.linears())})"
+        )
     return names
 
 
@@ -249,8 +259,11 @@ class Memory:
         while gradients fill in (they are freed after each step: zero_grad(set_to_none=True)), so the
         peak is early in backward (activations, lm_head's gradient), late in backward (the first
         layer's activations, all gradients) or in the optimizer step (gradients and its buffer)."""
-        return max(self.activations_at_start + self.grads_at_loss, self.activations_at_end + self.grads,
-                   self.grads + self.step_transient)
+        return max(
+            self.activations_at_start + self.grads_at_loss,
+            self.activations_at_end + self.grads,
+            self.grads + self.step_transient,
+        )
 
     @property
     def total(self) -> float:
@@ -288,16 +301,21 @@ def memory(shape: ModelShape, method: MethodSpec, job: Job, on_gpu: bool = True)
 
     buffers = _buffers(shape, method, job, layout, b, train_bytes)
     tokens = job.micro_batch * job.seq_len
-    _, at_start, at_end = activation_bytes_per_token(shape, job.dtype, job.activation_checkpointing, job.attention,
-                                                     job.seq_len)
+    _, at_start, at_end = activation_bytes_per_token(
+        shape, job.dtype, job.activation_checkpointing, job.attention, job.seq_len
+    )
     at_start, at_end = at_start * tokens, at_end * tokens
     activations = max(at_start, at_end)
-    overhead = GPU_RUNTIME_OVERHEAD + FRAGMENTATION * (params_here + grads_here + optim_here + buffers
-                                                       + activations) if on_gpu else 0.0
+    overhead = (
+        GPU_RUNTIME_OVERHEAD + FRAGMENTATION * (params_here + grads_here + optim_here + buffers + activations)
+        if on_gpu
+        else 0.0
+    )
     # lm_head's gradient is the first one backward writes; in full training it is there at the peak.
     head = 0.0 if method.peft or n_all == 0 else grads_here * shape.vocab * shape.hidden / n_all
-    return Memory(params_here, grads_here, optim_here, activations, buffers, step_transient, overhead, cpu, head,
-                  at_start, at_end)
+    return Memory(
+        params_here, grads_here, optim_here, activations, buffers, step_transient, overhead, cpu, head, at_start, at_end
+    )
 
 
 def _buffers(shape: ModelShape, method: MethodSpec, job: Job, layout: Layout, b: int, train_bytes: int) -> float:
@@ -322,8 +340,9 @@ def _buffers(shape: ModelShape, method: MethodSpec, job: Job, layout: Layout, b:
 LAYER_BACKWARD_FACTOR = 1.25
 
 
-def activation_bytes_per_token(shape: ModelShape, dtype: str, checkpointing: bool, attention: str = "sdpa",
-                               seq_len: int = 0) -> Tuple[float, float, float]:
+def activation_bytes_per_token(
+    shape: ModelShape, dtype: str, checkpointing: bool, attention: str = "sdpa", seq_len: int = 0
+) -> Tuple[float, float, float]:
     """(saved, at_start, at_end) bytes per token of one micro batch.
 
     saved: what the forward pass leaves for autograd (and the logits the loop holds), counted from

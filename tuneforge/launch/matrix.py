@@ -5,6 +5,7 @@ is refused when validation says so (the reason is its message), and otherwise ru
 combination is trained by tests/test_peft.py::test_matrix (2 CPU ranks: loss falls, adapter saved,
 reloaded adapter gives the same logits).
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -15,8 +16,9 @@ from tuneforge.conf.schema import PEFT_METHODS
 MODEL_ARGS = ("model=llama3_8b",)
 
 
-def refusals(methods: Sequence[str] = PEFT_METHODS, backends: Optional[Sequence[str]] = None
-             ) -> Dict[Tuple[str, str], Optional[str]]:
+def refusals(
+    methods: Sequence[str] = PEFT_METHODS, backends: Optional[Sequence[str]] = None
+) -> Dict[Tuple[str, str], Optional[str]]:
     """{(method, backend): the refusal reason, or None when validation accepts the pair}."""
     from tuneforge.launch.compose import compose, group_options
     from tuneforge.launch.validate import validate
@@ -26,7 +28,7 @@ def refusals(methods: Sequence[str] = PEFT_METHODS, backends: Optional[Sequence[
         for method in methods:
             cfg = compose([*MODEL_ARGS, f"method={method}", f"backend={backend}", "logger=none"])
             prefix = f"method={method} cannot run on backend={cfg.backend.name}: "
-            reasons = [p.message[len(prefix):] for p in validate(cfg) if p.message.startswith(prefix)]
+            reasons = [p.message[len(prefix) :] for p in validate(cfg) if p.message.startswith(prefix)]
             out[(method, backend)] = reasons[0] if reasons else None
     return out
 
@@ -49,8 +51,10 @@ def render(matrix: Dict[Tuple[str, str], Optional[str]]) -> str:
                 cells.append(f"refused ({notes.index(reason) + 1})")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("tested: tests/test_peft.py::test_matrix trains it on 2 CPU ranks (loss falls, adapter saved, "
-                 "reloaded adapter gives the same logits). refused: `tuneforge` stops before submission with:")
+    lines.append(
+        "tested: tests/test_peft.py::test_matrix trains it on 2 CPU ranks (loss falls, adapter saved, "
+        "reloaded adapter gives the same logits). refused: `tuneforge` stops before submission with:"
+    )
     lines.append("")
     lines.extend(f"{i}. {note}" for i, note in enumerate(notes, 1))
     return "\n".join(lines) + "\n"

@@ -4,6 +4,7 @@ Registered into launch/validate.py's rule list on import. `refusal(method, backe
 place that says which method cannot run on which backend, and why; the README's matrix is rendered
 from it through `validate` (launch/matrix.py).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -57,11 +58,15 @@ def refusal(method: str, backend) -> Optional[str]:
     fails on FSDP2 and DeepSpeed for the reasons below."""
     family, stage = backend_family(backend)
     if method == "adalora" and family == "fsdp":
-        return ("peft's AdaLoRA rank allocator reads and masks whole lora_E/A/B tensors, which FSDP2 shards "
-                "(DTensor .tolist() fails); use backend=ddp")
+        return (
+            "peft's AdaLoRA rank allocator reads and masks whole lora_E/A/B tensors, which FSDP2 shards "
+            "(DTensor .tolist() fails); use backend=ddp"
+        )
     if method == "adalora" and family == "deepspeed":
-        return ("DeepSpeed keeps the adapter's gradients and fp32 master weights in its own buffers, so AdaLoRA's "
-                "importance scores see no gradient and its rank masks are undone at the next step; use backend=ddp")
+        return (
+            "DeepSpeed keeps the adapter's gradients and fp32 master weights in its own buffers, so AdaLoRA's "
+            "importance scores see no gradient and its rank masks are undone at the next step; use backend=ddp"
+        )
     return None
 
 
@@ -93,12 +98,17 @@ def _knobs(m, train) -> Iterator[Problem]:
             yield Problem(f"method.{key}", f"must be in [0, 1), got {m[key]}")
     if m.name == "adalora":
         if m.target_r > m.init_r:
-            yield Problem("method.target_r", f"{m.target_r} exceeds method.init_r={m.init_r}: AdaLoRA only removes rank")
+            yield Problem(
+                "method.target_r", f"{m.target_r} exceeds method.init_r={m.init_r}: AdaLoRA only removes rank"
+            )
         for key in ("tinit", "tfinal"):
             yield from _positive(f"method.{key}", m[key], 0)
         if m.tinit >= train.max_steps - m.tfinal:
-            yield Problem("method.tinit", f"tinit={m.tinit} + tfinal={m.tfinal} leave no step of train.max_steps="
-                                          f"{train.max_steps} to reallocate ranks in; lower them or raise train.max_steps")
+            yield Problem(
+                "method.tinit",
+                f"tinit={m.tinit} + tfinal={m.tfinal} leave no step of train.max_steps="
+                f"{train.max_steps} to reallocate ranks in; lower them or raise train.max_steps",
+            )
         for key in ("beta1", "beta2"):
             if not 0 < m[key] < 1:
                 yield Problem(f"method.{key}", f"must be in (0, 1), got {m[key]}")
@@ -108,13 +118,17 @@ def _knobs(m, train) -> Iterator[Problem]:
         yield Problem("method.factor", f"must be -1 (automatic) or >= 1, got {m.factor}")
     if m.name == "ia3" and m.feedforward_modules is not None:
         if m.target_modules is None:
-            yield Problem("method.feedforward_modules", "set method.target_modules too: feedforward_modules must be "
-                                                        "a subset of them")
+            yield Problem(
+                "method.feedforward_modules",
+                "set method.target_modules too: feedforward_modules must be a subset of them",
+            )
         else:
             extra = [f for f in m.feedforward_modules if f not in m.target_modules]
             if extra:
-                yield Problem("method.feedforward_modules", f"{', '.join(extra)} not in method.target_modules "
-                                                            f"[{', '.join(m.target_modules)}]")
+                yield Problem(
+                    "method.feedforward_modules",
+                    f"{', '.join(extra)} not in method.target_modules [{', '.join(m.target_modules)}]",
+                )
 
 
 def _qlora(m, backend, train) -> Iterator[Problem]:
@@ -125,8 +139,11 @@ def _qlora(m, backend, train) -> Iterator[Problem]:
     elif backend_family(backend)[0] == "fsdp" and m.quant_storage != "auto":
         # FSDP needs one float dtype per unit; "auto" stores the 4-bit weights in the dtype the parameters
         # are loaded in (train.dtype, or fp32 where the backend keeps fp32 master weights).
-        yield Problem("method.quant_storage", f"FSDP shards 4-bit weights only when they are stored in the parameters' "
-                                              f"dtype: set method.quant_storage=auto, not {m.quant_storage}")
+        yield Problem(
+            "method.quant_storage",
+            f"FSDP shards 4-bit weights only when they are stored in the parameters' "
+            f"dtype: set method.quant_storage=auto, not {m.quant_storage}",
+        )
     if importlib.util.find_spec("bitsandbytes") is None:
         yield Problem("method", "method=qlora needs bitsandbytes: pip install 'tuneforge[qlora]'")
 
@@ -142,14 +159,20 @@ def _qlora_on_cpu(model) -> Iterator[Problem]:
     shape, _ = model_shape(model)
     if shape is None:
         return  # no sizes known here: the job finds out
-    widths = {"hidden_size": shape.hidden, "intermediate_size": shape.intermediate,
-              "num_heads x head_dim": shape.heads * shape.dim}
+    widths = {
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate,
+        "num_heads x head_dim": shape.heads * shape.dim,
+    }
     bad = {name: width for name, width in widths.items() if width % BNB_CPU_BLOCK}
     if bad:
         key = "model.name_or_path" if model.kind == "hf" else "model"  # QLoRA needs trained weights: hf
         sizes = ", ".join(f"{name} {width}" for name, width in bad.items())
-        yield Problem(key, f"method=qlora on CPU (cluster.gpus_per_node=0) needs the linear layers' input widths "
-                           f"to be multiples of {BNB_CPU_BLOCK} (bitsandbytes' CPU kernel); this model has {sizes}")
+        yield Problem(
+            key,
+            f"method=qlora on CPU (cluster.gpus_per_node=0) needs the linear layers' input widths "
+            f"to be multiples of {BNB_CPU_BLOCK} (bitsandbytes' CPU kernel); this model has {sizes}",
+        )
 
 
 def _targets(m, model) -> Iterator[Problem]:
@@ -159,12 +182,14 @@ def _targets(m, model) -> Iterator[Problem]:
     if known is None:
         return  # unknown architecture or remote model: checked at job start (trainers/methods.py)
     for key in ("target_modules", "feedforward_modules"):
-        for name in (m[key] if key in m and m[key] is not None else []):
+        for name in m[key] if key in m and m[key] is not None else []:
             if str(name).rsplit(".", 1)[-1] not in known:
                 close = difflib.get_close_matches(str(name), known, n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ""
-                yield Problem(f"method.{key}", f"'{name}' is not a module of a {model_type} model; {hint}"
-                                               f"its modules are {', '.join(known)}")
+                yield Problem(
+                    f"method.{key}",
+                    f"'{name}' is not a module of a {model_type} model; {hint}its modules are {', '.join(known)}",
+                )
 
 
 def _model_type(model) -> Optional[str]:

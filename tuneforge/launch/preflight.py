@@ -11,6 +11,7 @@ The CLI prints `render(report)` for --dry-run and before submitting, refuses a j
 (exit 2) unless --force, and saves `report.to_dict()` as <run dir>/preflight.json (the task adds it to
 the W&B config). Pure arithmetic and file reads: no torch.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -22,8 +23,22 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
-from tuneforge.launch.estimate import (BACKENDS, DEFAULT_RANK, GIB, GPU_TYPES, PEFT_METHODS, SHARDING_ORDER, Job,
-                                       Memory, MethodSpec, ModelShape, adapter_params, flops_per_token, gib, memory)
+from tuneforge.launch.estimate import (
+    BACKENDS,
+    DEFAULT_RANK,
+    GIB,
+    GPU_TYPES,
+    PEFT_METHODS,
+    SHARDING_ORDER,
+    Job,
+    Memory,
+    MethodSpec,
+    ModelShape,
+    adapter_params,
+    flops_per_token,
+    gib,
+    memory,
+)
 
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
 #: backend kind -> the backend=<option> that selects it (conf/backend/<option>.yaml); a kind whose
@@ -48,12 +63,19 @@ def model_shape(model_cfg) -> Tuple[Optional[ModelShape], str]:
         if config_json.is_file():
             return _shape_from_config_json(config_json)
         if not _declares_architecture(model_cfg):
-            return None, (f"model.name_or_path={path} is not a local directory and the config gives no "
-                          f"architecture; set model.{', model.'.join(ARCHITECTURE_FIELDS)} or use a local copy")
-    return ModelShape(vocab=model_cfg.vocab_size, hidden=model_cfg.hidden_size, layers=model_cfg.num_layers,
-                      heads=model_cfg.num_heads, kv_heads=model_cfg.num_kv_heads,
-                      intermediate=model_cfg.intermediate_size,
-                      tie_embeddings=bool(model_cfg.tie_word_embeddings)), "sizes from the model config"
+            return None, (
+                f"model.name_or_path={path} is not a local directory and the config gives no "
+                f"architecture; set model.{', model.'.join(ARCHITECTURE_FIELDS)} or use a local copy"
+            )
+    return ModelShape(
+        vocab=model_cfg.vocab_size,
+        hidden=model_cfg.hidden_size,
+        layers=model_cfg.num_layers,
+        heads=model_cfg.num_heads,
+        kv_heads=model_cfg.num_kv_heads,
+        intermediate=model_cfg.intermediate_size,
+        tie_embeddings=bool(model_cfg.tie_word_embeddings),
+    ), "sizes from the model config"
 
 
 def _declares_architecture(model_cfg) -> bool:
@@ -62,7 +84,8 @@ def _declares_architecture(model_cfg) -> bool:
 
     default = ModelConfig()
     return model_cfg.params_b is not None or any(
-        getattr(model_cfg, key) != getattr(default, key) for key in ARCHITECTURE_FIELDS)
+        getattr(model_cfg, key) != getattr(default, key) for key in ARCHITECTURE_FIELDS
+    )
 
 
 def _shape_from_config_json(path: Path) -> Tuple[Optional[ModelShape], str]:
@@ -76,9 +99,14 @@ def _shape_from_config_json(path: Path) -> Tuple[Optional[ModelShape], str]:
     try:
         heads = cfg["num_attention_heads"]
         shape = ModelShape(
-            vocab=cfg["vocab_size"], hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"], heads=heads,
-            kv_heads=cfg.get("num_key_value_heads") or heads, intermediate=cfg["intermediate_size"],
-            head_dim=cfg.get("head_dim") or 0, tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            vocab=cfg["vocab_size"],
+            hidden=cfg["hidden_size"],
+            layers=cfg["num_hidden_layers"],
+            heads=heads,
+            kv_heads=cfg.get("num_key_value_heads") or heads,
+            intermediate=cfg["intermediate_size"],
+            head_dim=cfg.get("head_dim") or 0,
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
         )
     except KeyError as e:
@@ -96,15 +124,18 @@ def method_spec(method_cfg, shape: ModelShape) -> MethodSpec:
     targets = getattr(method_cfg, "target_modules", None)
     if targets is not None and not isinstance(targets, str):
         targets = list(targets)
-    return MethodSpec(name, adapter_params(name, shape, r or DEFAULT_RANK, targets), peft=True,
-                      quantized=name == "qlora")
+    return MethodSpec(
+        name, adapter_params(name, shape, r or DEFAULT_RANK, targets), peft=True, quantized=name == "qlora"
+    )
 
 
 def backend_kind(backend_cfg) -> str:
     """The layout of estimate.BACKENDS for a backend config: by name, or DeepSpeed's stage/offload."""
     name = backend_cfg.name
-    offload = any(getattr(backend_cfg, key, None) not in (None, False, "none", "")
-                  for key in ("offload", "offload_optimizer", "offload_params", "offload_param", "cpu_offload"))
+    offload = any(
+        getattr(backend_cfg, key, None) not in (None, False, "none", "")
+        for key in ("offload", "offload_optimizer", "offload_params", "offload_param", "cpu_offload")
+    )
     if name in ("deepspeed", "zero"):
         stage = getattr(backend_cfg, "stage", None) or getattr(backend_cfg, "zero_stage", None) or 0
         kind = f"zero{stage}" + ("_offload" if offload else "")
@@ -115,10 +146,15 @@ def backend_kind(backend_cfg) -> str:
 
 
 def job_of(cfg) -> Job:
-    return Job(backend=backend_kind(cfg.backend), world_size=cfg.cluster.nodes * cfg.cluster.tasks_per_node,
-               micro_batch=cfg.train.micro_batch, seq_len=cfg.train.seq_len, dtype=cfg.train.dtype,
-               activation_checkpointing=bool(getattr(cfg.train, "activation_checkpointing", False)),
-               attention=cfg.model.attn_implementation)
+    return Job(
+        backend=backend_kind(cfg.backend),
+        world_size=cfg.cluster.nodes * cfg.cluster.tasks_per_node,
+        micro_batch=cfg.train.micro_batch,
+        seq_len=cfg.train.seq_len,
+        dtype=cfg.train.dtype,
+        activation_checkpointing=bool(getattr(cfg.train, "activation_checkpointing", False)),
+        attention=cfg.model.attn_implementation,
+    )
 
 
 def gpu_of(cluster_cfg) -> Tuple[Optional[float], Optional[float], str]:
@@ -196,20 +232,50 @@ class Report:
         out = {"available": self.available, "source": self.reason, "fits": self.fits}
         if not self.available:
             return out
-        out.update({
-            "params": self.shape.params(), "trainable_params": self.method.trainable, "method": self.method.name,
-            "backend": self.job.backend, "world_size": self.job.world_size, "gpu": self.gpu_label,
-            "gpu_memory_gib": _round(self.gpu_memory / GIB if self.gpu_memory else None),
-            "total_gib": _round(m.total / GIB),
-            "memory_bytes": {k: int(getattr(m, k)) for k in ("params", "grads", "optim", "activations", "buffers",
-                                                              "step_transient", "overhead", "cpu", "total")},
-            "peak_tflops": self.peak_tflops, "mfu": _round(self.mfu), "mfu_source": self.mfu_source,
-            "flops_per_step": self.flops_per_step, "step_time_s": _round(self.step_time_s),
-            "steps_left": self.steps_left, "total_time_h": _round(self.total_time_s and self.total_time_s / 3600),
-            "gpu_hours": _round(self.gpu_hours), "warnings": self.warnings,
-            "suggestions": [{"overrides": s.text(), "total_gib": _round(s.memory.total / GIB),
-                             "gpus": s.gpus, "gpu_hours": _round(s.gpu_hours)} for s in self.suggestions],
-        })
+        out.update(
+            {
+                "params": self.shape.params(),
+                "trainable_params": self.method.trainable,
+                "method": self.method.name,
+                "backend": self.job.backend,
+                "world_size": self.job.world_size,
+                "gpu": self.gpu_label,
+                "gpu_memory_gib": _round(self.gpu_memory / GIB if self.gpu_memory else None),
+                "total_gib": _round(m.total / GIB),
+                "memory_bytes": {
+                    k: int(getattr(m, k))
+                    for k in (
+                        "params",
+                        "grads",
+                        "optim",
+                        "activations",
+                        "buffers",
+                        "step_transient",
+                        "overhead",
+                        "cpu",
+                        "total",
+                    )
+                },
+                "peak_tflops": self.peak_tflops,
+                "mfu": _round(self.mfu),
+                "mfu_source": self.mfu_source,
+                "flops_per_step": self.flops_per_step,
+                "step_time_s": _round(self.step_time_s),
+                "steps_left": self.steps_left,
+                "total_time_h": _round(self.total_time_s and self.total_time_s / 3600),
+                "gpu_hours": _round(self.gpu_hours),
+                "warnings": self.warnings,
+                "suggestions": [
+                    {
+                        "overrides": s.text(),
+                        "total_gib": _round(s.memory.total / GIB),
+                        "gpus": s.gpus,
+                        "gpu_hours": _round(s.gpu_hours),
+                    }
+                    for s in self.suggestions
+                ],
+            }
+        )
         return out
 
 
@@ -226,12 +292,23 @@ def check(cfg, options: Optional[Dict[str, List[str]]] = None) -> Report:
     job = job_of(cfg)
     gpu_memory, peak, label = gpu_of(cfg.cluster)
     mfu, last_step = measured_mfu(cfg.run.dir)
-    report = Report(True, source, shape, method, job, memory(shape, method, job, on_gpu=label != "CPU"),
-                    label, gpu_memory, peak, mfu or cfg.cluster.assumed_mfu,
-                    "measured median in metrics.jsonl" if mfu else "cluster.assumed_mfu")
+    report = Report(
+        True,
+        source,
+        shape,
+        method,
+        job,
+        memory(shape, method, job, on_gpu=label != "CPU"),
+        label,
+        gpu_memory,
+        peak,
+        mfu or cfg.cluster.assumed_mfu,
+        "measured median in metrics.jsonl" if mfu else "cluster.assumed_mfu",
+    )
     report.steps_left = max(0, cfg.train.max_steps - last_step)
-    report.flops_per_step = flops_per_token(shape, method, job.seq_len, job.activation_checkpointing) \
-        * cfg.train.global_batch * job.seq_len
+    report.flops_per_step = (
+        flops_per_token(shape, method, job.seq_len, job.activation_checkpointing) * cfg.train.global_batch * job.seq_len
+    )
     report.step_time_s = _step_time(report.flops_per_step, job.world_size, peak, report.mfu)
     if report.step_time_s is not None:
         report.gpu_hours = report.total_time_s / 3600 * job.world_size
@@ -249,8 +326,11 @@ def _warnings(report: Report, cfg) -> List[str]:
     out = []
     c = cfg.cluster
     if c.gpus_per_node and report.gpu_memory is None:
-        out.append("GPU memory unknown: set cluster.gpu_type (one of " + ", ".join(GPU_TYPES)
-                   + ") or cluster.gpu_memory_gb; memory not checked")
+        out.append(
+            "GPU memory unknown: set cluster.gpu_type (one of "
+            + ", ".join(GPU_TYPES)
+            + ") or cluster.gpu_memory_gb; memory not checked"
+        )
     if report.memory.cpu and getattr(c, "mem_gb", None):
         per_node = report.memory.cpu * c.tasks_per_node
         if per_node > c.mem_gb * GIB:
@@ -260,19 +340,31 @@ def _warnings(report: Report, cfg) -> List[str]:
         usable = c.timeout_min * 60 - c.signal_delay_s
         allocations = math.ceil(total / usable)
         if allocations > 1:
-            line = (f"estimated {_duration(total)} exceeds cluster.timeout_min={c.timeout_min}: "
-                    f"{allocations - 1} requeue(s) needed")
+            line = (
+                f"estimated {_duration(total)} exceeds cluster.timeout_min={c.timeout_min}: "
+                f"{allocations - 1} requeue(s) needed"
+            )
             if allocations - 1 > c.max_requeues:
-                line += (f", more than cluster.max_requeues={c.max_requeues}: raise cluster.timeout_min to "
-                         f"{math.ceil((total / (c.max_requeues + 1) + c.signal_delay_s) / 60)} or "
-                         f"cluster.max_requeues to {allocations - 1}")
+                line += (
+                    f", more than cluster.max_requeues={c.max_requeues}: raise cluster.timeout_min to "
+                    f"{math.ceil((total / (c.max_requeues + 1) + c.signal_delay_s) / 60)} or "
+                    f"cluster.max_requeues to {allocations - 1}"
+                )
             out.append(line)
     return out
 
 
 # ---------------------------------------------------------------------------------- suggestions
-def suggest(cfg, shape: ModelShape, method: MethodSpec, job: Job, gpu_memory: float, peak, mfu,
-            options: Optional[Dict[str, List[str]]] = None) -> List[Suggestion]:
+def suggest(
+    cfg,
+    shape: ModelShape,
+    method: MethodSpec,
+    job: Job,
+    gpu_memory: float,
+    peak,
+    mfu,
+    options: Optional[Dict[str, List[str]]] = None,
+) -> List[Suggestion]:
     """Minimal sets of changes that fit with SUGGESTION_HEADROOM to spare, cheapest first: same method and GPUs before more GPUs
     before another method; fewer changes first; then GPU-hours. A set is dropped when a subset of it,
     with equal or milder values, already fits."""
@@ -281,19 +373,24 @@ def suggest(cfg, shape: ModelShape, method: MethodSpec, job: Job, gpu_memory: fl
 
         options = {group: group_options(group) for group in ("backend", "method")}
     backends = [k for k in SHARDING_ORDER if k == job.backend or BACKEND_OPTIONS.get(k) in options["backend"]]
-    methods = [method.name] + [m for m in ("lora", "qlora") if m in options["method"]
-                               and m != method.name and (method.name == "full" or m == "qlora")]
+    methods = [method.name] + [
+        m
+        for m in ("lora", "qlora")
+        if m in options["method"] and m != method.name and (method.name == "full" or m == "qlora")
+    ]
     dtypes = [job.dtype] + (["bf16"] if job.dtype == "fp32" else [])
-    ckpts = [job.activation_checkpointing] + ([True] if "activation_checkpointing" in cfg.train
-                                              and not job.activation_checkpointing else [])
+    ckpts = [job.activation_checkpointing] + (
+        [True] if "activation_checkpointing" in cfg.train and not job.activation_checkpointing else []
+    )
     c, t = cfg.cluster, cfg.train
     layouts = [(c.nodes, c.tasks_per_node)]
     if c.name == "slurm":
         per_node = sorted({c.tasks_per_node, max(c.tasks_per_node, NODE_SIZE)})
         layouts = [(c.nodes * 2**k, g) for g in per_node for k in range(6)]
     found = []
-    for backend, dtype, ckpt, method_name, (nodes, per_node) in itertools.product(backends, dtypes, ckpts, methods,
-                                                                                   layouts):
+    for backend, dtype, ckpt, method_name, (nodes, per_node) in itertools.product(
+        backends, dtypes, ckpts, methods, layouts
+    ):
         if (method_name, backend) in INCOMPATIBLE or (backend == "ddp" and (nodes, per_node) != layouts[0]):
             continue  # (a DDP replica is no smaller on more GPUs)
         spec = method if method_name == method.name else method_spec(SimpleNamespace(name=method_name), shape)
@@ -312,8 +409,9 @@ def suggest(cfg, shape: ModelShape, method: MethodSpec, job: Job, gpu_memory: fl
         if per_node != c.tasks_per_node:
             changes.update({"cluster.gpus_per_node": per_node, "cluster.tasks_per_node": per_node})
         for micro, global_batch in _batch_shapes(t.micro_batch, t.global_batch, world):
-            candidate = job.with_(backend=backend, dtype=dtype, activation_checkpointing=ckpt, world_size=world,
-                                  micro_batch=micro)
+            candidate = job.with_(
+                backend=backend, dtype=dtype, activation_checkpointing=ckpt, world_size=world, micro_batch=micro
+            )
             mem = memory(shape, spec, candidate)
             if mem.total <= gpu_memory * (1 - SUGGESTION_HEADROOM):
                 extra = {} if micro == t.micro_batch else {"train.micro_batch": micro}
@@ -325,11 +423,20 @@ def suggest(cfg, shape: ModelShape, method: MethodSpec, job: Job, gpu_memory: fl
                 found.append(Suggestion({**changes, **extra}, mem, world, hours))
                 break
     minimal = [s for s in found if not any(_dominates(o, s) for o in found if o is not s)]
-    minimal.sort(key=lambda s: (_category(s, c), "offload" in str(s.overrides.get("backend", "")),
-                                len(_dimensions(s)), s.gpus, _nodes(s, c), s.gpu_hours or 0.0))
+    minimal.sort(
+        key=lambda s: (
+            _category(s, c),
+            "offload" in str(s.overrides.get("backend", "")),
+            len(_dimensions(s)),
+            s.gpus,
+            _nodes(s, c),
+            s.gpu_hours or 0.0,
+        )
+    )
     # A few of each kind, so that a cheaper kind never hides the others (e.g. QLoRA behind more GPUs).
-    picked = [s for i, s in enumerate(minimal)
-              if sum(_category(o, c) == _category(s, c) for o in minimal[:i]) < PER_CATEGORY]
+    picked = [
+        s for i, s in enumerate(minimal) if sum(_category(o, c) == _category(s, c) for o in minimal[:i]) < PER_CATEGORY
+    ]
     return picked[:MAX_SUGGESTIONS]
 
 
@@ -362,8 +469,9 @@ def _dimensions(s: Suggestion) -> set:
 def _dominates(a: Suggestion, b: Suggestion) -> bool:
     """`b` is redundant: `a` changes less, or the same on as many GPUs spread over fewer nodes."""
     layout = ("cluster.nodes", "cluster.gpus_per_node", "cluster.tasks_per_node", "train.global_batch")
-    same_but_layout = ({k: v for k, v in a.overrides.items() if k not in layout}
-                       == {k: v for k, v in b.overrides.items() if k not in layout})
+    same_but_layout = {k: v for k, v in a.overrides.items() if k not in layout} == {
+        k: v for k, v in b.overrides.items() if k not in layout
+    }
     fewer_nodes = a.overrides.get("cluster.nodes", 0) < b.overrides.get("cluster.nodes", 0)
     return _milder(a, b) or (same_but_layout and a.gpus <= b.gpus and fewer_nodes)
 
@@ -405,25 +513,32 @@ def render(report: Report) -> str:
     s, m, j = report.shape, report.method, report.job
     ckpt = "activation checkpointing" if j.activation_checkpointing else "no activation checkpointing"
     unit, unit_name = (GIB, "GiB") if report.memory.total >= GIB else (2**20, "MiB")
-    lines = [f"# preflight: {_count(s.params())} params ({report.reason}), {m.name}: {_count(m.trainable)} "
-             f"trainable; {j.backend} x {j.world_size} {report.gpu_label}; micro_batch {j.micro_batch} x seq_len "
-             f"{j.seq_len}, {j.dtype}, {ckpt}",
-             f"  {unit_name} per rank {' '.join(f'{c:>7}' for c in COLUMNS)}   limit",
-             f"  estimate     {_row(report.memory, unit)}   {_limit(report)}",
-             "  (peak: activations and gradients are never all alive at once; runtime: CUDA context, fragmentation)"]
+    lines = [
+        f"# preflight: {_count(s.params())} params ({report.reason}), {m.name}: {_count(m.trainable)} "
+        f"trainable; {j.backend} x {j.world_size} {report.gpu_label}; micro_batch {j.micro_batch} x seq_len "
+        f"{j.seq_len}, {j.dtype}, {ckpt}",
+        f"  {unit_name} per rank {' '.join(f'{c:>7}' for c in COLUMNS)}   limit",
+        f"  estimate     {_row(report.memory, unit)}   {_limit(report)}",
+        "  (peak: activations and gradients are never all alive at once; runtime: CUDA context, fragmentation)",
+    ]
     if report.memory.cpu:
         lines.append(f"  CPU memory per rank (offloaded): {gib(report.memory.cpu)} GiB")
     if report.flops_per_step:
         time = "time: set cluster.gpu_type or cluster.peak_tflops to estimate it"
         if report.step_time_s is not None:
-            time = (f"{report.step_time_s:.2f} s/step at MFU {report.mfu:.2f} ({report.mfu_source}) of "
-                    f"{report.peak_tflops:g} TFLOP/s; {report.steps_left} steps: {_duration(report.total_time_s)}, "
-                    f"{report.gpu_hours:.2f} GPU-hours")
+            time = (
+                f"{report.step_time_s:.2f} s/step at MFU {report.mfu:.2f} ({report.mfu_source}) of "
+                f"{report.peak_tflops:g} TFLOP/s; {report.steps_left} steps: {_duration(report.total_time_s)}, "
+                f"{report.gpu_hours:.2f} GPU-hours"
+            )
         lines.append(f"  {report.flops_per_step:.3g} FLOP/step; {time}")
     lines += [f"  warning: {w}" for w in report.warnings]
     if report.fits is False:
-        lines.append("  changes that fit, cheapest first:" if report.suggestions else
-                     "  no change tried fits (backend, dtype, activation checkpointing, micro batch, GPUs, method)")
+        lines.append(
+            "  changes that fit, cheapest first:"
+            if report.suggestions
+            else "  no change tried fits (backend, dtype, activation checkpointing, micro batch, GPUs, method)"
+        )
         for sug in report.suggestions:
             cost = f"{sug.gpus} GPU" + (f", {sug.gpu_hours:.2f} GPU-h" if sug.gpu_hours is not None else "")
             cost += f", {gib(sug.memory.cpu)} GiB CPU per rank" if sug.memory.cpu else ""
@@ -432,9 +547,11 @@ def render(report: Report) -> str:
 
 
 def refusal(report: Report) -> str:
-    return (f"tuneforge: the job does not fit: {gib(report.memory.total)} GiB per GPU estimated, "
-            f"{gib(report.gpu_memory)} GiB on {report.gpu_label}; nothing submitted. Apply a change listed "
-            "above, or pass --force to submit anyway.")
+    return (
+        f"tuneforge: the job does not fit: {gib(report.memory.total)} GiB per GPU estimated, "
+        f"{gib(report.gpu_memory)} GiB on {report.gpu_label}; nothing submitted. Apply a change listed "
+        "above, or pass --force to submit anyway."
+    )
 
 
 def save(report: Report, run_dir: Path) -> Path:

@@ -1,4 +1,5 @@
 """The run directory: chosen once at submission, recorded, and reused by every restart and requeue."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,21 @@ def with_run_dir(cfg: DictConfig, now: Optional[float] = None) -> DictConfig:
 
 
 #: packages whose versions decide what a run computes (read from metadata: nothing is imported)
-KEY_PACKAGES = ("tuneforge", "torch", "transformers", "peft", "deepspeed", "bitsandbytes", "accelerate",
-                "datasets", "tokenizers", "submitit", "wandb", "hydra-core", "omegaconf")
+KEY_PACKAGES = (
+    "tuneforge",
+    "torch",
+    "transformers",
+    "peft",
+    "deepspeed",
+    "bitsandbytes",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "submitit",
+    "wandb",
+    "hydra-core",
+    "omegaconf",
+)
 
 
 def create(cfg: DictConfig, argv: Sequence[str]) -> Path:
@@ -61,8 +75,14 @@ def record_job(run_dir: Path, job_id: str, cluster: str, folder: Optional[Path] 
     """Append a submitted job; `folder` is submitit's (logs, pickles, sbatch script), run_dir/slurm by default."""
     path = run_dir / "submit.json"
     record = json.loads(path.read_text())
-    record["jobs"].append({"job_id": job_id, "cluster": cluster, "folder": str(folder or run_dir / "slurm"),
-                           "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    record["jobs"].append(
+        {
+            "job_id": job_id,
+            "cluster": cluster,
+            "folder": str(folder or run_dir / "slurm"),
+            "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+    )
     path.write_text(json.dumps(record, indent=1))
 
 

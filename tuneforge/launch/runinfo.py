@@ -4,6 +4,7 @@ Nothing here runs in the background: each call reads the run dir's records (subm
 and submitit's folder; config.yaml; metrics.jsonl; events.jsonl; wandb_id) and asks the scheduler
 once through submitit (sacct for Slurm jobs; the controller process and result pickles for local ones).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,20 @@ from tuneforge.launch import rundir, sweep
 from tuneforge.slurm import events
 
 #: states after which a job does nothing more (Slurm's words; local jobs are mapped onto them)
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED", "STOPPED", "INTERRUPTED", "NOT SUBMITTED"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "STOPPED",
+    "INTERRUPTED",
+    "NOT SUBMITTED",
+}
 
 
 @dataclass
@@ -63,8 +76,9 @@ def run_dirs(path: Path) -> List[Path]:
 
 def newest(root: Path = Path("runs")) -> Path:
     """The most recently submitted run or sweep under runs/<name>/<stamp> (sweep elements excluded)."""
-    candidates = [p.parent for p in Path(root).glob("*/*/submit.json")] + \
-                 [p.parent for p in Path(root).glob("*/*/sweep.json")]
+    candidates = [p.parent for p in Path(root).glob("*/*/submit.json")] + [
+        p.parent for p in Path(root).glob("*/*/sweep.json")
+    ]
     if not candidates:
         raise FileNotFoundError(f"no runs under {Path(root).resolve()}; give a run or sweep dir")
     return max(candidates, key=lambda p: p.stat().st_mtime)
@@ -121,8 +135,9 @@ def _fill(info: RunInfo, slurm: dict) -> None:
     starts = [e for e in history if e["event"] == "allocation" and e.get("job_id") == job.job_id]
     info.requeues = max(0, len(starts) - 1)
     if starts:
-        info.elapsed_s = (time.time() if info.state not in FINAL_STATES else _last_activity(run_dir, job, history)) \
-            - starts[0]["ts"]
+        info.elapsed_s = (
+            time.time() if info.state not in FINAL_STATES else _last_activity(run_dir, job, history)
+        ) - starts[0]["ts"]
     if info.state not in ("COMPLETED", "RUNNING", "PENDING", "REQUEUED"):
         info.errors = errors(run_dir, job, history, starts[-1] if starts else None)
 
@@ -163,13 +178,18 @@ def errors(run_dir: Path, job: Job, history: List[dict], start: Optional[dict]) 
     attempt = start.get("attempt") if start else None
     mine = [e for e in history if e.get("job_id") == job.job_id and e.get("attempt") == attempt]
     out = [f"rank {e['rank']}: {e['error']}" for e in mine if e["event"] == "failed"]
-    out += [f"requeue refused: {e['reason']}" for e in history
-            if e["event"] == "requeue_refused" and start and e["ts"] >= start["ts"]]
+    out += [
+        f"requeue refused: {e['reason']}"
+        for e in history
+        if e["event"] == "requeue_refused" and start and e["ts"] >= start["ts"]
+    ]
     failed = {e["rank"] for e in mine if e["event"] == "failed"}
     if failed:
         for task in (e for e in mine if e["event"] == "task" and e["rank"] not in failed):
-            out.append(f"rank {task['rank']} (pid {task['pid']} on {task['host']}): ended without an error "
-                       "record: killed by a signal or crashed outside Python?")
+            out.append(
+                f"rank {task['rank']} (pid {task['pid']} on {task['host']}): ended without an error "
+                "record: killed by a signal or crashed outside Python?"
+            )
     log = job.paths(0).stderr
     if log.is_file():
         srun = [line.strip() for line in _tail(log).splitlines() if line.startswith("srun: error:")]

@@ -1,4 +1,5 @@
 """Hand the run to submitit, and (locally, or with --wait) follow it to the end."""
+
 from __future__ import annotations
 
 import json
@@ -44,7 +45,10 @@ def follow(job, run_dir: Path, max_steps: int) -> int:
         print(f"logs: {job.paths.stdout.parent}", file=sys.stderr)
         return 1
     main = results[0]
-    print(f"done: step {main['step']}, loss {main['loss']:.4f}" + (f" (stopped: {main['stopped']})" if main["stopped"] else ""))
+    print(
+        f"done: step {main['step']}, loss {main['loss']:.4f}"
+        + (f" (stopped: {main['stopped']})" if main["stopped"] else "")
+    )
     return 0
 
 
@@ -55,7 +59,7 @@ def task_error(text: str) -> str:
     body = (parts[1] if len(parts) >= 3 else text).rstrip()
     found = list(re.finditer(r"^(?:[\w]+\.)*(\w+(?:Error|Exception)): ", body, re.MULTILINE))
     if found:
-        return found[-1].group(1) + ": " + body[found[-1].end():]
+        return found[-1].group(1) + ": " + body[found[-1].end() :]
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "unknown error"
 

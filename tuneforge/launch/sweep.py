@@ -13,6 +13,7 @@ All elements share one W&B group (logger.group, the sweep's id unless given). On
 returns once the array is queued, and every element requeues itself like a single job does; with
 cluster=local the elements run one after another in the foreground.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,8 +79,10 @@ def plan(overrides: Sequence[str], now: Optional[float] = None) -> Sweep:
         return Sweep(Path(), "", elements, labels, [], problems)
     clusters = {json.dumps(OmegaConf.to_container(c.cluster), sort_keys=True) for c in composed}
     if len(clusters) > 1:
-        problems.append("cluster: a sweep is one Slurm job array, so every element needs the same cluster "
-                        "settings; sweep cluster.* keys in separate submissions")
+        problems.append(
+            "cluster: a sweep is one Slurm job array, so every element needs the same cluster "
+            "settings; sweep cluster.* keys in separate submissions"
+        )
     directory = Path(rundir.with_run_dir(composed[0], now).run.dir)
     group = composed[0].logger.group or f"{composed[0].run.name}-{directory.name}"
     configs = [_element_config(cfg, directory / str(i), group) for i, cfg in enumerate(composed)]
@@ -89,8 +92,11 @@ def plan(overrides: Sequence[str], now: Optional[float] = None) -> Sweep:
 
 def misfits(sweep: Sweep) -> List[str]:
     """The elements that the preflight estimates do not fit in GPU memory (refused unless --force)."""
-    return [f"element {i} ({' '.join(label)}): {preflight.refusal(report).replace('tuneforge: ', '', 1)}"
-            for i, (label, report) in enumerate(zip(sweep.labels, sweep.reports)) if report.fits is False]
+    return [
+        f"element {i} ({' '.join(label)}): {preflight.refusal(report).replace('tuneforge: ', '', 1)}"
+        for i, (label, report) in enumerate(zip(sweep.labels, sweep.reports))
+        if report.fits is False
+    ]
 
 
 def _element_config(cfg: DictConfig, run_dir: Path, group: str) -> DictConfig:
@@ -134,8 +140,10 @@ def launch(sweep: Sweep, argv: Sequence[str]) -> int:
         "cluster": sweep.cluster.name,
         "folder": str(sweep.directory / "slurm"),
         "array_job_id": None,
-        "elements": [{"index": i, "label": " ".join(label), "overrides": e, "run_dir": str(d)}
-                     for i, (e, label, d) in enumerate(zip(sweep.overrides, sweep.labels, run_dirs))],
+        "elements": [
+            {"index": i, "label": " ".join(label), "overrides": e, "run_dir": str(d)}
+            for i, (e, label, d) in enumerate(zip(sweep.overrides, sweep.labels, run_dirs))
+        ],
     }
     _write(sweep.directory, record)
     print(f"sweep {sweep.directory}: {len(run_dirs)} element(s), W&B group {sweep.group}", flush=True)
@@ -151,8 +159,11 @@ def launch(sweep: Sweep, argv: Sequence[str]) -> int:
         rundir.record_job(run_dir, str(job.job_id), "slurm", sweep.directory / "slurm")
     record["array_job_id"] = str(jobs[0].job_id).split("_")[0]
     _write(sweep.directory, record)
-    print(f"array job {record['array_job_id']} ({len(jobs)} elements)\nlogs {sweep.directory / 'slurm'}\n"
-          f"follow with: tuneforge status {sweep.directory}", flush=True)
+    print(
+        f"array job {record['array_job_id']} ({len(jobs)} elements)\nlogs {sweep.directory / 'slurm'}\n"
+        f"follow with: tuneforge status {sweep.directory}",
+        flush=True,
+    )
     return 0
 
 

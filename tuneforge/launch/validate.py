@@ -4,6 +4,7 @@ Each rule receives only the sub-configs it reads and yields `Problem(key, messag
 runs all of them and returns every problem, so a user fixes a config in one round trip.
 Types and unknown keys are already checked by the schemas while composing.
 """
+
 from __future__ import annotations
 
 import re
@@ -110,12 +111,17 @@ def _model(cfg: DictConfig) -> Iterator[Problem]:
             )
     if m.kind == "hf":
         if not m.name_or_path:
-            yield Problem("model.name_or_path", "model=hf needs a hub id or a local directory: model.name_or_path=<id or path>")
+            yield Problem(
+                "model.name_or_path", "model=hf needs a hub id or a local directory: model.name_or_path=<id or path>"
+            )
         else:
             yield from _model_path("model.name_or_path", m.name_or_path)
     if m.kind == "tiny" and method.name != "pretrain":
-        yield Problem("method", f"method={method.name} needs trained weights, and model=tiny is built at random; "
-                                "use method=pretrain, or model=hf model.name_or_path=<a trained model>")
+        yield Problem(
+            "method",
+            f"method={method.name} needs trained weights, and model=tiny is built at random; "
+            "use method=pretrain, or model=hf model.name_or_path=<a trained model>",
+        )
     if m.tokenizer:
         yield from _model_path("model.tokenizer", m.tokenizer)
 
@@ -135,7 +141,7 @@ def _model_path(key: str, value: str) -> Iterator[Problem]:
 def _data(cfg: DictConfig) -> Iterator[Problem]:
     """Settings, then the files themselves: every bad row named by file, row and field, and too few
     examples for one global batch, before anything is submitted (data/records.py; no torch)."""
-    d, t = cfg.data, cfg.train
+    d = cfg.data
     yield from _choice("data.format", d.format, records.FORMATS)
     yield from _choice("data.text_sample_by", d.text_sample_by, ("paragraph", "line", "document"))
     yield from _positive("data.stream_window", d.stream_window)
@@ -143,16 +149,21 @@ def _data(cfg: DictConfig) -> Iterator[Problem]:
     if not 0 <= d.validation_fraction < 1:
         yield Problem("data.validation_fraction", f"must be in [0, 1), got {d.validation_fraction}")
     if d.streaming and d.validation_fraction:
-        yield Problem("data.validation_fraction", "cannot carve a fraction off a stream; "
-                                                  "give data.validation_path=<file or folder> instead")
+        yield Problem(
+            "data.validation_fraction",
+            "cannot carve a fraction off a stream; give data.validation_path=<file or folder> instead",
+        )
     if d.hub_id and d.path:
         yield Problem("data.path", "give either data.path (local files) or data.hub_id (a dataset id), not both")
     train = None
     if not d.hub_id:
         path = bundled_data.resolve(d.path, d.name)
         if path is None:
-            yield Problem("data.path", f"no data: data.name={d.name} is not a bundled dataset; "
-                                       "set data.path=<file or folder> or data.hub_id=<dataset id>")
+            yield Problem(
+                "data.path",
+                f"no data: data.name={d.name} is not a bundled dataset; "
+                "set data.path=<file or folder> or data.hub_id=<dataset id>",
+            )
         elif not path.exists():
             yield Problem("data.path", f"'{d.path}' does not exist")
         else:
@@ -195,12 +206,19 @@ def _data_files(key: str, path: Path, cfg: DictConfig) -> Iterator[Problem]:
     if scan.examples == 0:
         yield Problem(key, f"{path}: the dataset is empty (no rows of format={d.format})")
     elif key == "data.path" and d.format != "text":  # documents may split into several rows: counted by the job
-        held = max(1, round(scan.examples * d.validation_fraction)) if d.validation_fraction and not d.validation_path else 0
+        held = (
+            max(1, round(scan.examples * d.validation_fraction))
+            if d.validation_fraction and not d.validation_path
+            else 0
+        )
         n = scan.examples - held
         if n < t.global_batch:
             after = f" ({held} of {scan.examples} held out by data.validation_fraction)" if held else ""
-            yield Problem(key, f"{path}: {n} training examples{after}, fewer than one global batch "
-                               f"(train.global_batch={t.global_batch}); add data or lower train.global_batch")
+            yield Problem(
+                key,
+                f"{path}: {n} training examples{after}, fewer than one global batch "
+                f"(train.global_batch={t.global_batch}); add data or lower train.global_batch",
+            )
 
 
 # ------------------------------------------------------------------------------------- cluster
@@ -220,13 +238,20 @@ def _cluster(cfg: DictConfig) -> Iterator[Problem]:
     yield from _positive("cluster.max_requeues", c.max_requeues, 0)
     yield from _positive("cluster.collective_timeout_s", c.collective_timeout_s, 10)
     if c.signal_delay_s < 0 or c.signal_delay_s >= c.timeout_min * 60:
-        yield Problem("cluster.signal_delay_s", f"must be in [0, timeout_min x 60 = {c.timeout_min * 60}), got {c.signal_delay_s}")
+        yield Problem(
+            "cluster.signal_delay_s", f"must be in [0, timeout_min x 60 = {c.timeout_min * 60}), got {c.signal_delay_s}"
+        )
     if c.gpus_per_node and c.tasks_per_node != c.gpus_per_node:
-        yield Problem("cluster.tasks_per_node", f"one task per GPU: set cluster.tasks_per_node={c.gpus_per_node} "
-                                                f"to match cluster.gpus_per_node={c.gpus_per_node}")
+        yield Problem(
+            "cluster.tasks_per_node",
+            f"one task per GPU: set cluster.tasks_per_node={c.gpus_per_node} "
+            f"to match cluster.gpus_per_node={c.gpus_per_node}",
+        )
     yield from _gpu(c)
     if c.name == "local" and c.nodes > 1:
-        yield Problem("cluster.nodes", f"cluster=local runs on this machine only; set cluster.nodes=1 or use cluster=slurm")
+        yield Problem(
+            "cluster.nodes", "cluster=local runs on this machine only; set cluster.nodes=1 or use cluster=slurm"
+        )
     if c.name == "slurm":
         yield from _slurm(c)
 
@@ -236,8 +261,11 @@ def _gpu(c) -> Iterator[Problem]:
     from tuneforge.launch.estimate import GPU_TYPES
 
     if c.gpu_type is not None and c.gpu_type not in GPU_TYPES:
-        yield Problem("cluster.gpu_type", f"unknown GPU type '{c.gpu_type}'; known: {', '.join(GPU_TYPES)}; or set "
-                                          "cluster.gpu_memory_gb and cluster.peak_tflops instead")
+        yield Problem(
+            "cluster.gpu_type",
+            f"unknown GPU type '{c.gpu_type}'; known: {', '.join(GPU_TYPES)}; or set "
+            "cluster.gpu_memory_gb and cluster.peak_tflops instead",
+        )
     for key in ("gpu_memory_gb", "peak_tflops"):
         if c[key] is not None and c[key] <= 0:
             yield Problem(f"cluster.{key}", f"must be > 0, got {c[key]}")
@@ -250,8 +278,10 @@ def _slurm(c) -> Iterator[Problem]:
     for key in ("partition", "account", "qos", "constraint", "job_name"):
         value = c[key]
         if value is not None and not SAFE_SBATCH_VALUE.match(str(value)):
-            yield Problem(f"cluster.{key}", f"{value!r} contains characters not allowed in an sbatch value "
-                                            "(spaces, quotes, $, ;, newlines, ...)")
+            yield Problem(
+                f"cluster.{key}",
+                f"{value!r} contains characters not allowed in an sbatch value (spaces, quotes, $, ;, newlines, ...)",
+            )
     for i, line in enumerate(c.extra_sbatch):
         m = re.match(r"^--([a-z][a-z0-9-]*)(?:=(.+))?$", line)
         if not m or (m.group(2) and not SAFE_SBATCH_VALUE.match(m.group(2))):
@@ -260,8 +290,11 @@ def _slurm(c) -> Iterator[Problem]:
         if "\n" in line or "\r" in line:
             yield Problem(f"cluster.setup[{i}]", "one shell line per entry: split it at the newline")
         if SECRET_ASSIGNMENT.search(line):
-            yield Problem(f"cluster.setup[{i}]", "would write a secret into the sbatch script; export it in your "
-                                                 "shell before submitting instead (Slurm passes your environment on)")
+            yield Problem(
+                f"cluster.setup[{i}]",
+                "would write a secret into the sbatch script; export it in your "
+                "shell before submitting instead (Slurm passes your environment on)",
+            )
     yield from _positive("cluster.cpus_per_task", c.cpus_per_task)
     if c.mem_gb is not None:
         yield from _positive("cluster.mem_gb", c.mem_gb)
@@ -273,8 +306,11 @@ def _backend(cfg: DictConfig) -> Iterator[Problem]:
     b, t = cfg.backend, cfg.train
     yield from _choice("backend.name", b.name, ("ddp", "fsdp", "deepspeed"))
     if b.name == "fsdp" and t.dtype == "fp16":
-        yield Problem("train.dtype", "fp16 needs loss scaling, which backend=fsdp does not do; use train.dtype=bf16, "
-                                     "or a DeepSpeed backend (backend=zero2) for fp16")
+        yield Problem(
+            "train.dtype",
+            "fp16 needs loss scaling, which backend=fsdp does not do; use train.dtype=bf16, "
+            "or a DeepSpeed backend (backend=zero2) for fp16",
+        )
     if b.name == "deepspeed":
         yield from _deepspeed(b, t, world_size(cfg.cluster))
 
@@ -283,12 +319,16 @@ def _deepspeed(b, t, world: int) -> Iterator[Problem]:
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
-        yield Problem("backend", f"backend={b.name} needs DeepSpeed: pip install 'tuneforge[deepspeed]', "
-                                 "or use backend=fsdp")
+        yield Problem(
+            "backend", f"backend={b.name} needs DeepSpeed: pip install 'tuneforge[deepspeed]', or use backend=fsdp"
+        )
     yield from _choice("backend.stage", b.stage, (1, 2, 3))
     if b.offload_params and b.stage != 3:
-        yield Problem("backend.offload_params", f"parameter offload needs ZeRO stage 3 (backend.stage={b.stage}); "
-                                                "use backend=zero3_offload, or set backend.offload_params=false")
+        yield Problem(
+            "backend.offload_params",
+            f"parameter offload needs ZeRO stage 3 (backend.stage={b.stage}); "
+            "use backend=zero3_offload, or set backend.offload_params=false",
+        )
     for key in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size"):
         if b[key] is not None:
             yield from _positive(f"backend.{key}", b[key])
@@ -313,15 +353,22 @@ def _deepspeed_file(b, t, world: int) -> Iterator[Problem]:
         return
     for key, theirs, ours in found:
         if key in ds_config.FORBIDDEN_SECTIONS:
-            yield Problem("backend.config_file", f"'{key}' section in {b.config_file}: the {key} comes from {ours}; "
-                                                 f"remove the section")
+            yield Problem(
+                "backend.config_file",
+                f"'{key}' section in {b.config_file}: the {key} comes from {ours}; remove the section",
+            )
         elif ds_config.our_key(key):
-            yield Problem("backend.config_file", f"'{key}' is {theirs!r} in {b.config_file} but {ours!r} from "
-                                                 f"{ds_config.our_key(key)}; remove it from the file or change "
-                                                 f"{ds_config.our_key(key)}")
+            yield Problem(
+                "backend.config_file",
+                f"'{key}' is {theirs!r} in {b.config_file} but {ours!r} from "
+                f"{ds_config.our_key(key)}; remove it from the file or change "
+                f"{ds_config.our_key(key)}",
+            )
         else:
-            yield Problem("backend.config_file", f"'{key}' is {theirs!r} in {b.config_file} but tuneforge needs "
-                                                 f"{ours!r}; remove it from the file")
+            yield Problem(
+                "backend.config_file",
+                f"'{key}' is {theirs!r} in {b.config_file} but tuneforge needs {ours!r}; remove it from the file",
+            )
 
 
 # ------------------------------------------------------------------------------------- logger, run

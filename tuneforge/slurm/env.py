@@ -1,4 +1,5 @@
 """Inside a task: who am I, and how do the ranks find each other. Everything comes from submitit."""
+
 from __future__ import annotations
 
 import datetime

@@ -15,6 +15,7 @@ The record that `tuneforge status` and `tuneforge logs` read, next to metrics.js
 Lines are short and written with one append each, so ranks writing at once do not interleave.
 Only SLURM_* and SUBMITIT_* variables are recorded, and never one whose name says it is a credential.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ _CREDENTIAL = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNO
 
 def record(run_dir, event: str, **fields) -> None:
     """Append one event. Never raises: the record must not be what stops a training run."""
-    line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "ts": round(time.time(), 3),
-                       "event": event, **fields}, default=str)
+    line = json.dumps(
+        {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "ts": round(time.time(), 3), "event": event, **fields}, default=str
+    )
     try:
         fd = os.open(Path(run_dir) / FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -60,5 +62,8 @@ def read(run_dir) -> List[dict]:
 
 def slurm_environment() -> Dict[str, str]:
     """The scheduler's view of this allocation: SLURM_* and SUBMITIT_* variables, credentials left out."""
-    return {k: v for k, v in sorted(os.environ.items())
-            if k.startswith(("SLURM_", "SUBMITIT_")) and not _CREDENTIAL.search(k)}
+    return {
+        k: v
+        for k, v in sorted(os.environ.items())
+        if k.startswith(("SLURM_", "SUBMITIT_")) and not _CREDENTIAL.search(k)
+    }

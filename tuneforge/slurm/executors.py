@@ -4,6 +4,7 @@
 `cluster=slurm` writes an sbatch script and submits it (submitit's SlurmExecutor). Both start one
 process per task and give each its rank through submitit's JobEnvironment.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """The submitted callable: one object that runs the same way on this machine and on Slurm."""
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,14 @@ class TrainJob(submitit.helpers.Checkpointable):
             result = run(cfg)
         except Exception as e:  # recorded for `tuneforge status`, then raised to submitit (result pickle)
             message = (str(e).strip().splitlines() or [""])[0][:300]
-            events.record(run_dir, "failed", rank=allocation.rank, job_id=allocation.env.job_id,
-                          attempt=allocation.attempt, error=f"{type(e).__name__}: {message}")
+            events.record(
+                run_dir,
+                "failed",
+                rank=allocation.rank,
+                job_id=allocation.env.job_id,
+                attempt=allocation.attempt,
+                error=f"{type(e).__name__}: {message}",
+            )
             raise
         if result["stopped"] in ("requeue", "terminate") and allocation.rank == 0:
             events.record(run_dir, "checkpoint", step=result["step"], reason=result["stopped"])
@@ -42,8 +49,13 @@ class TrainJob(submitit.helpers.Checkpointable):
         if result["stopped"] == "terminate":
             allocation.stop(result["step"])  # does not return
         if allocation.rank == 0:
-            events.record(run_dir, "completed" if result["stopped"] is None else "stopped",
-                          step=result["step"], loss=result.get("loss"), reason=result["stopped"])
+            events.record(
+                run_dir,
+                "completed" if result["stopped"] is None else "stopped",
+                step=result["step"],
+                loss=result.get("loss"),
+                reason=result["stopped"],
+            )
         return result
 
     def checkpoint(self, cfg: Dict[str, Any]) -> submitit.helpers.DelayedSubmission:

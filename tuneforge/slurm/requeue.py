@@ -15,6 +15,7 @@ SIGTERM alone (scancel, `scontrol requeue` from outside, the hard time limit) st
 does not requeue: Slurm decides whether the job comes back, and if it does, the task resumes from
 the run dir's latest checkpoint by itself, as every start does.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,16 +56,27 @@ class Allocation:
         job_id = self.env.job_id
         # which start of this job this is, counted per rank: the ranks start in any order, and a
         # local requeue has no restart count of its own
-        self.attempt = sum(1 for e in events.read(self.run_dir)
-                           if e["event"] == "task" and e.get("rank") == self.rank and e.get("job_id") == job_id)
+        self.attempt = sum(
+            1
+            for e in events.read(self.run_dir)
+            if e["event"] == "task" and e.get("rank") == self.rank and e.get("job_id") == job_id
+        )
         host = os.environ.get("SLURMD_NODENAME") or self.env.hostname  # emulated nodes share a hostname
-        events.record(self.run_dir, "task", rank=self.rank, host=host, pid=os.getpid(), job_id=job_id,
-                      attempt=self.attempt)
+        events.record(
+            self.run_dir, "task", rank=self.rank, host=host, pid=os.getpid(), job_id=job_id, attempt=self.attempt
+        )
         if self.rank == 0:
-            events.record(self.run_dir, "allocation", job_id=job_id, attempt=self.attempt, cluster=self.env.cluster,
-                          restart=int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0),
-                          nodes=list(self.env.hostnames), num_tasks=self.env.num_tasks,
-                          environment=events.slurm_environment())
+            events.record(
+                self.run_dir,
+                "allocation",
+                job_id=job_id,
+                attempt=self.attempt,
+                cluster=self.env.cluster,
+                restart=int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0),
+                nodes=list(self.env.hostnames),
+                num_tasks=self.env.num_tasks,
+                environment=events.slurm_environment(),
+            )
         from tuneforge.trainers.loop import request_stop  # imported now: the handler must be quick
 
         self._request_stop = request_stop
@@ -98,14 +110,18 @@ class Allocation:
         refused = "" if left >= 0 else f"requeued {self.cluster.max_requeues} times already (cluster.max_requeues)"
         refused = refused or _checkpoint(delayed, pickle, left)  # dumps TrainJob.checkpoint()'s submission
         if refused:
-            events.record(self.run_dir, "requeue_refused", kind=kind, step=step, reason=refused,
-                          job_id=self.env.job_id)
+            events.record(self.run_dir, "requeue_refused", kind=kind, step=step, reason=refused, job_id=self.env.job_id)
             raise UncompletedJobError(
                 f"{kind} at step {step}: not requeued because {refused}. The checkpoint of step {step} is in "
-                f"{self.run_dir}; submit again with run.dir={self.run_dir} to continue")
+                f"{self.run_dir}; submit again with run.dir={self.run_dir} to continue"
+            )
         events.record(self.run_dir, "requeue", kind=kind, step=step, requeues_left=left, job_id=self.env.job_id)
-        print(f"tuneforge: {kind} at step {step}: checkpoint saved, job {self.env.job_id} requeued "
-              f"({left} requeue(s) left)", file=sys.stderr, flush=True)
+        print(
+            f"tuneforge: {kind} at step {step}: checkpoint saved, job {self.env.job_id} requeued "
+            f"({left} requeue(s) left)",
+            file=sys.stderr,
+            flush=True,
+        )
         self.env._requeue(left)  # Slurm: scontrol requeue; local: exit code 144, the controller restarts us
         sys.exit(-1)
 
@@ -131,8 +147,9 @@ class Allocation:
         if self.env.cluster != "slurm":
             return False
         try:
-            state = subprocess.run(["squeue", "-h", "-j", self.env.job_id, "-o", "%T"], capture_output=True,
-                                   text=True, timeout=10).stdout.strip()
+            state = subprocess.run(
+                ["squeue", "-h", "-j", self.env.job_id, "-o", "%T"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             return False
         return state == "RUNNING"
@@ -155,8 +172,10 @@ class Allocation:
         """Until rank 0 has recorded what becomes of this allocation (or WAIT_FOR_RANK0_S)."""
         deadline = time.time() + WAIT_FOR_RANK0_S
         while time.time() < deadline:
-            if any(e["event"] in ("requeue", "requeue_refused", "stopped") and e["ts"] >= self.started
-                   for e in events.read(self.run_dir)):
+            if any(
+                e["event"] in ("requeue", "requeue_refused", "stopped") and e["ts"] >= self.started
+                for e in events.read(self.run_dir)
+            ):
                 return
             time.sleep(0.5)
 
@@ -164,8 +183,9 @@ class Allocation:
 def _slurm_time_left(job_id: str) -> Optional[float]:
     """Seconds left before the job's time limit, from squeue; None when Slurm cannot say."""
     try:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True,
-                             timeout=20).stdout.strip()
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True, timeout=20
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return None
     return parse_duration(out)

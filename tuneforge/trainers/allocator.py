@@ -11,6 +11,7 @@ that the resident size stays at its peak between steps instead of shrinking (the
 not grow). The same as GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:glibc.malloc.trim_threshold=...,
 but set from inside the process, so it needs nothing from the launcher.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -8,6 +8,7 @@
 Every rank writes into checkpoints/.tmp-step_N; after a barrier rank 0 renames it to step_N and only
 then points `latest` at it, so a job killed at any moment leaves the previous checkpoint intact.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,14 @@ class Checkpoints:
         path = self.root / pointer.read_text().strip()
         return path if (path / "trainer.json").is_file() else None
 
-    def save(self, step: int, engine, trainer_state: dict, rank_state: Optional[dict] = None,
-             write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+    def save(
+        self,
+        step: int,
+        engine,
+        trainer_state: dict,
+        rank_state: Optional[dict] = None,
+        write_extra: Optional[Callable[[Path], None]] = None,
+    ) -> Path:
         """Collective. `rank_state`: this rank's own trainer state (the data position); `write_extra(dir)`,
         called on every rank, adds files (a method's adapter) to the checkpoint before it is published."""
         final, tmp = self.root / f"step_{step}", self.root / f".tmp-step_{step}"

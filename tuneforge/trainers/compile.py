@@ -15,6 +15,7 @@ Compiled code is cached on disk (inductor's FX-graph and AOT-autograd caches), u
 $TORCHINDUCTOR_CACHE_DIR, by default ~/.cache/tuneforge/inductor: a cold compile costs 30-60 s on
 the CPU, a cached one a few seconds.
 """
+
 from __future__ import annotations
 
 import os

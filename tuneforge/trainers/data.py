@@ -14,6 +14,7 @@ A micro batch is a dict of tensors passed to the model as keyword arguments, `la
 the loss: input_ids, labels and position_ids when packed (see packing.py), input_ids, labels and
 attention_mask when padded (trimmed to the micro batch's longest row).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -40,9 +41,20 @@ BUILD_TIMEOUT = datetime.timedelta(hours=6)  # how long the other ranks wait for
 ENCODE_CHUNK = 1024  # rows tokenised per call (the tokenizers library batches them in Rust)
 #: data settings that change the rows (with seq_len, the seed when a validation fraction is carved off,
 #: the sources and the tokenizer)
-ROW_SETTINGS = ("format", "text_field", "instruction_field", "input_field", "output_field", "prompt_field",
-                "completion_field", "messages_field", "text_sample_by", "train_on_prompt", "packing",
-                "validation_fraction")
+ROW_SETTINGS = (
+    "format",
+    "text_field",
+    "instruction_field",
+    "input_field",
+    "output_field",
+    "prompt_field",
+    "completion_field",
+    "messages_field",
+    "text_sample_by",
+    "train_on_prompt",
+    "packing",
+    "validation_fraction",
+)
 
 
 @dataclass
@@ -64,8 +76,11 @@ def build(data_cfg, train_cfg, tokenizer, dist_env, flatten_packed: bool = False
     if data_cfg.streaming:
         from tuneforge.trainers.streaming import StreamingBatches
 
-        val_rows, stats = (cached_rows(None, val_src, encoder, data_cfg, t, pad_id, dist_env) if val_src
-                           else (None, {"data_cache": "off (streaming)"}))
+        val_rows, stats = (
+            cached_rows(None, val_src, encoder, data_cfg, t, pad_id, dist_env)
+            if val_src
+            else (None, {"data_cache": "off (streaming)"})
+        )
         train = StreamingBatches(train_src, encoder, data_cfg, t, pad_id, dist_env, collate)
     else:
         train_rows, val_rows, stats = cached_rows(train_src, val_src, encoder, data_cfg, t, pad_id, dist_env)
@@ -74,12 +89,27 @@ def build(data_cfg, train_cfg, tokenizer, dist_env, flatten_packed: bool = False
                 f"data: {len(train_rows)} rows of train.seq_len={t.seq_len} tokens from {train_src.label}, fewer "
                 f"than one global batch (train.global_batch={t.global_batch}); add data or lower train.global_batch"
             )
-        train = GlobalBatches(train_rows, t.global_batch, t.micro_batch, t.seed, dist_env.rank,
-                              dist_env.world_size, collate, key=stats["data_key"])
+        train = GlobalBatches(
+            train_rows,
+            t.global_batch,
+            t.micro_batch,
+            t.seed,
+            dist_env.rank,
+            dist_env.world_size,
+            collate,
+            key=stats["data_key"],
+        )
     validation = None
     if val_rows is not None and len(val_rows) and t.eval_every:
-        validation = EvalBatches(val_rows, t.global_batch * t.eval_batches, t.micro_batch, dist_env.rank,
-                                 dist_env.world_size, collate, pad_id)
+        validation = EvalBatches(
+            val_rows,
+            t.global_batch * t.eval_batches,
+            t.micro_batch,
+            dist_env.rank,
+            dist_env.world_size,
+            collate,
+            pad_id,
+        )
     return Data(train, validation, stats)
 
 
@@ -94,20 +124,35 @@ class Collate:
     def __call__(self, rows: Rows) -> Dict[str, torch.Tensor]:
         as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a)).long()  # noqa: E731
         if self.packed:
-            batch = {"input_ids": as_long(rows.input_ids), "labels": as_long(rows.labels),
-                     "position_ids": as_long(rows.position_ids)}
+            batch = {
+                "input_ids": as_long(rows.input_ids),
+                "labels": as_long(rows.labels),
+                "position_ids": as_long(rows.position_ids),
+            }
             return {k: v.reshape(1, -1) for k, v in batch.items()} if self.flatten else batch
         longest = max(2, int(rows.lengths.max()))
         lengths = torch.from_numpy(np.asarray(rows.lengths)).long()
-        return {"input_ids": as_long(rows.input_ids[:, :longest]), "labels": as_long(rows.labels[:, :longest]),
-                "attention_mask": (torch.arange(longest)[None, :] < lengths[:, None]).long()}
+        return {
+            "input_ids": as_long(rows.input_ids[:, :longest]),
+            "labels": as_long(rows.labels[:, :longest]),
+            "attention_mask": (torch.arange(longest)[None, :] < lengths[:, None]).long(),
+        }
 
 
 class GlobalBatches:
     """Global batch `step` = a fixed slice of the epoch's seeded permutation; ranks take equal parts."""
 
-    def __init__(self, rows: Rows, global_batch: int, micro_batch: int, seed: int, rank: int, world_size: int,
-                 collate: Collate, key: str = ""):
+    def __init__(
+        self,
+        rows: Rows,
+        global_batch: int,
+        micro_batch: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        collate: Collate,
+        key: str = "",
+    ):
         if len(rows) < global_batch:
             raise DataError(f"data: {len(rows)} rows, fewer than one global batch ({global_batch})")
         self.rows, self.global_batch, self.micro_batch = rows, global_batch, micro_batch
@@ -148,8 +193,10 @@ class GlobalBatches:
 
     def load_state_dict(self, state: dict, step: int) -> None:
         if state.get("kind") != "global":
-            raise DataError(f"the checkpoint's data position is of kind {state.get('kind')!r}, this run reads "
-                            "'global' batches: resume with the same data.streaming setting, or use a new run.dir")
+            raise DataError(
+                f"the checkpoint's data position is of kind {state.get('kind')!r}, this run reads "
+                "'global' batches: resume with the same data.streaming setting, or use a new run.dir"
+            )
         if (state["seed"], state["rows"], state["key"]) != (self.seed, len(self.rows), self.key):
             raise DataError(
                 f"the data changed since the checkpoint (seed {state['seed']}, {state['rows']} rows, cache key "
@@ -165,29 +212,41 @@ class EvalBatches:
     number of micro batches (a rank short of rows gets rows without targets), since a forward
     pass may be collective (FSDP, ZeRO-3)."""
 
-    def __init__(self, rows: Rows, max_rows: int, micro_batch: int, rank: int, world_size: int,
-                 collate: Collate, pad_id: int):
+    def __init__(
+        self, rows: Rows, max_rows: int, micro_batch: int, rank: int, world_size: int, collate: Collate, pad_id: int
+    ):
         n = min(len(rows), max_rows)
         per_rank = -(-n // world_size)
         self.indices = list(range(rank, n, world_size))
         self.rows, self.micro_batch, self.collate = rows, micro_batch, collate
         self.blanks = per_rank - len(self.indices)
         seq_len = rows.input_ids.shape[1]
-        self.blank = Rows(np.full((1, seq_len), pad_id, np.int32), np.full((1, seq_len), IGNORE_INDEX, np.int32),
-                          np.arange(seq_len, dtype=np.int32)[None], np.ones(1, np.int32))
+        self.blank = Rows(
+            np.full((1, seq_len), pad_id, np.int32),
+            np.full((1, seq_len), IGNORE_INDEX, np.int32),
+            np.arange(seq_len, dtype=np.int32)[None],
+            np.ones(1, np.int32),
+        )
         self.num_rows = n
 
     def micro_batches(self) -> Iterator[Dict[str, torch.Tensor]]:
         picked = [self.rows.take(np.array([i])) for i in self.indices] + [self.blank] * self.blanks
         for start in range(0, len(picked), self.micro_batch):
             group = picked[start : start + self.micro_batch]
-            yield self.collate(Rows(*(np.concatenate([getattr(r, f) for r in group])
-                                      for f in ("input_ids", "labels", "position_ids", "lengths"))))
+            yield self.collate(
+                Rows(
+                    *(
+                        np.concatenate([getattr(r, f) for r in group])
+                        for f in ("input_ids", "labels", "position_ids", "lengths")
+                    )
+                )
+            )
 
 
 # ------------------------------------------------------------------------------------ cache
-def cached_rows(train_src, val_src, encoder: Encoder, data_cfg, train_cfg, pad_id: int, dist_env
-                ) -> Tuple[Optional[Rows], Optional[Rows], Dict[str, Any]]:
+def cached_rows(
+    train_src, val_src, encoder: Encoder, data_cfg, train_cfg, pad_id: int, dist_env
+) -> Tuple[Optional[Rows], Optional[Rows], Dict[str, Any]]:
     """(train rows, validation rows, stats) from the cache, built by rank 0 on a miss."""
     describe = {
         "version": CACHE_VERSION,

@@ -6,6 +6,7 @@ since tuneforge caches the tokenised result itself). Rows of local files are che
 data/records.py before they are read here (the same checks as before submission); rows of a hub
 dataset are checked as they arrive.
 """
+
 from __future__ import annotations
 
 import csv
@@ -68,7 +69,9 @@ def check_local(source: Source, data_cfg) -> int:
     """Check every row of local files; raise DataError naming the bad rows. Returns the row count."""
     scan = records.scan(source.files, data_cfg)
     if scan.bad_rows:
-        raise DataError(f"{scan.bad_rows} bad row(s) in {source.label}:\n  " + "\n  ".join(records.problem_summary(scan)))
+        raise DataError(
+            f"{scan.bad_rows} bad row(s) in {source.label}:\n  " + "\n  ".join(records.problem_summary(scan))
+        )
     return scan.examples
 
 
@@ -101,8 +104,9 @@ def dataset(source: Source, data_cfg, streaming: bool = True):
     from datasets import concatenate_datasets
 
     wanted = _fields(data_cfg)  # other columns may differ in type between the files: leave them out
-    return concatenate_datasets([p if p.column_names is None else p.select_columns([c for c in p.column_names if c in wanted])
-                                 for p in parts])
+    return concatenate_datasets(
+        [p if p.column_names is None else p.select_columns([c for c in p.column_names if c in wanted]) for p in parts]
+    )
 
 
 def rows(source: Source, data_cfg) -> Iterator[Dict[str, Any]]:

@@ -9,6 +9,7 @@ any world size, on a machine without the cluster.
 For PEFT methods `final/` holds the adapter (PeftModel.save_pretrained writes only the adapter) and the
 tokenizer; `export_adapter_run` merges it into the base model for `tuneforge export`.
 """
+
 from __future__ import annotations
 
 import os
@@ -73,19 +74,26 @@ def export_checkpoint(cfg, step_dir: Path, out_dir: Path) -> None:
     from tuneforge.trainers.methods import apply_method
 
     run_dir = Path(step_dir).parent.parent
-    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(cfg.model, run_dir),
-                                              trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        _tokenizer_source(cfg.model, run_dir), trust_remote_code=cfg.model.trust_remote_code
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = backends.model_dtype(cfg.backend, cfg.train.dtype, peft=cfg.method.name in PEFT_METHODS)
-    net, _ = apply_method(model.load_model(cfg.model, cfg.method, tokenizer, dtype, "cpu", cfg.train.seed), cfg.method,
-                          total_steps=cfg.train.max_steps, seed=cfg.train.seed)
+    net, _ = apply_method(
+        model.load_model(cfg.model, cfg.method, tokenizer, dtype, "cpu", cfg.train.seed),
+        cfg.method,
+        total_steps=cfg.train.max_steps,
+        seed=cfg.train.seed,
+    )
     state = backends.read_full_state_dict(cfg.backend, Path(step_dir) / "engine", net)
     with torch.no_grad():
         result = net.load_state_dict(state, strict=False)
     if result.unexpected_keys or result.missing_keys:
-        raise RuntimeError(f"checkpoint {step_dir} does not fit the run's model: unexpected "
-                           f"{result.unexpected_keys[:3]}, missing {result.missing_keys[:3]}")
+        raise RuntimeError(
+            f"checkpoint {step_dir} does not fit the run's model: unexpected "
+            f"{result.unexpected_keys[:3]}, missing {result.missing_keys[:3]}"
+        )
     save_model_dir(net, tokenizer, out_dir)
 
 
@@ -129,7 +137,8 @@ def adapter_dir(run_dir: Path, step=None) -> Path:
 def is_adapter_run(run_dir: Path) -> bool:
     run_dir = Path(run_dir)
     return (run_dir / "final" / ADAPTER_CONFIG).is_file() or any(
-        (run_dir / "checkpoints").glob(f"step_*/adapter/{ADAPTER_CONFIG}"))
+        (run_dir / "checkpoints").glob(f"step_*/adapter/{ADAPTER_CONFIG}")
+    )
 
 
 def export_adapter_run(run_dir: Path, step=None, out=None) -> str:
@@ -164,8 +173,10 @@ def export_adapter_run(run_dir: Path, step=None, out=None) -> str:
     if merged is None:
         shutil.copytree(source, tmp)
         _replace(tmp, out)
-        return (f"method={method} cannot be merged into the base model: {why_not}. Wrote the adapter only, to {out} "
-                f"(load it with PeftModel.from_pretrained(<{base_path}>, '{out}'))")
+        return (
+            f"method={method} cannot be merged into the base model: {why_not}. Wrote the adapter only, to {out} "
+            f"(load it with PeftModel.from_pretrained(<{base_path}>, '{out}'))"
+        )
     merged.save_pretrained(str(tmp), safe_serialization=True)
     AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(str(tmp))
     _replace(tmp, out)

@@ -118,10 +118,17 @@ class RunLogger:
             # silent: no banner or prompts (we print one line below); console off: Slurm keeps stdout.
             settings = wandb.Settings(silent=True, console="off", **extra)
             self._run = wandb.init(
-                id=self._run_id(), resume="allow", dir=str(self.run_dir), mode=self.mode,
-                project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags or []),
+                id=self._run_id(),
+                resume="allow",
+                dir=str(self.run_dir),
+                mode=self.mode,
+                project=cfg.project,
+                entity=cfg.entity,
+                group=cfg.group,
+                tags=list(cfg.tags or []),
                 config=run_config,  # at init, so a run killed midway still has its config
-                reinit="create_new", settings=settings,  # never hand back some other live run
+                reinit="create_new",
+                settings=settings,  # never hand back some other live run
             )
             self._url_or_id = (self._run.url if self.mode == "online" else None) or self._run.id
             _say(f"W&B {self.mode} ({self.mode_reason}): run {self._url_or_id}, in {self.run_dir}/wandb")
@@ -130,8 +137,10 @@ class RunLogger:
 
     def _disable(self, where: str, exc: BaseException) -> None:
         first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-        _say(f"W&B {where} failed ({type(exc).__name__}: {first_line}); W&B is off for the rest of "
-             f"this run, metrics still go to {self.metrics_path}")
+        _say(
+            f"W&B {where} failed ({type(exc).__name__}: {first_line}); W&B is off for the rest of "
+            f"this run, metrics still go to {self.metrics_path}"
+        )
         run, self._run = self._run, None
         if run is not None:
             with contextlib.suppress(Exception):  # what was written so far is still worth syncing

@@ -10,6 +10,7 @@ A micro batch is a dict: `labels` for the loss, everything else (input_ids, and 
 attention_mask: see trainers/data.py) passed to the model as keyword arguments.
 The method's hooks (trainers/methods.py) add its extra loss terms and run around the optimizer step.
 """
+
 from __future__ import annotations
 
 import time
@@ -41,8 +42,19 @@ def _strength(reason: str) -> int:
 
 
 class Trainer:
-    def __init__(self, engine, batches, train_cfg, dist_env, checkpoints, logger, flops_per_token: float,
-                 eval_batches=None, hooks=None, peak_tflops: Optional[float] = None):
+    def __init__(
+        self,
+        engine,
+        batches,
+        train_cfg,
+        dist_env,
+        checkpoints,
+        logger,
+        flops_per_token: float,
+        eval_batches=None,
+        hooks=None,
+        peak_tflops: Optional[float] = None,
+    ):
         from tuneforge.trainers.methods import MethodHooks
 
         self.engine, self.batches, self.train_cfg = engine, batches, train_cfg
@@ -80,8 +92,11 @@ class Trainer:
             last = self.train_step()
             if t.step_sleep_s:
                 time.sleep(t.step_sleep_s)
-            evaluate = self.eval_batches is not None and t.eval_every > 0 and (
-                self.step % t.eval_every == 0 or self.step == t.max_steps)
+            evaluate = (
+                self.eval_batches is not None
+                and t.eval_every > 0
+                and (self.step % t.eval_every == 0 or self.step == t.max_steps)
+            )
             if evaluate:
                 last.update(self.evaluate())
             if evaluate or self.step % t.log_every == 0 or self.step == t.max_steps:
@@ -172,13 +187,21 @@ class Trainer:
         return {"eval_loss": loss_sum / max(tokens, 1.0), "eval_tokens": int(tokens)}
 
     def save(self) -> None:
-        self.checkpoints.save(self.step, self.engine, {"step": self.step, "tokens_seen": self.tokens_seen},
-                              rank_state={"data": self.batches.state_dict(self.step)},
-                              write_extra=lambda directory: self.hooks.save(self.engine, directory, self.dist_env.is_main))
+        self.checkpoints.save(
+            self.step,
+            self.engine,
+            {"step": self.step, "tokens_seen": self.tokens_seen},
+            rank_state={"data": self.batches.state_dict(self.step)},
+            write_extra=lambda directory: self.hooks.save(self.engine, directory, self.dist_env.is_main),
+        )
 
     def _stop_requested(self) -> Optional[str]:
         """Agree across ranks: stop if any rank got a signal, or at train.stop_after."""
-        if self.train_cfg.stop_after is not None and self.step >= self.train_cfg.stop_after and self.step < self.train_cfg.max_steps:
+        if (
+            self.train_cfg.stop_after is not None
+            and self.step >= self.train_cfg.stop_after
+            and self.step < self.train_cfg.max_steps
+        ):
             request_stop("stop_after")
         mine = _STOP_REQUESTED["reason"]
         strongest = int(_all_reduce(torch.tensor(float(_strength(mine) if mine else 0)), op=dist.ReduceOp.MAX).item())

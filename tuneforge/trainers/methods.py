@@ -12,6 +12,7 @@ whatever the method and backend:
   PEFT format (from the backend's consolidated state, so never empty under sharding) and the method's
   own state (AdaLoRA's rank allocator), restored on resume.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,7 +44,9 @@ class MethodHooks:
         pass
 
 
-def apply_method(model: torch.nn.Module, method_cfg, total_steps: int, seed: int) -> Tuple[torch.nn.Module, MethodHooks]:
+def apply_method(
+    model: torch.nn.Module, method_cfg, total_steps: int, seed: int
+) -> Tuple[torch.nn.Module, MethodHooks]:
     """Full finetuning and pretraining train every weight; PEFT methods wrap the model with peft.
 
     The adapter is initialised from `seed` so that every rank starts from the same weights whatever
@@ -74,23 +77,54 @@ def peft_config(method_cfg, total_steps: int):
     targets = list(m.target_modules) if m.target_modules is not None else None
     common = {"task_type": "CAUSAL_LM"}
     if m.name in ("lora", "dora", "qlora"):
-        return peft.LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, use_rslora=m.rslora,
-                               use_dora=m.name == "dora", target_modules=targets or "all-linear", **common)
+        return peft.LoraConfig(
+            r=m.r,
+            lora_alpha=m.alpha,
+            lora_dropout=m.dropout,
+            use_rslora=m.rslora,
+            use_dora=m.name == "dora",
+            target_modules=targets or "all-linear",
+            **common,
+        )
     if m.name == "adalora":
-        return peft.AdaLoraConfig(init_r=m.init_r, target_r=m.target_r, lora_alpha=m.alpha, lora_dropout=m.dropout,
-                                  tinit=m.tinit, tfinal=m.tfinal, deltaT=m.deltaT, beta1=m.beta1, beta2=m.beta2,
-                                  orth_reg_weight=m.orth_reg_weight, total_step=total_steps,
-                                  target_modules=targets or "all-linear", **common)
+        return peft.AdaLoraConfig(
+            init_r=m.init_r,
+            target_r=m.target_r,
+            lora_alpha=m.alpha,
+            lora_dropout=m.dropout,
+            tinit=m.tinit,
+            tfinal=m.tfinal,
+            deltaT=m.deltaT,
+            beta1=m.beta1,
+            beta2=m.beta2,
+            orth_reg_weight=m.orth_reg_weight,
+            total_step=total_steps,
+            target_modules=targets or "all-linear",
+            **common,
+        )
     if m.name == "ia3":
         ff = list(m.feedforward_modules) if m.feedforward_modules is not None else None
         return peft.IA3Config(target_modules=targets, feedforward_modules=ff, **common)
     if m.name == "loha":
-        return peft.LoHaConfig(r=m.r, alpha=m.alpha, rank_dropout=m.rank_dropout, module_dropout=m.module_dropout,
-                               target_modules=targets or "all-linear", **common)
+        return peft.LoHaConfig(
+            r=m.r,
+            alpha=m.alpha,
+            rank_dropout=m.rank_dropout,
+            module_dropout=m.module_dropout,
+            target_modules=targets or "all-linear",
+            **common,
+        )
     if m.name == "lokr":
-        return peft.LoKrConfig(r=m.r, alpha=m.alpha, rank_dropout=m.rank_dropout, module_dropout=m.module_dropout,
-                               decompose_factor=m.factor, decompose_both=m.decompose_both,
-                               target_modules=targets or "all-linear", **common)
+        return peft.LoKrConfig(
+            r=m.r,
+            alpha=m.alpha,
+            rank_dropout=m.rank_dropout,
+            module_dropout=m.module_dropout,
+            decompose_factor=m.factor,
+            decompose_both=m.decompose_both,
+            target_modules=targets or "all-linear",
+            **common,
+        )
     raise ValueError(f"method.name: '{m.name}' is not a PEFT method")
 
 
@@ -101,10 +135,17 @@ def check_target_modules(model: torch.nn.Module, method_cfg) -> None:
     requested = list(method_cfg.target_modules or []) + list(getattr(method_cfg, "feedforward_modules", None) or [])
     unknown = [t for t in requested if not any(n == t or n.endswith("." + t) for n in names)]
     if unknown:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
-                         if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D"})
-        raise ValueError(f"method.target_modules: {', '.join(map(repr, unknown))} matches no module of this "
-                         f"{model.config.model_type} model; its linear layers are {', '.join(leaves)}")
+        leaves = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, mod in model.named_modules()
+                if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D"
+            }
+        )
+        raise ValueError(
+            f"method.target_modules: {', '.join(map(repr, unknown))} matches no module of this "
+            f"{model.config.model_type} model; its linear layers are {', '.join(leaves)}"
+        )
 
 
 class AdapterHooks(MethodHooks):
@@ -155,8 +196,10 @@ class AdaLoraHooks(AdapterHooks):
         self._grads = {n: p.grad for n, p in model.named_parameters() if "lora_" in n and p.requires_grad}
         missing = [n for n, g in self._grads.items() if g is None]
         if missing:
-            raise RuntimeError(f"AdaLoRA needs the gradient of every adapter weight after backward; {missing[0]} "
-                               "has none on this backend (its gradients live in the backend's own buffers)")
+            raise RuntimeError(
+                f"AdaLoRA needs the gradient of every adapter weight after backward; {missing[0]} "
+                "has none on this backend (its gradients live in the backend's own buffers)"
+            )
 
     def after_step(self, model, step: int) -> Dict[str, float]:
         params = dict(model.named_parameters())
@@ -176,8 +219,9 @@ class AdaLoraHooks(AdapterHooks):
         super().save(engine, directory, is_main)
 
     def load(self, model, directory: Path) -> None:
-        load_allocator_state(model, torch.load(Path(directory) / "adalora_state.pt", map_location="cpu",
-                                               weights_only=False))
+        load_allocator_state(
+            model, torch.load(Path(directory) / "adalora_state.pt", map_location="cpu", weights_only=False)
+        )
 
 
 def allocated_rank(model) -> int:
@@ -192,8 +236,12 @@ def allocator_state(model) -> dict:
     """What `update_and_allocate` keeps between steps: peft's RankAllocator scores and the rank pattern."""
     allocator = model.base_model.rankallocator
     config = model.peft_config[model.base_model.trainable_adapter_name]
-    return {"ipt": allocator.ipt, "exp_avg_ipt": allocator.exp_avg_ipt, "exp_avg_unc": allocator.exp_avg_unc,
-            "rank_pattern": config.rank_pattern}
+    return {
+        "ipt": allocator.ipt,
+        "exp_avg_ipt": allocator.exp_avg_ipt,
+        "exp_avg_unc": allocator.exp_avg_unc,
+        "rank_pattern": config.rank_pattern,
+    }
 
 
 def load_allocator_state(model, state: dict) -> None:

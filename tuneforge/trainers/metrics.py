@@ -11,6 +11,7 @@ A measured ceiling is what this device reaches at these shapes, not a datasheet 
 CPU a GEMM's wall time swings 2-5x with the neighbours' load, so a ~1 s measurement taken at a busy
 moment reads low (and the MFU high): declare cluster.peak_tflops for a fixed figure.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,10 @@ def matmul_parameters(model: torch.nn.Module) -> Dict[str, int]:
         lookup = {id(p) for p in embedding.parameters()}
     params = {id(p): p for p in model.parameters()}  # tied weights counted once
     used = [p for key, p in params.items() if key not in lookup]
-    return {"matmul_params_total": sum(p.numel() for p in used),
-            "matmul_params_trainable": sum(p.numel() for p in used if p.requires_grad)}
+    return {
+        "matmul_params_total": sum(p.numel() for p in used),
+        "matmul_params_trainable": sum(p.numel() for p in used if p.requires_grad),
+    }
 
 
 def flops_per_token(config, trainable_params: int, total_params: int, seq_len: int) -> float:
@@ -56,13 +59,20 @@ def gemm_shapes(config, tokens: int) -> List[Shape]:
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     kv = head_dim * getattr(config, "num_key_value_heads", config.num_attention_heads)
     q = head_dim * config.num_attention_heads
-    shapes = {(tokens, hidden, q), (tokens, hidden, kv), (tokens, q, hidden),  # q, k/v, o
-              (tokens, hidden, inter), (tokens, inter, hidden), (tokens, hidden, vocab)}  # up/gate, down, head
+    shapes = {
+        (tokens, hidden, q),
+        (tokens, hidden, kv),
+        (tokens, q, hidden),  # q, k/v, o
+        (tokens, hidden, inter),
+        (tokens, inter, hidden),
+        (tokens, hidden, vocab),
+    }  # up/gate, down, head
     return sorted(shapes)
 
 
-def gemm_ceiling(shapes: Sequence[Shape], dtype: torch.dtype, device: str = "cpu", tries: int = 3,
-                 budget_s: float = 1.0) -> Dict[str, object]:
+def gemm_ceiling(
+    shapes: Sequence[Shape], dtype: torch.dtype, device: str = "cpu", tries: int = 3, budget_s: float = 1.0
+) -> Dict[str, object]:
     """Best GEMM throughput (TFLOP/s) over `shapes`, best of `tries` each, within about `budget_s`.
 
     Every shape gets one warm-up and at least one timed product, whatever the budget. Wall time:
@@ -95,8 +105,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def device_peak_tflops(declared: Optional[float], config, tokens: int, device: str, run_dir: Path,
-                       is_main: bool) -> Dict[str, object]:
+def device_peak_tflops(
+    declared: Optional[float], config, tokens: int, device: str, run_dir: Path, is_main: bool
+) -> Dict[str, object]:
     """The dense bf16 peak of one device for MFU: declared (cluster.peak_tflops), or measured once
     per run dir at the model's GEMM shapes and cached there. Collective when measured (a barrier).
 
@@ -116,8 +127,17 @@ def device_peak_tflops(declared: Optional[float], config, tokens: int, device: s
             rate = rate.cpu() / dist.get_world_size()
         if is_main:
             tmp = path.with_name(f".{PEAK_FILE}.tmp")
-            tmp.write_text(json.dumps({"peak_tflops": float(rate), "tokens": tokens, "device": device,
-                                       "shapes": [list(s) for s in shapes]}) + "\n")
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "peak_tflops": float(rate),
+                        "tokens": tokens,
+                        "device": device,
+                        "shapes": [list(s) for s in shapes],
+                    }
+                )
+                + "\n"
+            )
             tmp.replace(path)
         if dist.is_initialized():
             dist.barrier()
@@ -200,7 +220,11 @@ def model_state_bytes(engine, grads: int) -> dict:
         optim += [t for name in _DS_MASTER for t in _tensors(getattr(optimizer, name, None))]
         inner = getattr(optimizer, "optimizer", None)
         optimizer = inner if inner is not optimizer else None
-    return {"mem_params_bytes": storage_bytes(params), "mem_grads_bytes": grads, "mem_optim_bytes": storage_bytes(optim)}
+    return {
+        "mem_params_bytes": storage_bytes(params),
+        "mem_grads_bytes": grads,
+        "mem_optim_bytes": storage_bytes(optim),
+    }
 
 
 def gather_per_rank(value: float) -> list:

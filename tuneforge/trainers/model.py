@@ -1,4 +1,5 @@
 """Tokenizer and model: loaded from a hub id or path, or built from the config for pretraining."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -85,7 +86,9 @@ def load_model(model_cfg, method_cfg, tokenizer, dtype: str, device: str, seed: 
     if builds_from_config(model_cfg, method_cfg):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(
-            config, dtype=torch_dtype, attn_implementation=model_cfg.attn_implementation,
+            config,
+            dtype=torch_dtype,
+            attn_implementation=model_cfg.attn_implementation,
             trust_remote_code=model_cfg.trust_remote_code,
         )
     else:
@@ -93,8 +96,11 @@ def load_model(model_cfg, method_cfg, tokenizer, dtype: str, device: str, seed: 
         if method_cfg.name == "qlora":  # 4-bit weights are placed while loading; .to() cannot move them
             quantized = {"quantization_config": quantization_config(method_cfg, dtype), "device_map": {"": device}}
         model = AutoModelForCausalLM.from_pretrained(
-            model_cfg.name_or_path, config=config, dtype=torch_dtype,
-            attn_implementation=model_cfg.attn_implementation, trust_remote_code=model_cfg.trust_remote_code,
+            model_cfg.name_or_path,
+            config=config,
+            dtype=torch_dtype,
+            attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=model_cfg.trust_remote_code,
             **quantized,
         )
         if quantized:

@@ -2,6 +2,7 @@
 
 Kept in one place so that no backend or method can drift from it (torchtune #2307).
 """
+
 from __future__ import annotations
 
 import math

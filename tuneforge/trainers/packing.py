@@ -12,6 +12,7 @@ from the end of the previous one; a packed row therefore gives the loss of its e
 - Instruction examples (`split_long=False`, each at most seq_len) are never split: best-fit
   decreasing puts each, longest first, into the fullest row it still fits in.
 """
+
 from __future__ import annotations
 
 import bisect

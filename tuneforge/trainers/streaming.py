@@ -18,6 +18,7 @@ Rows are checked as they are read: a bad row stops the job with its row number w
 shard. There is no token cache in this mode (validation data, read from data.validation_path, is
 cached as in the default mode).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Iterator, List, Optional
@@ -39,8 +40,16 @@ class StreamingBatches:
         self.seed, self.micro_batch = train_cfg.seed, train_cfg.micro_batch
         self.per_rank = train_cfg.global_batch // dist_env.world_size
         self.global_batch = train_cfg.global_batch
-        self.state: Dict[str, Any] = {"kind": "stream", "seed": self.seed, "world_size": self.world_size,
-                                      "epoch": 0, "window": 0, "start": None, "used": 0, "position": 0}
+        self.state: Dict[str, Any] = {
+            "kind": "stream",
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "epoch": 0,
+            "window": 0,
+            "start": None,
+            "used": 0,
+            "position": 0,
+        }
         self._rows: Optional[Rows] = None  # the current window's rows, in their permuted order
         self._stream = self._iterator = None
         self._next_start: Optional[dict] = None  # stream state after the current window
@@ -53,8 +62,9 @@ class StreamingBatches:
 
     def micro_batches(self, step: int) -> Iterator[Dict[str, torch.Tensor]]:
         if step != self.state["position"]:
-            raise RuntimeError(f"streaming batches are read in order: asked for step {step}, "
-                               f"at step {self.state['position']}")
+            raise RuntimeError(
+                f"streaming batches are read in order: asked for step {step}, at step {self.state['position']}"
+            )
         picked: List[Rows] = []
         wanted = self.per_rank
         while wanted:
@@ -64,8 +74,12 @@ class StreamingBatches:
             self.state["used"] += take
             wanted -= take
         self.state["position"] += 1
-        mine = Rows(*(np.concatenate([getattr(r, f) for r in picked])
-                      for f in ("input_ids", "labels", "position_ids", "lengths")))
+        mine = Rows(
+            *(
+                np.concatenate([getattr(r, f) for r in picked])
+                for f in ("input_ids", "labels", "position_ids", "lengths")
+            )
+        )
         for start in range(0, self.per_rank, self.micro_batch):
             yield self.collate(mine.take(slice(start, start + self.micro_batch)))
 
@@ -76,11 +90,15 @@ class StreamingBatches:
         if state.get("kind") != "stream":
             raise DataError("the checkpoint was written without data.streaming: resume with the same setting")
         if state["world_size"] != self.world_size:
-            raise DataError(f"a streaming run resumes on the same number of ranks: the checkpoint has "
-                            f"{state['world_size']}, this job {self.world_size}")
+            raise DataError(
+                f"a streaming run resumes on the same number of ranks: the checkpoint has "
+                f"{state['world_size']}, this job {self.world_size}"
+            )
         if state["seed"] != self.seed or state["position"] != step:
-            raise DataError(f"the checkpoint's data position (seed {state['seed']}, step {state['position']}) "
-                            f"does not match this run (seed {self.seed}, step {step})")
+            raise DataError(
+                f"the checkpoint's data position (seed {state['seed']}, step {state['position']}) "
+                f"does not match this run (seed {self.seed}, step {step})"
+            )
         self.state = dict(state)
         self._rows = None
 
@@ -125,8 +143,10 @@ class StreamingBatches:
                 continue
             bad = records.check_record(row, self.spec)
             if bad:
-                raise DataError(f"{self.source.label} (rank {self.rank}'s shard, row {self._row_no} of epoch "
-                                f"{self.state['epoch']}): field '{bad[0]}': {bad[1]}")
+                raise DataError(
+                    f"{self.source.label} (rank {self.rank}'s shard, row {self._row_no} of epoch "
+                    f"{self.state['epoch']}): field '{bad[0]}': {bad[1]}"
+                )
             recs.append(row)
         self._next_start = self._stream.state_dict()
         if not recs:

@@ -1,4 +1,5 @@
 """The task every rank runs: distributed env -> build -> train -> close. Setup in dependency order."""
+
 from __future__ import annotations
 
 import json
@@ -48,16 +49,35 @@ def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
         preflight = run_dir / "preflight.json"  # the launcher's estimate, logged with the config (W&B)
         run_config = {**cfg_dict, "preflight": json.loads(preflight.read_text())} if preflight.is_file() else cfg_dict
         logger = RunLogger(cfg.logger, run_dir, run_config, enabled=dist_env.is_main)
-        logger.summary({**counts, "world_size": dist_env.world_size, "num_nodes": dist_env.num_nodes,
-                        "master_addr": dist_env.master_addr, "job_id": dist_env.job_id, **run_data.stats})
-        flops = metrics.flops_per_token(net.config, counts["matmul_params_trainable"], counts["matmul_params_total"],
-                                        t.seq_len)
-        peak = metrics.device_peak_tflops(cfg.cluster.peak_tflops, net.config, t.micro_batch * t.seq_len,
-                                          dist_env.device, run_dir, dist_env.is_main)
+        logger.summary(
+            {
+                **counts,
+                "world_size": dist_env.world_size,
+                "num_nodes": dist_env.num_nodes,
+                "master_addr": dist_env.master_addr,
+                "job_id": dist_env.job_id,
+                **run_data.stats,
+            }
+        )
+        flops = metrics.flops_per_token(
+            net.config, counts["matmul_params_trainable"], counts["matmul_params_total"], t.seq_len
+        )
+        peak = metrics.device_peak_tflops(
+            cfg.cluster.peak_tflops, net.config, t.micro_batch * t.seq_len, dist_env.device, run_dir, dist_env.is_main
+        )
         logger.summary({**peak, "flops_per_token": flops})
-        trainer = Trainer(engine, run_data.train, t, dist_env, Checkpoints(run_dir, dist_env.rank, t.keep_checkpoints),
-                          logger, flops, eval_batches=run_data.validation, hooks=method_hooks,
-                          peak_tflops=peak["peak_tflops"])
+        trainer = Trainer(
+            engine,
+            run_data.train,
+            t,
+            dist_env,
+            Checkpoints(run_dir, dist_env.rank, t.keep_checkpoints),
+            logger,
+            flops,
+            eval_batches=run_data.validation,
+            hooks=method_hooks,
+            peak_tflops=peak["peak_tflops"],
+        )
         result = trainer.train()
         if result["stopped"] is None:
             write_final(engine, tokenizer, run_dir / "final", dist_env.is_main)

@@ -15,6 +15,7 @@ tokens the model will see at inference, where the prompt is followed by its gene
                conversation up to each assistant turn, which needs a template whose render of a
                prefix of the conversation is a prefix of the whole render (true of common templates).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -92,7 +93,11 @@ class Encoder:
             return prompt + record[c.output_field], [(len(prompt), len(prompt) + len(record[c.output_field]))], True
         if self.format == "completion":
             prompt = record[c.prompt_field]
-            return prompt + record[c.completion_field], [(len(prompt), len(prompt) + len(record[c.completion_field]))], True
+            return (
+                prompt + record[c.completion_field],
+                [(len(prompt), len(prompt) + len(record[c.completion_field]))],
+                True,
+            )
         return self._render_chat(record[c.messages_field])
 
     def _render_chat(self, messages: List[Dict[str, str]]) -> Tuple[str, List[Span], bool]:
@@ -130,8 +135,10 @@ class Encoder:
         )
         examples = []
         for (text, spans, add_eos), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
-            labels = [tok if self.train_on_prompt or _inside(off[0], off[1], spans) else IGNORE_INDEX
-                      for tok, off in zip(ids, offsets)]
+            labels = [
+                tok if self.train_on_prompt or _inside(off[0], off[1], spans) else IGNORE_INDEX
+                for tok, off in zip(ids, offsets)
+            ]
             if add_eos:  # the response ends with EOS, a target (also when the tokenizer appended one itself)
                 eos = self.tokenizer.eos_token_id
                 if ids and ids[-1] == eos:

@@ -11,6 +11,7 @@ A requeued run re-enters W&B with the same id but a new offline directory
 (``offline-run-<YYYYmmdd_HHMMSS>-<id>[-<n>]``; ``-<n>`` when two start within the same second), so the
 readers below walk every directory in start order.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,10 +33,10 @@ def find_offline_runs(run_dir) -> list[pathlib.Path]:
     keyed = []
     for path in pathlib.Path(run_dir, "wandb").glob("offline-run-*/run-*.wandb"):
         m = _DIR_RE.match(path.parent.name)
-        run_id = path.name[len("run-"):-len(".wandb")]
+        run_id = path.name[len("run-") : -len(".wandb")]
         if not m or not m.group(2).startswith(run_id):
             continue
-        rest = m.group(2)[len(run_id):]  # "" or "-<n>", the same-second collision suffix
+        rest = m.group(2)[len(run_id) :]  # "" or "-<n>", the same-second collision suffix
         suffix = int(rest[1:]) if rest[1:].isdigit() else 0
         # Sort on (timestamp, suffix): a plain string sort puts "<id>/" after "<id>-1".
         keyed.append(((m.group(1), suffix), path))
@@ -119,7 +120,7 @@ def read_run_ids(run_dir) -> set[str]:
     """The W&B run ids seen under run_dir (one for a healthy, possibly requeued, run)."""
     ids = set()
     for path in find_offline_runs(run_dir):
-        ids.add(path.name[len("run-"):-len(".wandb")])  # present even when the writer died early
+        ids.add(path.name[len("run-") : -len(".wandb")])  # present even when the writer died early
         ids.update(r.run.run_id for r in read_records(path) if r.WhichOneof("record_type") == "run")
     return ids
 

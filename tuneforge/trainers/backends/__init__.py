@@ -20,6 +20,7 @@ built in fp32, see `model_dtype`; a PEFT method's frozen base stays in train.dty
 
 Importing this package does not import torch: launch/validate.py reads backends/ds_config.py.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, ContextManager, Optional, Protocol

@@ -3,6 +3,7 @@
 With one rank there is nothing to all-reduce, and the DDP wrapper still copies every gradient into
 its buckets and back: the model then runs unwrapped (on the 2-core CPU the wrapper cost 7-8% of a
 45M-Llama step while neighbours loaded the machine, ~1% when it was quiet)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +11,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from tuneforge.trainers.optim import clip_grad_norm, make_optimizer, set_lr
@@ -32,11 +32,15 @@ class DDPEngine:
     def __init__(self, model: torch.nn.Module, backend_cfg, train_cfg, dist_env):
         self.module = model
         self.world_size = dist_env.world_size
-        self.model = model if self.world_size == 1 else DistributedDataParallel(
-            model,
-            device_ids=[dist_env.local_rank] if dist_env.device != "cpu" else None,
-            bucket_cap_mb=backend_cfg.bucket_cap_mb,
-            find_unused_parameters=backend_cfg.find_unused_parameters,
+        self.model = (
+            model
+            if self.world_size == 1
+            else DistributedDataParallel(
+                model,
+                device_ids=[dist_env.local_rank] if dist_env.device != "cpu" else None,
+                bucket_cap_mb=backend_cfg.bucket_cap_mb,
+                find_unused_parameters=backend_cfg.find_unused_parameters,
+            )
         )
         self.optimizer = make_optimizer(model, train_cfg)
         self.rank = dist_env.rank

@@ -19,6 +19,7 @@ defaults here to ~/.cache/tuneforge/torch_extensions (an existing TORCH_EXTENSIO
 that later runs start in seconds. Prebuilding at install also works:
 DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 pip install --no-build-isolation deepspeed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -80,12 +81,18 @@ class DeepSpeedEngine:
         return float(norm) if norm is not None else float("nan")
 
     def save(self, directory: Path) -> None:
-        self.model.save_checkpoint(str(directory), tag=TAG, save_latest=False,
-                                   exclude_frozen_parameters=self.has_frozen)
+        self.model.save_checkpoint(
+            str(directory), tag=TAG, save_latest=False, exclude_frozen_parameters=self.has_frozen
+        )
 
     def load(self, directory: Path) -> None:
-        path, _ = self.model.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=True,
-                                             load_lr_scheduler_states=False, load_module_strict=not self.has_frozen)
+        path, _ = self.model.load_checkpoint(
+            str(directory),
+            tag=TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+            load_module_strict=not self.has_frozen,
+        )
         if path is None:
             raise RuntimeError(f"no DeepSpeed checkpoint in {directory}/{TAG}")
 
@@ -122,5 +129,10 @@ def _optimizer(model: torch.nn.Module, train_cfg, offload: bool) -> torch.optim.
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     # The same AdamW as make_optimizer (decoupled weight decay, same groups and hyper-parameters).
-    return DeepSpeedCPUAdam(param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr,
-                            betas=(train_cfg.beta1, train_cfg.beta2), eps=1e-8, adamw_mode=True)
+    return DeepSpeedCPUAdam(
+        param_groups(model, train_cfg.weight_decay),
+        lr=train_cfg.lr,
+        betas=(train_cfg.beta1, train_cfg.beta2),
+        eps=1e-8,
+        adamw_mode=True,
+    )

@@ -8,6 +8,7 @@ own default clipping of 1.0 never applies), precision from `train.dtype`, ZeRO s
 backend config. The user's file supplies everything else (it is merged under ours). It may not carry
 an "optimizer" or "scheduler" section: the optimizer and the LR schedule are trainers/optim.py's.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,13 +36,18 @@ def build(backend, train, world_size: int, trainable_params: Optional[int] = Non
         "reduce_bucket_size": _bucket(backend.reduce_bucket_size, "reduce_bucket_size", trainable_params),
     }
     if backend.stage < 3:
-        zero["allgather_bucket_size"] = _bucket(backend.allgather_bucket_size, "allgather_bucket_size", trainable_params)
+        zero["allgather_bucket_size"] = _bucket(
+            backend.allgather_bucket_size, "allgather_bucket_size", trainable_params
+        )
     else:
-        zero["stage3_prefetch_bucket_size"] = _bucket(backend.prefetch_bucket_size, "stage3_prefetch_bucket_size",
-                                                      trainable_params)
+        zero["stage3_prefetch_bucket_size"] = _bucket(
+            backend.prefetch_bucket_size, "stage3_prefetch_bucket_size", trainable_params
+        )
         zero["stage3_param_persistence_threshold"] = (
-            backend.param_persistence_threshold if backend.param_persistence_threshold is not None
-            else DS_DEFAULT_BUCKETS["stage3_param_persistence_threshold"])
+            backend.param_persistence_threshold
+            if backend.param_persistence_threshold is not None
+            else DS_DEFAULT_BUCKETS["stage3_param_persistence_threshold"]
+        )
         # save_checkpoint writes the sharded fp32 state; final/ and export gather it themselves
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     # Always explicit ("none" too), so that a file switching offload on conflicts instead of slipping in.

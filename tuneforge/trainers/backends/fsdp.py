@@ -14,6 +14,7 @@ sharded (a no-sync accumulation would hold full, unsharded gradients like DDP).
 Checkpoints: torch.distributed.checkpoint (DCP) of {"model", "optim"} from `get_state_dict`; every
 rank writes its shards. DCP reshards on load, so `read_full_state_dict` reads them in one process.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -84,8 +85,13 @@ class FSDPEngine:
 
         state = self._state()  # the shapes and shardings to load into
         dcp.load(state, checkpoint_id=str(directory))
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"], options=_options())
+        set_state_dict(
+            self.module,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=_options(),
+        )
 
     def full_state_dict(self) -> Optional[dict]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -121,8 +127,10 @@ def transformer_blocks(model: torch.nn.Module, class_names: List[str]) -> List[t
     names = set(class_names or _no_split_modules(model))
     blocks = [m for m in model.modules() if type(m).__name__ in names and m is not model]
     if not blocks:
-        raise ValueError(f"backend.shard_modules: no module of class {sorted(names) or '(none given)'} in "
-                         f"{type(model).__name__}; name the transformer block class, e.g. LlamaDecoderLayer")
+        raise ValueError(
+            f"backend.shard_modules: no module of class {sorted(names) or '(none given)'} in "
+            f"{type(model).__name__}; name the transformer block class, e.g. LlamaDecoderLayer"
+        )
     return blocks
 
 
