@@ -32,24 +32,21 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from omegaconf import OmegaConf
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tuneforge import data as bundled_data
     from tuneforge.conf.schema import DataConfig
-    from tuneforge.data import records
-    from tuneforge.trainers import packing
-    from tuneforge.trainers.data import Collate
+    from tuneforge.data import packing, records
+    from tuneforge.data.batches import Collate
+    from tuneforge.data.tokenize import Encoder
     from tuneforge.trainers.model import train_tokenizer
     from tuneforge.trainers.optim import token_loss_sum
 
-    corpus = OmegaConf.structured(DataConfig(name="demo_corpus"))
+    corpus = DataConfig(name="demo_corpus")
     texts = [row["text"] for _, row in records.read_rows(bundled_data.bundled("demo_corpus"), corpus)]
     tokenizer = train_tokenizer(texts, 1024, 2)
-    chat = OmegaConf.structured(DataConfig(name="demo_instruct", format="chat"))
+    chat = DataConfig(name="demo_instruct", format="chat")
     rows = [row for _, row in records.read_rows(bundled_data.bundled("demo_instruct"), chat)]
-    from tuneforge.trainers.tokenize import Encoder
-
     examples = Encoder(chat, tokenizer, args.seq_len).encode(rows)
     pad_id = tokenizer.pad_token_id
     arranged = {

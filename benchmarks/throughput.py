@@ -239,19 +239,16 @@ def describe_model(spec: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tuneforge.trainers import metrics
+    from tuneforge import arch
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(llama_config(spec))
-    counts = metrics.matmul_parameters(model)
-    flops = metrics.flops_per_token(
-        model.config, counts["matmul_params_trainable"], counts["matmul_params_total"], spec["seq"]
-    )
+    shape = arch.shape_from_config(model.config.to_dict())  # the trainer's and the preflight's count
     return {
         "params_total": sum(p.numel() for p in model.parameters()),
-        "matmul_params": counts["matmul_params_total"],
-        "flops_per_token": flops,
-        "shapes": metrics.gemm_shapes(model.config, spec["batch"] * spec["seq"]),
+        "matmul_params": shape.matmul_params(),
+        "flops_per_token": arch.flops_per_token(shape, spec["seq"]),
+        "shapes": list(shape.gemm_shapes(spec["batch"] * spec["seq"])),
     }
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from types import SimpleNamespace
 
+from tuneforge.conf.methods import METHODS
 from tuneforge.launch import preflight
 from tuneforge.launch.compose import compose
-from tuneforge.launch.estimate import GIB, Job, MethodSpec, memory
+from tuneforge.launch.estimate import GIB, LAYOUTS, Job, memory, method_spec
 
 PRESETS = ("llama3_8b", "mistral_7b", "qwen2_5_7b")
 CASES = (("full", "zero3"), ("lora", "fsdp"), ("qlora", "ddp"), ("qlora", "fsdp"))
@@ -38,12 +38,8 @@ def main() -> None:
     for preset in PRESETS:
         shape, _ = preflight.model_shape(compose([f"model={preset}"]).model)
         for method, backend in CASES:
-            spec = (
-                MethodSpec("full", shape.params(), peft=False)
-                if method == "full"
-                else preflight.method_spec(SimpleNamespace(name=method), shape)
-            )
-            job = Job(backend, GPUS, MICRO_BATCH, SEQ_LEN, "bf16")
+            spec = method_spec(METHODS[method].schema(), shape)
+            job = Job(LAYOUTS[backend], GPUS, MICRO_BATCH, SEQ_LEN, "bf16")
             plain, ckpt = memory(shape, spec, job), memory(shape, spec, job.with_(activation_checkpointing=True))
             theirs = ""
             if backend == "zero3":

@@ -2,6 +2,7 @@
 # A real two-node Slurm cluster on this one machine, for CI and for tests that submit real jobs.
 #
 #   scripts/slurm-cluster.sh install   # apt packages (skipped when already installed)
+#   scripts/slurm-cluster.sh install start   # several verbs run in order
 #   scripts/slurm-cluster.sh start     # munged, mariadbd, slurmdbd, slurmctld, slurmd n1 + n2; waits until idle
 #   scripts/slurm-cluster.sh status    # sinfo + daemons; non-zero exit when unhealthy
 #   scripts/slurm-cluster.sh stop      # cancel jobs, stop every daemon started here
@@ -201,13 +202,16 @@ status() {
   return $rc
 }
 
-case ${1:-} in
-  install | status) "$1" ;;
-  start | stop)
-    # One start/stop at a time (CI and parallel test workers may both call start). flock -o: the daemons
-    # started below must not inherit the lock's file descriptor, or it would stay held while they run.
-    [[ -n ${_TUNEFORGE_SLURM_LOCKED:-} ]] || exec env _TUNEFORGE_SLURM_LOCKED=1 \
-      flock -o -w 120 /run/tuneforge-slurm-cluster.lock "$0" "$@"
-    "$1" ;;
-  *) echo "usage: $0 install|start|stop|status" >&2; exit 2 ;;
-esac
+# Several verbs run in order: `install start` installs, then starts.
+[[ $# -gt 0 ]] || { echo "usage: $0 install|start|stop|status [more verbs, run in order]" >&2; exit 2; }
+for verb in "$@"; do
+  case $verb in install | start | stop | status) ;; *) echo "usage: $0 install|start|stop|status ..." >&2; exit 2 ;; esac
+done
+if [[ -z ${_TUNEFORGE_SLURM_LOCKED:-} ]] && [[ " $* " == *" start "* || " $* " == *" stop "* ]]; then
+  # One start/stop at a time (CI and parallel test workers may both call start). flock -o: the daemons
+  # started below must not inherit the lock's file descriptor, or it would stay held while they run.
+  exec env _TUNEFORGE_SLURM_LOCKED=1 flock -o -w 120 /run/tuneforge-slurm-cluster.lock "$0" "$@"
+fi
+for verb in "$@"; do
+  "$verb"
+done

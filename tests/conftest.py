@@ -90,3 +90,12 @@ def slurm_cluster():
     if probe.returncode or not {"idle", "mixed", "allocated"} & set(probe.stdout.split()):
         unavailable(f"the Slurm test cluster is not running: scripts/slurm-cluster.sh start ({probe.stderr.strip()})")
     return "debug"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say loudly when tests that submit to the real Slurm cluster were skipped: "N passed" must not
+    read as "Slurm works" when the cluster was never asked."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "slurm" in getattr(r, "keywords", {})]
+    if skipped:
+        terminalreporter.write_sep("!", f"{len(skipped)} Slurm test(s) SKIPPED: Slurm was NOT tested", red=True, bold=True)
+        terminalreporter.write_line("start the test cluster first: scripts/slurm-cluster.sh install start")

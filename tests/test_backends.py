@@ -3,7 +3,7 @@
 Every run goes through the real CLI with cluster=local (2 gloo processes on this machine). One run per
 backend serves three checks, compared with ONE shared, uninterrupted DDP run at the same global batch
 and seed (fp32):
-  - it stops after the step-5 checkpoint (train.stop_after=5) and the same command resumes it to 10;
+  - it stops after the step-5 checkpoint (debug.stop_after=5) and the same command resumes it to 10;
   - all 10 logged losses equal DDP's within 1e-4 (parity, and resume: losing the optimizer state at
     the resume moves the losses of steps 7-10 by 5e-4 to 4e-3, measured with DDP);
   - `tuneforge export` of the last checkpoint loads in transformers with the logits of final/ (1e-5),
@@ -80,7 +80,7 @@ def test_backend_matches_ddp_resumes_exactly_and_exports(backend, ddp_reference,
     run_dir = tmp_path / "run"
     command = TINY + [f"backend={backend}", f"run.dir={run_dir}", "train.activation_checkpointing=true"]
 
-    assert cli.main(command + ["train.stop_after=5"]) == 0
+    assert cli.main(command + ["debug.stop_after=5"]) == 0
     assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_5"
     assert not (run_dir / "final").exists()
@@ -134,23 +134,23 @@ def test_bf16_trains_and_exports_fp32_master_weights(backend, tmp_path):
 
 ACTIVATION_CHECK = textwrap.dedent("""
     import os, torch, torch.distributed as dist
-    from omegaconf import OmegaConf
     from transformers import LlamaConfig, AutoModelForCausalLM
-    from tuneforge.conf.schema import TrainConfig, DDPConfig, FSDPConfig, DeepSpeedConfig
-    from tuneforge.slurm.env import DistEnv
+    from tuneforge.conf.backends import DDPConfig, FSDPConfig, DeepSpeedConfig
+    from tuneforge.conf.schema import TrainConfig
+    from tuneforge.trainers.distributed import DistEnv
     from tuneforge.trainers import backends
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"], RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")
     dist.init_process_group("gloo")
-    env = DistEnv(0, 0, 1, 1, "127.0.0.1", 0, "test", "cpu")
-    train = OmegaConf.structured(TrainConfig(activation_checkpointing=True, global_batch=2, micro_batch=2))
-    for backend in (DDPConfig(), FSDPConfig(), DeepSpeedConfig(stage=3)):
+    env = DistEnv(0, 0, 1, 1, 1, "127.0.0.1", 0, "test", "cpu")
+    train = TrainConfig(activation_checkpointing=True, global_batch=2, micro_batch=2)
+    for backend in (DDPConfig(), FSDPConfig(), DeepSpeedConfig(name="zero3", stage=3)):
         model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4))
         calls, mlp = [], model.model.layers[0].mlp
         forward = mlp.forward
         mlp.forward = lambda *a, **k: (calls.append(1), forward(*a, **k))[1]
-        engine = backends.prepare(model, OmegaConf.structured(backend), train, env)
+        engine = backends.prepare(model, backend, train, env)
         with engine.accumulate(last_micro_batch=True):
             engine.backward(engine.model(input_ids=torch.randint(0, 64, (2, 16))).logits.float().mean())
         engine.step(1e-3, 1.0)
@@ -174,7 +174,7 @@ def test_activation_checkpointing_recomputes_blocks_under_every_backend(tmp_path
     )
     assert done.returncode == 0, done.stderr[-3000:]
     calls = dict(line.split()[1:] for line in done.stdout.splitlines() if line.startswith("CALLS"))
-    assert calls == {"ddp": "2", "fsdp": "2", "deepspeed": "2"}, done.stdout
+    assert calls == {"ddp": "2", "fsdp": "2", "zero3": "2"}, done.stdout
 
 
 # ------------------------------------------------------------------------------------- refusals
@@ -233,11 +233,11 @@ def test_deepspeed_config_file_conflicts_are_refused_before_launch(tmp_path, cap
 
 
 def test_deepspeed_config_comes_from_train_and_merges_the_users_file(tmp_path):
-    from omegaconf import OmegaConf
+    from dataclasses import replace
 
+    from tuneforge.conf import ds_config
     from tuneforge.launch.compose import compose
     from tuneforge.launch.validate import validate
-    from tuneforge.trainers.backends import ds_config
 
     user = {
         "train_batch_size": "auto",
@@ -262,7 +262,7 @@ def test_deepspeed_config_comes_from_train_and_merges_the_users_file(tmp_path):
     zero = ds["zero_optimization"]
     assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
     assert zero["reduce_bucket_size"] == 1024  # capped at the model's size, rounded up to 512
-    no_file = OmegaConf.merge(cfg.backend, {"config_file": None})
+    no_file = replace(cfg.backend, config_file=None)
     assert ds_config.build(no_file, cfg.train, 2)["zero_optimization"]["reduce_bucket_size"] == 500_000_000
 
 

@@ -7,26 +7,36 @@ from __future__ import annotations
 import copy
 import json
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import QUICK, TINY, losses, metrics, tuneforge
-from omegaconf import OmegaConf
 
 from tuneforge import data as bundled_data
-from tuneforge.conf.schema import DataConfig, DDPConfig, TrainConfig
-from tuneforge.data import records
+from tuneforge.conf.backends import DDPConfig
+from tuneforge.conf.schema import DataConfig, DebugConfig, LoggerConfig, TrainConfig
+from tuneforge.data import packing, pipeline, records, sources
+from tuneforge.data.batches import Collate
 from tuneforge.data.records import DataError
+from tuneforge.data.tokenize import DEFAULT_CHAT_TEMPLATE, Encoder
 from tuneforge.launch.cli import main
-from tuneforge.slurm.env import DistEnv
-from tuneforge.trainers import data, data_sources, packing
+from tuneforge.trainers.distributed import DistEnv, StopFlag
+from tuneforge.trainers.metrics import Throughput
 from tuneforge.trainers.optim import IGNORE_INDEX, counted_tokens, token_loss_sum
-from tuneforge.trainers.tokenize import DEFAULT_CHAT_TEMPLATE, Encoder
 
 ONE_RANK = DistEnv(
-    rank=0, local_rank=0, world_size=1, num_nodes=1, master_addr="localhost", master_port=0, job_id="test", device="cpu"
+    rank=0,
+    local_rank=0,
+    world_size=1,
+    local_world_size=1,
+    num_nodes=1,
+    master_addr="localhost",
+    master_port=0,
+    job_id="test",
+    device="cpu",
 )
 CHATS = [
     {
@@ -43,11 +53,11 @@ CHATS = [
 
 
 def data_cfg(**values) -> DataConfig:
-    return OmegaConf.structured(DataConfig(**{"cache_dir": "/nonexistent-cache", **values}))
+    return DataConfig(**{"cache_dir": "/nonexistent-cache", **values})
 
 
 def train_cfg(**values) -> TrainConfig:
-    return OmegaConf.structured(TrainConfig(**{"seq_len": 64, "global_batch": 4, "micro_batch": 2, **values}))
+    return TrainConfig(**{"seq_len": 64, "global_batch": 4, "micro_batch": 2, **values})
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -115,7 +125,7 @@ def test_label_masks_count_only_the_responses(tokenizer):
         assert all(label in (IGNORE_INDEX, tok) for tok, label in zip(ids, labels))  # a label is its token or ignored
         if cfg.format != "text":  # the prompt is there, but not a target
             assert labels[0] == IGNORE_INDEX and ids[0] != IGNORE_INDEX
-        everything = Encoder(OmegaConf.merge(cfg, {"train_on_prompt": True}), tokenizer, 256).encode([row])[0]
+        everything = Encoder(replace(cfg, train_on_prompt=True), tokenizer, 256).encode([row])[0]
         assert everything[1] == everything[0]  # train_on_prompt: every token is a target
 
     # the chat rendering itself is the documented default template, and the mask follows any template
@@ -168,7 +178,7 @@ def test_packed_row_gives_each_document_its_own_logits_and_loss(attn):
     assert len(rows) < len(docs)  # several documents share a row
     alone_loss, alone_tokens = 0.0, 0
     with torch.no_grad():
-        for collate in (data.Collate(packed=True), data.Collate(packed=True, flatten=True), data.Collate(packed=False)):
+        for collate in (Collate(packed=True), Collate(packed=True, flatten=True), Collate(packed=False)):
             rows_here = rows if collate.packed else packing.pad(examples, 32, pad_id=0, split_long=False)
             batch = collate(rows_here)
             labels = batch.pop("labels")
@@ -239,9 +249,9 @@ def test_each_local_file_type_loads_the_same_rows(tmp_path):
     )
     cfg = data_cfg(format="alpaca")
     for name in ("a.jsonl", "a.json", "a.parquet", "a.csv"):
-        source = data_sources.train_source(OmegaConf.merge(cfg, {"path": str(tmp_path / name)}))
-        assert data_sources.check_local(source, cfg) == 6
-        got = [{k: r[k] or "" for k in ("instruction", "input", "output")} for r in data_sources.rows(source, cfg)]
+        source = sources.train_source(replace(cfg, path=str(tmp_path / name)))
+        assert sources.check_local(source, cfg) == 6
+        got = [{k: r[k] or "" for k in ("instruction", "input", "output")} for r in sources.rows(source, cfg)]
         assert got == SOURCE_ROWS, name
 
     # text files: one document per paragraph (or line); a folder reads its files in name order
@@ -250,10 +260,10 @@ def test_each_local_file_type_loads_the_same_rows(tmp_path):
     (corpus / "1.txt").write_text("First paragraph,\nstill first.\n\n\nSecond.\n")
     write_jsonl(corpus / "2.jsonl", [{"text": "Third, from JSONL."}])
     text = data_cfg(format="text", path=str(corpus))
-    docs = [r["text"] for r in data_sources.rows(data_sources.train_source(text), text)]
+    docs = [r["text"] for r in sources.rows(sources.train_source(text), text)]
     assert docs == ["First paragraph,\nstill first.", "Second.", "Third, from JSONL."]
-    lines = OmegaConf.merge(text, {"text_sample_by": "line", "path": str(corpus / "1.txt")})
-    assert [r["text"] for r in data_sources.rows(data_sources.train_source(lines), lines)] == [
+    lines = replace(text, text_sample_by="line", path=str(corpus / "1.txt"))
+    assert [r["text"] for r in sources.rows(sources.train_source(lines), lines)] == [
         "First paragraph,",
         "still first.",
         "Second.",
@@ -264,12 +274,10 @@ def test_each_local_file_type_loads_the_same_rows(tmp_path):
     hub_dir.mkdir()
     write_jsonl(hub_dir / "train.jsonl", SOURCE_ROWS)
     hub = data_cfg(format="alpaca", hub_id=str(hub_dir), hub_split="train")
-    assert [r["output"] for r in data_sources.rows(data_sources.train_source(hub), hub)] == [
-        r["output"] for r in SOURCE_ROWS
-    ]
+    assert [r["output"] for r in sources.rows(sources.train_source(hub), hub)] == [r["output"] for r in SOURCE_ROWS]
     write_jsonl(hub_dir / "train.jsonl", [*SOURCE_ROWS, {"instruction": "x", "output": 3}])
     with pytest.raises(DataError, match=r"hub:.*\[train\]:7: field 'output': must be a string, got int"):
-        list(data_sources.rows(data_sources.train_source(hub), hub))
+        list(sources.rows(sources.train_source(hub), hub))
 
 
 # ------------------------------------------------------------------------------------ bad data
@@ -357,12 +365,12 @@ def test_bad_rows_unchecked_before_submission_stop_the_job_before_training(token
     path = write_jsonl(tmp_path / "bad.jsonl", [GOOD["chat"]] * 20 + [{"messages": "hello"}])
     cfg = data_cfg(format="chat", path=str(path), precheck=False, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataError, match=r"bad\.jsonl:21: field 'messages': must be a list"):
-        data.build(cfg, train_cfg(), tokenizer, ONE_RANK)
+        pipeline.build(cfg, train_cfg(), tokenizer, ONE_RANK)
     assert not list((tmp_path / "cache").glob("*/meta.json"))  # no cache of half-read data
     # too few rows after packing: known only once tokenised, refused at the start of the job
     small = write_jsonl(tmp_path / "small.jsonl", [GOOD["chat"]] * 20)
     with pytest.raises(DataError, match=r"\d+ rows of train.seq_len=64 tokens .* fewer than one global batch"):
-        data.build(OmegaConf.merge(cfg, {"path": str(small)}), train_cfg(global_batch=64), tokenizer, ONE_RANK)
+        pipeline.build(replace(cfg, path=str(small)), train_cfg(global_batch=64), tokenizer, ONE_RANK)
 
 
 @pytest.mark.slow
@@ -389,8 +397,8 @@ def test_bad_rows_found_at_job_start_fail_every_rank_before_training(tmp_path, c
 def test_token_cache_is_reused_and_keyed_by_data_tokenizer_and_seq_len(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "chats.jsonl", CHATS * 20)
     cfg = data_cfg(format="chat", path=str(path), cache_dir=str(tmp_path / "cache"), validation_fraction=0.1)
-    first = data.build(cfg, train_cfg(), tokenizer, ONE_RANK)
-    again = data.build(cfg, train_cfg(), tokenizer, ONE_RANK)
+    first = pipeline.build(cfg, train_cfg(), tokenizer, ONE_RANK)
+    again = pipeline.build(cfg, train_cfg(), tokenizer, ONE_RANK)
     assert (first.stats["data_cache"], again.stats["data_cache"]) == ("built", "hit")
     assert first.stats["data_key"] == again.stats["data_key"]
     assert first.stats["validation_examples"] == 4 and first.stats["train_examples"] == 36
@@ -398,32 +406,32 @@ def test_token_cache_is_reused_and_keyed_by_data_tokenizer_and_seq_len(tokenizer
     keys = {first.stats["data_key"]}
     for changed_cfg, changed_train in (
         (cfg, train_cfg(seq_len=128)),
-        (OmegaConf.merge(cfg, {"train_on_prompt": True}), train_cfg()),
-        (OmegaConf.merge(cfg, {"packing": False}), train_cfg()),
+        (replace(cfg, train_on_prompt=True), train_cfg()),
+        (replace(cfg, packing=False), train_cfg()),
     ):
-        keys.add(data.build(changed_cfg, changed_train, tokenizer, ONE_RANK).stats["data_key"])
+        keys.add(pipeline.build(changed_cfg, changed_train, tokenizer, ONE_RANK).stats["data_key"])
     other_tok = copy.deepcopy(tokenizer)
     other_tok.add_tokens(["<new>"])
-    keys.add(data.build(cfg, train_cfg(), other_tok, ONE_RANK).stats["data_key"])
+    keys.add(pipeline.build(cfg, train_cfg(), other_tok, ONE_RANK).stats["data_key"])
     write_jsonl(path, CHATS * 21)  # the data changed: size and modification time
-    keys.add(data.build(cfg, train_cfg(), tokenizer, ONE_RANK).stats["data_key"])
+    keys.add(pipeline.build(cfg, train_cfg(), tokenizer, ONE_RANK).stats["data_key"])
     assert len(keys) == 6
 
 
 def test_each_rank_reads_a_disjoint_part_of_the_same_global_batch(tokenizer, tmp_path):
     cfg = data_cfg(name="demo_instruct", format="chat", cache_dir=str(tmp_path / "cache"))
     t = train_cfg(seq_len=256, global_batch=8, micro_batch=2)
-    one = data.build(cfg, t, tokenizer, ONE_RANK).train
-    ranks = [data.build(cfg, t, tokenizer, DistEnv(r, r, 2, 1, "x", 0, "t", "cpu")).train for r in (0, 1)]
+    one = pipeline.build(cfg, t, tokenizer, ONE_RANK).train
+    ranks = [pipeline.build(cfg, t, tokenizer, DistEnv(r, r, 2, 2, 1, "x", 0, "t", "cpu")).train for r in (0, 1)]
     for step in (0, 7, one.steps_per_epoch + 3):
         parts = [set(b.rank_indices(step).tolist()) for b in ranks]
         assert not parts[0] & parts[1]
         assert parts[0] | parts[1] == set(one.indices(step).tolist())  # the same global batch as on 1 rank
     # streaming: each rank reads its own shard of the stream
-    stream_cfg = OmegaConf.merge(cfg, {"streaming": True, "stream_window": 50})
+    stream_cfg = replace(cfg, streaming=True, stream_window=50)
     seen = []
     for r in (0, 1):
-        batches = data.build(stream_cfg, t, tokenizer, DistEnv(r, r, 2, 1, "x", 0, "t", "cpu")).train
+        batches = pipeline.build(stream_cfg, t, tokenizer, DistEnv(r, r, 2, 2, 1, "x", 0, "t", "cpu")).train
         rows = [b["input_ids"][i] for step in range(5) for b in batches.micro_batches(step) for i in range(2)]
         seen.append({tuple(row[row != tokenizer.pad_token_id].tolist()) for row in rows})
     assert seen[0] and seen[1] and not seen[0] & seen[1]
@@ -477,18 +485,19 @@ def test_resuming_mid_epoch_yields_the_batches_of_the_uninterrupted_run(streamin
     )
 
     def run(run_dir, log, stop_after=None):
-        loop._STOP_REQUESTED["reason"] = None
-        tc = OmegaConf.merge(t, {"stop_after": stop_after})
-        run_data = data.build(cfg, tc, tokenizer, ONE_RANK)
-        engine = DDPEngine(tiny_llama("sdpa", vocab=len(tokenizer)), OmegaConf.structured(DDPConfig()), tc, ONE_RANK)
+        tc = t
+        run_data = pipeline.build(cfg, tc, tokenizer, ONE_RANK)
+        engine = DDPEngine(tiny_llama("sdpa", vocab=len(tokenizer)), DDPConfig(), tc, ONE_RANK)
         trainer = loop.Trainer(
             engine,
             Recorder(run_data.train, log),
             tc,
+            DebugConfig(stop_after=stop_after),
             ONE_RANK,
+            StopFlag(),
             Checkpoints(run_dir, 0, 2),
-            RunLogger(OmegaConf.create({"name": "none"}), run_dir, {}, enabled=True),
-            0.0,
+            RunLogger(LoggerConfig(name="none"), run_dir, {}, enabled=True),
+            Throughput(None, None, "none", None),
         )
         return run_data, trainer.train()
 
@@ -532,7 +541,7 @@ def test_chat_finetune_on_demo_instruct_through_the_cli(tiny_base, tmp_path, cap
         f"run.dir={run}",
         f"data.cache_dir={tmp_path / 'cache'}",
     ]
-    tuneforge(*common, "train.stop_after=8")
+    tuneforge(*common, "debug.stop_after=8")
     assert json.loads((run / "summary.json").read_text())["data_cache"] == "built"
     tuneforge(*common)  # resumes at step 8: the cache is found, not rebuilt
     summary = json.loads((run / "summary.json").read_text())

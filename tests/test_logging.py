@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-from omegaconf import OmegaConf
 
 from tuneforge.conf.schema import LoggerConfig
 from tuneforge.trainers import wandb_offline
@@ -85,7 +84,7 @@ def requeued(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("requeued") / "run"
     with pytest.MonkeyPatch.context() as mp:
         _isolate(mp, tmp_path_factory.mktemp("home"))
-        cfg = OmegaConf.structured(LoggerConfig(name="wandb", mode="auto", tags=["test"]))
+        cfg = LoggerConfig(name="wandb", mode="auto", tags=["test"])
         first = RunLogger(cfg, run_dir, CONFIG, enabled=True)
         for step, loss in FIRST.items():
             first.log({"loss": loss}, step=step)

@@ -2,7 +2,7 @@
 array, status / logs / cancel / sync, W&B continuity across allocations, rank failure, no secrets.
 
 The Slurm tests need the 2-node test cluster (scripts/slurm-cluster.sh start). Runs that must live
-long enough to be signalled use train.step_sleep_s, so their length hardly depends on the machine's
+long enough to be signalled use debug.step_sleep_s, so their length hardly depends on the machine's
 speed. Every loss curve is compared with ONE uninterrupted local run: the LR is constant, so an
 N-step run's losses are the first N of any longer run's.
 """
@@ -21,7 +21,7 @@ from typing import Callable, Dict, List
 import pytest
 from conftest import TINY, losses, metrics, tuneforge
 
-from tuneforge.launch import runinfo
+from tuneforge.commands import runinfo
 from tuneforge.launch.cli import main as cli
 from tuneforge.slurm import events
 from tuneforge.slurm.requeue import parse_duration
@@ -220,7 +220,7 @@ def test_local_warning_signal_saves_requeues_and_resumes(reference, tmp_path, ca
                     "cluster=local",
                     "cluster.tasks_per_node=2",
                     f"train.max_steps={steps}",
-                    "train.step_sleep_s=0.2",
+                    "debug.step_sleep_s=0.2",
                     f"run.dir={run}",
                 ]
             )
@@ -268,7 +268,7 @@ def test_local_requeue_limit_then_resume_then_cancel(tmp_path, capsys):
         "cluster=local",
         "cluster.tasks_per_node=2",
         "train.max_steps=60",
-        "train.step_sleep_s=0.2",
+        "debug.step_sleep_s=0.2",
         f"run.dir={run}",
     ]
 
@@ -347,7 +347,7 @@ def test_time_limit_requeues_until_done_with_one_curve_one_wandb_run_and_no_secr
         "cluster.signal_delay_s=50",
         "cluster.max_requeues=8",
         f"train.max_steps={steps}",
-        "train.step_sleep_s=0.12",
+        "debug.step_sleep_s=0.12",
         f"run.dir={run}",
     )
     info = wait_final(run, 900)
@@ -390,7 +390,7 @@ def test_preempted_and_requeued_job_resumes_and_completes(slurm_cluster, referen
         *WANDB,
         *slurm(slurm_cluster),
         f"train.max_steps={steps}",
-        "train.step_sleep_s=0.1",
+        "debug.step_sleep_s=0.1",
         f"run.dir={run}",
     )
     wait_until(lambda: last_step(run) >= 30, 300, "step 30")
@@ -476,7 +476,7 @@ def test_killed_rank_fails_the_job_in_bounded_time_then_cancel_and_resume(slurm_
         f"train.max_steps={steps}",
         f"run.dir={run}",
     ]
-    tuneforge(*common, "train.step_sleep_s=0.1")
+    tuneforge(*common, "debug.step_sleep_s=0.1")
     wait_until(lambda: last_step(run) >= 25, 300, "step 25")
     victim = task_pids(run)[1]
     os.kill(victim, signal.SIGKILL)
@@ -488,7 +488,7 @@ def test_killed_rank_fails_the_job_in_bounded_time_then_cancel_and_resume(slurm_
     assert (run / "checkpoints" / "latest").read_text() == "step_20"
 
     first_job = job_id(run)
-    tuneforge(*common, "train.step_sleep_s=0.1")  # the same run again: resumes from step 20
+    tuneforge(*common, "debug.step_sleep_s=0.1")  # the same run again: resumes from step 20
     wait_until(
         lambda: job_id(run) != first_job and "resumed from" in rank0_output(run) and last_step(run) >= 30,
         300,

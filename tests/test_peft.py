@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import tuneforge
-from tuneforge.conf.schema import PEFT_METHODS
+from tuneforge.conf.methods import PEFT_METHODS
 from tuneforge.launch import cli
 
 BACKENDS = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")
@@ -155,9 +155,9 @@ def metrics(run_dir: Path) -> List[dict]:
 
 
 def run_config(run_dir: Path):
-    from omegaconf import OmegaConf
+    from tuneforge.conf.schema import load
 
-    return OmegaConf.load(run_dir / "config.yaml")
+    return load(run_dir / "config.yaml")
 
 
 def probe(base: Path) -> torch.Tensor:
@@ -209,10 +209,10 @@ def engine_state_logits(run_dir: Path, ids: torch.Tensor) -> torch.Tensor:
 
 
 def refused(method: str, backend: str) -> str:
+    from tuneforge.conf.methods import incompatibility
     from tuneforge.launch.compose import compose
-    from tuneforge.launch.method_rules import refusal
 
-    return refusal(method, compose([f"method={method}", f"backend={backend}", "model=llama3_8b"]).backend)
+    return incompatibility(method, compose([f"method={method}", f"backend={backend}", "model=llama3_8b"]).backend)
 
 
 # ----------------------------------------------------------------------------------------- the matrix
@@ -351,7 +351,7 @@ def test_resume_equals_uninterrupted(method, runs, base, tmp_path):
 
     reference = runs.get(method)
     run_dir = tmp_path / "resumed"
-    assert cli.main(train_args(base, method, "ddp", run_dir, "train.stop_after=3")) == 0
+    assert cli.main(train_args(base, method, "ddp", run_dir, "debug.stop_after=3")) == 0
     assert len(metrics(run_dir)) == 3 and not (run_dir / "final").exists()
     assert cli.main(train_args(base, method, "ddp", run_dir)) == 0
     keys = ("loss", "grad_norm", "orth_loss", "adalora_rank")
@@ -427,9 +427,9 @@ def test_qlora_on_cpu_refuses_widths_the_4bit_cpu_kernel_cannot_lay_out(tmp_path
 def test_unknown_architecture_targets_fail_at_job_start():
     """Validation knows Llama-style names only; for other architectures apply_method names the key and
     lists the model's own linear layers."""
-    from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, OPTConfig
 
+    from tuneforge.conf.methods import LoraMethodConfig
     from tuneforge.trainers.methods import apply_method
 
     model = AutoModelForCausalLM.from_config(
@@ -442,46 +442,42 @@ def test_unknown_architecture_targets_fail_at_job_start():
             word_embed_proj_dim=16,
         )
     )
-    cfg = OmegaConf.create(
-        {
-            "name": "lora",
-            "r": 4,
-            "alpha": 8.0,
-            "dropout": 0.0,
-            "rslora": False,
-            "target_modules": ["q_proj", "gate_proj"],
-        }
-    )
+    cfg = LoraMethodConfig(r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "gate_proj"])
     with pytest.raises(ValueError, match=r"method.target_modules: 'gate_proj' matches no module .* fc1, fc2"):
         apply_method(model, cfg, total_steps=10, seed=0)
 
 
 # ----------------------------------------------------------------------------------------- rules, matrix
 def test_refusals_read_the_backend_whatever_its_option_is_called():
-    from omegaconf import OmegaConf
+    from tuneforge.conf.backends import DDPConfig, DeepSpeedConfig, FSDPConfig
+    from tuneforge.conf.methods import incompatibility
 
-    from tuneforge.launch.method_rules import backend_family, refusal
-
-    node = OmegaConf.create
-    assert backend_family(node({"name": "zero3_offload"})) == ("deepspeed", 3)
-    assert backend_family(node({"name": "deepspeed", "stage": 1})) == ("deepspeed", 1)
-    assert backend_family(node({"name": "deepspeed", "zero_stage": 2})) == ("deepspeed", 2)
-    assert backend_family(node({"name": "fsdp"})) == ("fsdp", None)
-    for backend in (node({"name": "zero3"}), node({"name": "deepspeed", "stage": 2}), node({"name": "fsdp"})):
-        assert "use backend=ddp" in refusal("adalora", backend)
-        assert all(refusal(m, backend) is None for m in PEFT_METHODS if m != "adalora")
-    assert all(refusal(m, node({"name": "ddp"})) is None for m in PEFT_METHODS)
+    for backend in (DeepSpeedConfig(name="zero3", stage=3), DeepSpeedConfig(name="zero1", stage=1), FSDPConfig()):
+        assert "use backend=ddp" in incompatibility("adalora", backend)
+        assert all(incompatibility(m, backend) is None for m in PEFT_METHODS if m != "adalora")
+    assert all(incompatibility(m, DDPConfig()) is None for m in PEFT_METHODS)
 
 
 def test_qlora_on_fsdp_needs_storage_in_the_param_dtype():
-    from omegaconf import OmegaConf
+    from tuneforge.launch.compose import compose
+    from tuneforge.launch.validate import validate
 
-    from tuneforge.launch.method_rules import _qlora
+    def problems(backend):
+        cfg = compose(
+            [
+                "model=llama3_8b",
+                "method=qlora",
+                f"backend={backend}",
+                "method.quant_storage=uint8",
+                "cluster.gpus_per_node=1",
+                "logger=none",
+            ]
+        )
+        return [p for p in validate(cfg) if p.key == "method.quant_storage"]
 
-    method = OmegaConf.create({"quant_type": "nf4", "quant_storage": "uint8"})
-    problems = list(_qlora(method, OmegaConf.create({"name": "fsdp"}), OmegaConf.create({"dtype": "bf16"})))
-    assert [p.key for p in problems] == ["method.quant_storage"] and "quant_storage=auto" in problems[0].message
-    assert not list(_qlora(method, OmegaConf.create({"name": "ddp"}), OmegaConf.create({"dtype": "bf16"})))
+    found = problems("fsdp")
+    assert len(found) == 1 and "quant_storage=auto" in found[0].message
+    assert not problems("ddp")
 
 
 def test_matrix_renders_from_the_validation_rules():
@@ -492,7 +488,7 @@ def test_matrix_renders_from_the_validation_rules():
     assert all(f"| {m} |" in table for m in PEFT_METHODS)
     assert all(b in table.splitlines()[0] for b in group_options("backend"))
     # with a refused cell: the numbered reason is printed once under the table
-    cells = dict(refusals(backends=["ddp"]))
+    cells = dict(refusals(backend_names=["ddp"]))
     cells[("adalora", "other")] = "it cannot"
     cells.update({(m, "other"): None for m in PEFT_METHODS if m != "adalora"})
     text = render(cells)

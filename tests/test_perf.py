@@ -29,49 +29,53 @@ def tiny_llama(tied: bool = False, **overrides):
 
 
 def test_flops_count_the_weights_that_enter_a_matmul():
+    from tuneforge import arch
+
     untied, tied = tiny_llama(), tiny_llama(tied=True)
     embedding = 128 * 32
-    total = sum(p.numel() for p in untied.parameters())
-    assert metrics.matmul_parameters(untied) == {
-        "matmul_params_total": total - embedding,
-        "matmul_params_trainable": total - embedding,
-    }
+    shape = arch.shape_from_config(untied.config.to_dict())
+    assert shape.params() == sum(p.numel() for p in untied.parameters())
+    assert shape.matmul_params() == shape.params() - embedding  # the input table is a lookup
+    tied_shape = arch.shape_from_config(tied.config.to_dict())
     # tied: the table is the output head too, and counted once
-    assert metrics.matmul_parameters(tied)["matmul_params_total"] == sum(p.numel() for p in tied.parameters())
-    untied.model.embed_tokens.requires_grad_(False)
-    untied.lm_head.requires_grad_(False)  # frozen weights: 4N (no weight gradient) instead of 6N
-    counts = metrics.matmul_parameters(untied)
-    frozen = counts["matmul_params_total"] - counts["matmul_params_trainable"]
-    assert frozen == 128 * 32
-    flops = metrics.flops_per_token(untied.config, counts["matmul_params_trainable"], counts["matmul_params_total"], 16)
-    assert flops == 6 * counts["matmul_params_trainable"] + 4 * frozen + 12 * 2 * 32 * 16
+    assert tied_shape.matmul_params() == tied_shape.params() == sum(p.numel() for p in tied.parameters())
+    attention = 12 * 2 * 32 * 16
+    assert arch.flops_per_token(shape, 16) == 6 * shape.matmul_params() + attention
+    # a frozen base under an adapter: 4N (no weight gradient) + 6 per adapter weight
+    assert arch.flops_per_token(shape, 16, adapter_params=100) == 4 * shape.matmul_params() + 600 + attention
 
 
 def test_ceiling_is_measured_at_the_models_shapes_without_touching_the_run_rng():
-    config = tiny_llama().config
-    shapes = metrics.gemm_shapes(config, tokens=64)
+    from tuneforge import arch
+
+    shapes = arch.shape_from_config(tiny_llama().config.to_dict()).gemm_shapes(64)
     # q and o, k/v (2 kv heads x 8 = 16 wide), MLP up and down, the output head
-    assert shapes == sorted({(64, 32, 32), (64, 32, 16), (64, 32, 64), (64, 64, 32), (64, 32, 128)})
+    assert list(shapes) == sorted({(64, 32, 32), (64, 32, 16), (64, 32, 64), (64, 64, 32), (64, 32, 128)})
     state = torch.get_rng_state()
     found = metrics.gemm_ceiling(shapes, torch.bfloat16, tries=2)
     assert found["tflops"] > 0 and tuple(found["shape"]) in shapes
     assert torch.equal(state, torch.get_rng_state())
 
 
-def test_declared_peak_wins_and_a_measured_one_is_cached_in_the_run_dir(tmp_path):
-    config = tiny_llama().config
-    declared = metrics.device_peak_tflops(989.0, config, 64, "cpu", tmp_path, is_main=True)
-    assert declared == {"peak_tflops": 989.0, "peak_source": "cluster.peak_tflops"}
-    assert not (tmp_path / metrics.PEAK_FILE).exists()
-    measured = metrics.device_peak_tflops(None, config, 64, "cpu", tmp_path, is_main=True)
-    assert measured["peak_tflops"] > 0 and measured["peak_source"] == "measured bf16 GEMM"
-    cached = json.loads((tmp_path / metrics.PEAK_FILE).read_text())
-    (tmp_path / metrics.PEAK_FILE).write_text(json.dumps({**cached, "peak_tflops": 1.5}))
-    assert metrics.device_peak_tflops(None, config, 64, "cpu", tmp_path, is_main=True)["peak_tflops"] == 1.5  # reused
+def test_declared_peak_wins_and_a_measured_ceiling_is_cached_in_the_run_dir(tmp_path):
+    from tuneforge.conf.schema import LocalClusterConfig, TrainConfig
+    from tuneforge.trainers.distributed import DistEnv
+
+    env = DistEnv(0, 0, 1, 1, 1, "localhost", 0, "test", "cpu")
+    train = TrainConfig(seq_len=16, micro_batch=4)
+    declared = metrics.Throughput.of(tiny_llama(), None, LocalClusterConfig(peak_tflops=989.0), train, env, tmp_path)
+    assert declared.peak_tflops == 989.0 and declared.peak_source == "cluster.peak_tflops"
+    (tmp_path / "m").mkdir()
+    measured = metrics.Throughput.of(tiny_llama(), None, LocalClusterConfig(), train, env, tmp_path / "m")
+    assert measured.peak_tflops > 0 and measured.peak_source == "measured bf16 GEMM"
+    cached = json.loads((tmp_path / "m" / metrics.PEAK_FILE).read_text())
+    (tmp_path / "m" / metrics.PEAK_FILE).write_text(json.dumps({**cached, "peak_tflops": 1.5}))
+    again = metrics.Throughput.of(tiny_llama(), None, LocalClusterConfig(), train, env, tmp_path / "m")
+    assert again.peak_tflops == 1.5  # reused
 
 
 def test_cached_epoch_permutation_gives_the_same_batches_in_any_order():
-    from tuneforge.trainers.data import GlobalBatches
+    from tuneforge.data.batches import GlobalBatches
 
     rows = list(range(10))  # the permutation depends only on the number of rows
     batches = GlobalBatches(rows, global_batch=4, micro_batch=2, seed=3, rank=0, world_size=1, collate=None)
@@ -86,11 +90,10 @@ def test_cached_epoch_permutation_gives_the_same_batches_in_any_order():
 
 
 def test_optimizer_is_fused_adamw_where_the_weights_allow_it():
-    from types import SimpleNamespace
-
+    from tuneforge.conf.schema import TrainConfig
     from tuneforge.trainers.optim import make_optimizer
 
-    train = SimpleNamespace(lr=1e-3, beta1=0.9, beta2=0.95, weight_decay=0.1)
+    train = TrainConfig(lr=1e-3, beta1=0.9, beta2=0.95, weight_decay=0.1)
     for dtype in (torch.float32, torch.bfloat16):
         optimizer = make_optimizer(tiny_llama().to(dtype), train)
         assert isinstance(optimizer, torch.optim.AdamW)

@@ -18,24 +18,27 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
+from tuneforge.arch import flops_per_token
+from tuneforge.conf.backends import BACKENDS
+from tuneforge.conf.gpus import GPU_TYPES
+from tuneforge.conf.methods import METHODS
+from tuneforge.conf.schema import ModelConfig
 from tuneforge.launch import preflight, rundir
 from tuneforge.launch.cli import main
-from tuneforge.launch.compose import compose, group_options
+from tuneforge.launch.compose import compose, group_options, validator
 from tuneforge.launch.estimate import (
-    BACKENDS,
     GIB,
-    GPU_TYPES,
+    LAYOUTS,
     Job,
     MethodSpec,
     ModelShape,
     activation_bytes_per_token,
     adapter_params,
-    flops_per_token,
     memory,
+    method_spec,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +57,11 @@ TINY_SHAPE = dict(vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, intermedi
 
 
 def _check(overrides, options=None) -> preflight.Report:
-    return preflight.check(rundir.with_run_dir(compose(overrides)), options)
+    return preflight.check(rundir.with_run_dir(compose(overrides)), validator(overrides), options)
+
+
+def method_cfg(name: str, **values):
+    return METHODS[name].schema(**values)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +121,7 @@ def test_config_json_shapes_count_what_transformers_builds(tmp_path):
             **extra,
         )
         cfg.save_pretrained(tmp_path / name)
-        shape, source = preflight.model_shape(SimpleNamespace(kind="hf", name_or_path=str(tmp_path / name)))
+        shape, source = preflight.model_shape(ModelConfig(kind="hf", name_or_path=str(tmp_path / name)))
         assert source.endswith("config.json"), source
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
@@ -141,18 +148,27 @@ def test_adapter_counts_match_peft():
     some = ["q_proj", "v_proj", "gate_proj", "down_proj"]
     # targets None: what the trainer gives peft then (trainers/methods.py): "all-linear", IA3 peft's default
     cases = [
-        ("lora", LoraConfig(r=4, target_modules="all-linear"), 4, None),
-        ("lora", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), 4, ["q_proj", "v_proj"]),
-        ("dora", LoraConfig(r=4, use_dora=True, target_modules=some), 4, some),
-        ("adalora", AdaLoraConfig(init_r=6, target_r=2, total_step=10, target_modules="all-linear"), 6, None),
-        ("loha", LoHaConfig(r=4, target_modules=["q_proj", "v_proj"]), 4, ["q_proj", "v_proj"]),
-        ("lokr", LoKrConfig(r=4, target_modules=some), 4, some),
-        ("ia3", IA3Config(), 0, None),
+        (LoraConfig(r=4, target_modules="all-linear"), method_cfg("lora", r=4)),
+        (
+            LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+            method_cfg("lora", r=4, target_modules=["q_proj", "v_proj"]),
+        ),
+        (LoraConfig(r=4, use_dora=True, target_modules=some), method_cfg("dora", r=4, target_modules=some)),
+        (
+            AdaLoraConfig(init_r=6, target_r=2, total_step=10, target_modules="all-linear"),
+            method_cfg("adalora", init_r=6, target_r=2),
+        ),
+        (
+            LoHaConfig(r=4, target_modules=["q_proj", "v_proj"]),
+            method_cfg("loha", r=4, target_modules=["q_proj", "v_proj"]),
+        ),
+        (LoKrConfig(r=4, target_modules=some), method_cfg("lokr", r=4, target_modules=some)),
+        (IA3Config(), method_cfg("ia3")),
     ]
-    for method, peft_cfg, r, targets in cases:
+    for peft_cfg, ours in cases:
         model = get_peft_model(copy.deepcopy(base), peft_cfg)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        assert sum(p.numel() for p in trainable) == adapter_params(method, shape, r, targets), (method, targets)
+        assert sum(p.numel() for p in trainable) == adapter_params(ours, shape), ours
         assert {p.dtype for p in trainable} == {__import__("torch").float32}  # ADAPTER_BYTES = 4
 
 
@@ -176,9 +192,9 @@ def test_qlora_base_bytes_match_bitsandbytes(tiny_hf):
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
     measured = storage_bytes([t for p in model.parameters() for t in (p, *_quant_tensors(p))])
-    shape, _ = preflight.model_shape(SimpleNamespace(kind="hf", name_or_path=str(tiny_hf)))
-    spec = MethodSpec("qlora", adapter_params("qlora", shape, 8, "all-linear"), peft=True, quantized=True)
-    estimated = memory(shape, spec, Job("ddp", 1, 1, 64, "bf16")).params
+    shape, _ = preflight.model_shape(ModelConfig(kind="hf", name_or_path=str(tiny_hf)))
+    spec = method_spec(method_cfg("qlora", r=8), shape)
+    estimated = memory(shape, spec, Job(LAYOUTS["ddp"], 1, 1, 64, "bf16")).params
     print(f"\nQLoRA params bytes: measured {measured}, estimated {estimated:.0f} ({estimated / measured - 1:+.1%})")
     assert estimated == pytest.approx(measured, rel=0.10)
 
@@ -242,7 +258,7 @@ def test_saved_activations_match_autograd():
 PEAK_SCRIPT = textwrap.dedent("""
     import json, re, sys, torch
     from transformers import AutoModelForCausalLM, LlamaConfig
-    from tuneforge.launch.estimate import Job, MethodSpec, ModelShape, memory
+    from tuneforge.launch.estimate import LAYOUTS, Job, MethodSpec, ModelShape, memory
     from tuneforge.trainers.optim import token_loss_sum
     torch.set_num_threads(1)
 
@@ -268,7 +284,7 @@ PEAK_SCRIPT = textwrap.dedent("""
                 logits = model(input_ids=ids).logits  # held through backward, as trainers/loop.py does
                 token_loss_sum(logits, ids).backward()
                 shape = ModelShape(vocab, hidden, layers, 4, 2, inter)
-                job = Job("ddp", 1, batch, seq, dtype, ckpt)
+                job = Job(LAYOUTS["ddp"], 1, batch, seq, dtype, ckpt)
                 estimate = memory(shape, MethodSpec("full", shape.params(), peft=False), job, on_gpu=False)
                 out.append([vocab, hidden, dtype, ckpt, (hwm() - before) * 1024, estimate.peak_dynamic])
                 del model, logits
@@ -379,7 +395,7 @@ def test_presets_agree_with_deepspeeds_estimator():
         n, largest = shape.params(), shape.largest_module_params()
         full = MethodSpec("full", n, peft=False)
         for kind, tolerance in (("zero2", 0.01), ("zero3", 0.15), ("zero3_offload", 0.01)):
-            mem = memory(shape, full, Job(kind, 8, 1, 4096, "bf16"))
+            mem = memory(shape, full, Job(LAYOUTS[kind], 8, 1, 4096, "bf16"))
             ours = mem.model_states + mem.step_transient + (mem.buffers if kind.startswith("zero3") else 0)
             if kind == "zero2":
                 _, theirs = estimate_zero2_model_states_mem_needs(n, 8, 1, cpu_offload=False)
@@ -391,15 +407,15 @@ def test_presets_agree_with_deepspeeds_estimator():
             rows.append((preset, kind, ours, theirs))
             assert ours == pytest.approx(theirs, rel=tolerance), (preset, kind)
         # the published rule of thumb: 16 bytes/param for mixed-precision Adam, sharded 8 ways by ZeRO-3
-        persistent = memory(shape, full, Job("zero3", 8, 1, 4096, "bf16")).model_states
+        persistent = memory(shape, full, Job(LAYOUTS["zero3"], 8, 1, 4096, "bf16")).model_states
         assert persistent == pytest.approx(16 * n / 8, rel=1e-9)
         for method, backend in (("lora", "fsdp"), ("qlora", "fsdp")):
-            spec = preflight.method_spec(SimpleNamespace(name=method), shape)
+            spec = method_spec(method_cfg(method), shape)
             rows.append(
                 (
                     preset,
                     f"{method}/{backend}",
-                    memory(shape, spec, Job(backend, 8, 1, 4096, "bf16")).model_states,
+                    memory(shape, spec, Job(LAYOUTS[backend], 8, 1, 4096, "bf16")).model_states,
                     None,
                 )
             )
@@ -513,7 +529,7 @@ def test_time_cost_and_requeue_warning():
     ]
     report = _check(overrides)
     shape, world = report.shape, 16
-    per_token = 6 * shape.params() + 12 * shape.layers * shape.hidden * 4096
+    per_token = 6 * shape.matmul_params() + 12 * shape.layers * shape.hidden * 4096
     assert report.flops_per_step == pytest.approx(per_token * 64 * 4096)
     assert report.step_time_s == pytest.approx(report.flops_per_step / (world * 989e12 * 0.4))
     assert report.gpu_hours == pytest.approx(report.step_time_s * 20000 * world / 3600)
@@ -536,36 +552,120 @@ def test_measured_mfu_replaces_the_assumed_one(tmp_path):
     assert report.step_time_s == pytest.approx(report.flops_per_step / (2 * 2e12 * 0.3))
 
 
-def test_flops_match_the_trainers_count():
-    """One FLOP count: launch/estimate.py (no torch) agrees with trainers/metrics.py (what MFU is measured with)."""
-    from transformers import LlamaConfig
+def test_flops_are_one_count_for_the_preflight_and_the_trainer():
+    """The preflight's FLOPs per token at Llama-3-8B equal what the trainer computes from the model it
+    builds (its config and its real adapter count): one function, arch.flops_per_token (the two
+    formulas differed by 6.5% here before)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from tuneforge.trainers.metrics import flops_per_token as trainer_flops
+    from tuneforge import arch
 
-    shape = ModelShape(**TINY_SHAPE)
-    config = LlamaConfig(num_hidden_layers=shape.layers, hidden_size=shape.hidden)
-    full = MethodSpec("full", shape.params(), peft=False)
-    assert flops_per_token(shape, full, 64) == trainer_flops(config, shape.params(), shape.params(), 64)
-    lora = MethodSpec("lora", adapter_params("lora", shape, 8, None), peft=True)
-    total = shape.params() + lora.trainable  # the trainer counts the adapters in the model
-    assert flops_per_token(shape, lora, 64) == trainer_flops(config, lora.trainable, total, 64)
+    preset = compose(["model=llama3_8b"]).model
+    config = LlamaConfig(
+        vocab_size=preset.vocab_size,
+        hidden_size=preset.hidden_size,
+        intermediate_size=preset.intermediate_size,
+        num_hidden_layers=preset.num_layers,
+        num_attention_heads=preset.num_heads,
+        num_key_value_heads=preset.num_kv_heads,
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    trainer_shape = arch.shape_from_config(model.config.to_dict())
+    for method in ("full", "lora"):
+        report = _check(["model=llama3_8b", f"method={method}", "train.seq_len=2048", "train.global_batch=8"])
+        preflight_per_token = report.flops_per_step / (8 * 2048)
+        adapter = None
+        if method == "lora":
+            with torch.device("meta"):
+                peft_model = get_peft_model(
+                    AutoModelForCausalLM.from_config(config), LoraConfig(r=8, target_modules="all-linear")
+                )
+            adapter = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        assert flops_per_token(trainer_shape, 2048, adapter) == pytest.approx(preflight_per_token, rel=1e-9), method
+    assert sum(p.numel() for p in model.parameters()) == trainer_shape.params()
 
 
-def test_plain_fields_map_future_schemas():
-    """The estimator reads names and a few optional fields, so the backend and PEFT schemas plug in as they land."""
-    kinds = {
-        ("deepspeed", 1, None): "zero1",
-        ("deepspeed", 3, None): "zero3",
-        ("deepspeed", 3, "cpu"): "zero3_offload",
-        ("zero2", None, None): "zero2",
-        ("fsdp", None, None): "fsdp",
-        ("ddp", None, None): "ddp",
+def test_mfu_is_against_the_datasheet_peak_when_the_gpu_type_is_known(tmp_path):
+    """The trainer divides by the same peak the preflight's time estimate multiplies by (989 TFLOP/s
+    for an H200), and logs the share of its measured ceiling beside it."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tuneforge.conf.schema import LocalClusterConfig, TrainConfig
+    from tuneforge.trainers.distributed import DistEnv
+    from tuneforge.trainers.metrics import Throughput
+
+    model = AutoModelForCausalLM.from_config(
+        LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    )
+    env = DistEnv(0, 0, 1, 1, 1, "localhost", 0, "test", "cpu")
+    train = TrainConfig(seq_len=32, micro_batch=2)
+    h200 = LocalClusterConfig(gpus_per_node=1, tasks_per_node=1, gpu_type="h200")
+    speed = Throughput.of(model, None, h200, train, env, tmp_path)
+    assert speed.peak_tflops == GPU_TYPES["h200"][1] == 989.0 and speed.peak_source == "datasheet of h200"
+    figures = speed.figures(tokens=1000, seconds=1.0)
+    assert figures["mfu"] == pytest.approx(figures["tflops_per_rank"] / 989.0)
+    assert figures["mfu_ceiling"] == pytest.approx(figures["tflops_per_rank"] / speed.ceiling_tflops)
+    report = _check(["cluster.gpus_per_node=1", "cluster.tasks_per_node=1", "cluster.gpu_type=h200"])
+    assert report.peak_tflops == speed.peak_tflops
+    (tmp_path / "cpu").mkdir()
+    cpu = Throughput.of(model, None, LocalClusterConfig(), train, env, tmp_path / "cpu")
+    assert cpu.peak_tflops == cpu.ceiling_tflops and "mfu_ceiling" not in cpu.figures(1000, 1.0)
+
+
+def test_refusals_name_the_backend_option_the_user_typed(capsys):
+    assert main(["model=llama3_8b", "method=adalora", "backend=zero3_offload", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "method=adalora cannot run on backend=zero3_offload" in err and "backend=deepspeed" not in err
+
+
+@pytest.mark.slow
+def test_every_suggestion_shown_is_a_valid_config():
+    """A grid of models, methods, backends and GPUs: every suggested change, applied to the command
+    line it was made for, composes and validates (validation refused backend=zero3_offload for
+    AdaLoRA, which the preflight used to suggest)."""
+    shown = 0
+    for model in ("llama3_8b", "qwen2_5_7b"):
+        for method in ("full", "lora", "adalora", "qlora"):
+            for backend in ("ddp", "fsdp", "zero2"):
+                for gpu in ("a100_40g", "l4"):
+                    overrides = [
+                        f"model={model}",
+                        f"method={method}",
+                        f"backend={backend}",
+                        "cluster=slurm",
+                        f"cluster.gpu_type={gpu}",
+                        "cluster.gpus_per_node=1",
+                        "cluster.tasks_per_node=1",
+                        "train.seq_len=2048",
+                        "logger=none",
+                    ]
+                    if validator(overrides)([]):
+                        continue  # the config itself is refused (AdaLoRA on sharded backends)
+                    for suggestion in _check(overrides).suggestions:
+                        shown += 1
+                        assert validator(overrides)(suggestion.arguments()) == [], (overrides, suggestion.text())
+    assert shown > 20
+
+
+def test_layouts_follow_the_backend_config():
+    cases = {
+        "ddp": "ddp",
+        "fsdp": "fsdp",
+        "zero1": "zero1",
+        "zero2": "zero2",
+        "zero3": "zero3",
+        "zero3_offload": "zero3_offload",
     }
-    for (name, stage, offload), kind in kinds.items():
-        assert preflight.backend_kind(SimpleNamespace(name=name, stage=stage, offload_optimizer=offload)) == kind
+    for option, kind in cases.items():
+        assert preflight.job_of(compose([f"backend={option}"])).layout.kind == kind
+    assert preflight.job_of(compose(["backend=fsdp", "backend.cpu_offload=true"])).layout.kind == "fsdp_offload"
+    assert preflight.job_of(compose(["backend=zero2", "backend.stage=3"])).layout.kind == "zero3"
     shape = ModelShape(**TINY_SHAPE)
-    lora16 = preflight.method_spec(SimpleNamespace(name="lora", r=16, target_modules=["q_proj"]), shape)
+    lora16 = method_spec(method_cfg("lora", r=16, target_modules=["q_proj"]), shape)
     assert lora16.trainable == 16 * (64 + 64) * 2 and lora16.peft and not lora16.quantized
-    assert preflight.method_spec(SimpleNamespace(name="qlora"), shape).quantized  # r defaults to 8
-    assert not preflight.method_spec(SimpleNamespace(name="full"), shape).peft
+    assert method_spec(method_cfg("qlora"), shape).quantized
+    assert not method_spec(method_cfg("full"), shape).peft
     assert set(GPU_TYPES) >= {"a100_40g", "a100_80g", "h100_80g", "h200", "l40s"}

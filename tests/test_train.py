@@ -70,7 +70,7 @@ def test_resumed_run_equals_uninterrupted_run_and_keeps_its_wandb_run(reference,
 
     run = tmp_path / "resumed"
     common = [*TINY, *QUICK, "cluster.tasks_per_node=2", f"run.dir={run}", "logger=wandb", "logger.mode=offline"]
-    tuneforge(*common, "train.stop_after=5")
+    tuneforge(*common, "debug.stop_after=5")
     assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5]
     assert not (run / "final").exists()
     assert (run / "checkpoints" / "latest").read_text() == "step_5"

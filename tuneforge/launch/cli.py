@@ -2,7 +2,7 @@
 
     tuneforge [key=value ...] [--dry-run] [--wait] [--force]   # train (locally, or submit to Slurm)
     tuneforge -m key=a,b other=x,y [--dry-run] [--force]       # sweep: a run per combination, ONE Slurm job array
-    tuneforge status|logs|cancel|sync|export <run dir> ...      # follow and manage runs (launch/commands.py)
+    tuneforge status|logs|cancel|sync|export <run dir> ...      # follow and manage runs (tuneforge/commands/)
 (--force: submit although the preflight estimates that a job does not fit in GPU memory)
 """
 
@@ -11,10 +11,9 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from omegaconf import OmegaConf
-
+from tuneforge.conf.schema import to_yaml
 from tuneforge.launch import preflight, rundir, sweep
-from tuneforge.launch.compose import ConfigError, compose
+from tuneforge.launch.compose import ConfigError, compose, validator
 from tuneforge.launch.validate import validate
 
 FLAGS = {"--dry-run", "--wait", "--force", "--help", "-h", "-m", "--multirun"}
@@ -25,7 +24,7 @@ USAGE = __doc__
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
-        from tuneforge.launch import commands
+        from tuneforge import commands
 
         return commands.main(argv[0], argv[1:])
     flags = {a for a in argv if a.startswith("-")}
@@ -44,7 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if problems:
         return _refuse([str(p) for p in problems])
     cfg = rundir.with_run_dir(cfg)
-    report = preflight.check(cfg)
+    report = preflight.check(cfg, validator(overrides))
     refused = report.fits is False and "--force" not in flags
     if "--dry-run" in flags:
         return _show(cfg, report, refused)
@@ -56,7 +55,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     run_dir = rundir.create(cfg, argv)
     preflight.save(report, run_dir)
-    job = submit(cfg, run_dir)
+    (job,) = submit([cfg], [run_dir], run_dir / "slurm")
     print(f"job {job.job_id} ({cfg.cluster.name})\nrun dir {run_dir}\nlogs {job.paths.stdout}", flush=True)
     if cfg.cluster.name == "local" or "--wait" in flags:
         return follow(job, run_dir, cfg.train.max_steps)
@@ -83,7 +82,7 @@ def _refuse(problems: List[str]) -> int:
 def _show(cfg, report, refused: bool) -> int:
     from pathlib import Path
 
-    print("# resolved config\n" + OmegaConf.to_yaml(cfg) + "# validation: ok")
+    print("# resolved config\n" + to_yaml(cfg) + "# validation: ok")
     if cfg.cluster.name == "slurm":
         from tuneforge.slurm.executors import sbatch_script
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import List, Sequence
+from typing import Any, List, Sequence
 
 from omegaconf import DictConfig, OmegaConf
+
+from tuneforge.conf.schema import Config
 
 CONFIG_MODULE = "tuneforge.conf"
 PRIMARY = "train"
@@ -20,8 +22,8 @@ class ConfigError(ValueError):
     """A config that cannot be composed: unknown key, wrong type, unknown group option."""
 
 
-def compose(overrides: Sequence[str] = ()) -> DictConfig:
-    """The resolved, read-only config for these command-line overrides."""
+def compose(overrides: Sequence[str] = ()) -> Config:
+    """The resolved config for these command-line overrides, as the schema's dataclasses."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -45,12 +47,38 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
             cfg = hydra_compose(config_name=PRIMARY, overrides=list(overrides))
         OmegaConf.resolve(cfg)
         _check_missing(cfg)
+        return OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_one_line(e)) from None
     finally:
         GlobalHydra.instance().clear()
-    OmegaConf.set_readonly(cfg, True)
-    return cfg
+
+
+def validator(overrides: Sequence[str]):
+    """A function of extra overrides -> the problems of `overrides` + them, composed and validated
+    (what the preflight checks each suggested change with before showing it)."""
+    from tuneforge.launch.validate import validate
+
+    def problems(extra: Sequence[str]) -> List[str]:
+        try:
+            return [str(p) for p in validate(compose([*overrides, *extra]))]
+        except ConfigError as e:
+            return [str(e)]
+
+    return problems
+
+
+def group_option(group: str, option: str) -> Any:
+    """One shipped option of a group (conf/<group>/<option>.yaml) as its schema's dataclass, without
+    composing the whole config: its `defaults` name the schema, the rest are its values."""
+    from importlib import resources
+
+    from tuneforge.conf.schema import SCHEMAS
+
+    values = OmegaConf.to_container(OmegaConf.load(resources.files(CONFIG_MODULE).joinpath(group, f"{option}.yaml")))
+    (schema_name,) = values.pop("defaults")
+    node = OmegaConf.merge(OmegaConf.structured(SCHEMAS[group][schema_name]), values)
+    return OmegaConf.to_object(node)
 
 
 def group_options(group: str) -> List[str]:

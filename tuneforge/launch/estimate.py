@@ -1,9 +1,10 @@
 """Memory and FLOPs of a training job by arithmetic alone: no torch, no weights, no network.
 
-The inputs are plain values (a `ModelShape`, a `MethodSpec`, a backend kind string, world size, micro
-batch, sequence length, dtype, activation checkpointing), so this module knows nothing of the config
-tree; launch/preflight.py maps a composed config onto it. Every assumption about how a backend or a
-method lays out its tensors is one entry of a table below, named and explained where it is declared:
+The inputs are plain values (a `ModelShape`, a `MethodSpec`, a backend `Layout`, world size, micro
+batch, sequence length, dtype, activation checkpointing); launch/preflight.py maps a composed config
+onto them. How a backend lays out its tensors is its `Layout` (conf/backends.py), the sizes of a
+method's adapter its formula (conf/methods.py), FLOPs per token tuneforge/arch.py's count; every
+other assumption is one entry of a table below, named and explained where it is declared:
 when a backend changes its layout, its row changes, and tests/test_preflight.py compares the rows with
 the bytes a real run holds.
 
@@ -13,35 +14,17 @@ Units: bytes and FLOPs as plain numbers; GiB (2**30) only when printed.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
+
+from tuneforge.arch import ModelShape, flops_per_token
+from tuneforge.conf import methods
+from tuneforge.conf.backends import LAYOUTS, Layout
+from tuneforge.conf.methods import MethodConfig
+
+__all__ = ["LAYOUTS", "Layout", "ModelShape", "flops_per_token"]  # read through this module by the preflight
 
 GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-
-#: gpu_type -> (memory in GiB as nvidia-smi reports it (MiB / 1024), dense bf16 peak TFLOP/s from the
-#: vendor's datasheet, without sparsity; V100 and T4 have no bf16: their fp16 tensor-core peak).
-GPU_TYPES: Dict[str, Tuple[float, float]] = {
-    "a100_40g": (40.0, 312.0),
-    "a100_80g": (80.0, 312.0),
-    "h100_80g": (79.6, 989.0),  # SXM; the PCIe card peaks at 756
-    "h100_pcie": (79.6, 756.0),
-    "h100_nvl": (93.6, 835.0),
-    "h200": (140.4, 989.0),
-    "gh200": (94.5, 989.0),
-    "b200": (178.4, 2250.0),
-    "l40s": (44.4, 362.0),
-    "l40": (44.4, 181.0),
-    "l4": (22.0, 121.0),
-    "a10g": (22.0, 70.0),
-    "a10": (22.0, 125.0),
-    "a6000": (47.5, 155.0),
-    "rtx4090": (23.6, 165.0),
-    "v100_16g": (16.0, 125.0),
-    "v100_32g": (32.0, 125.0),
-    "t4": (15.0, 65.0),
-    "mi250x": (64.0, 383.0),  # one GCD (a Slurm "GPU") of the two on a card
-    "mi300x": (192.0, 1307.0),
-}
 
 # ------------------------------------------------------------------------------------ layout tables
 #: Adapter weights of PEFT methods are float32 whatever the base dtype: peft's get_peft_model upcasts
@@ -61,93 +44,6 @@ FRAGMENTATION = 0.05
 DEEPSPEED_REDUCE_BUCKET = 5e8
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How one backend places parameters (P), gradients (G) and optimizer state (O) on a rank."""
-
-    shard_params: bool  # P split over ranks (ZeRO-3, FSDP)
-    shard_grads: bool  # G split over ranks (ZeRO-2/3, FSDP)
-    shard_optim: bool  # O split over ranks (ZeRO-1/2/3, FSDP)
-    offload_params: bool = False  # P held in CPU memory
-    offload_optim: bool = False  # O (and the G partition it reads) held in CPU memory
-    # DeepSpeed keeps an fp32 copy of the trainable weights and fp32 Adam states, whatever the model
-    # dtype; torch's AdamW (DDP, FSDP here: the model is loaded in train.dtype) keeps states in the
-    # parameter dtype and no copy.
-    fp32_master: bool = False
-    # FSDP2 here: the model is built in fp32 and MixedPrecisionPolicy casts each layer for compute,
-    # so the sharded parameters, their gradients and AdamW's moments are fp32 whatever train.dtype.
-    fp32_params: bool = False
-    label: str = ""
-
-
-BACKENDS: Dict[str, Layout] = {
-    "ddp": Layout(False, False, False, label="DDP: full replica, gradient buckets"),
-    "fsdp": Layout(True, True, True, fp32_params=True, label="FSDP: params, grads, optimizer sharded"),
-    "fsdp_offload": Layout(True, True, True, True, True, fp32_params=True, label="FSDP, params and optimizer on CPU"),
-    # DeepSpeed 0.19 runs stage 1 with stage 2's optimizer: after backward a rank holds only its
-    # partition of the reduced gradients (measured by tests/test_preflight.py), as under ZeRO-2.
-    "zero1": Layout(False, True, True, fp32_master=True, label="ZeRO-1: optimizer sharded"),
-    "zero2": Layout(False, True, True, fp32_master=True, label="ZeRO-2: grads + optimizer sharded"),
-    "zero3": Layout(True, True, True, fp32_master=True, label="ZeRO-3: params, grads, optimizer sharded"),
-    "zero3_offload": Layout(
-        True, True, True, True, True, fp32_master=True, label="ZeRO-3, params and optimizer on CPU"
-    ),
-}
-#: Sharding order, least to most: what "a higher stage" means when suggesting fixes.
-SHARDING_ORDER = ("ddp", "zero1", "zero2", "fsdp", "zero3", "fsdp_offload", "zero3_offload")
-
-
-# ------------------------------------------------------------------------------------------ model
-@dataclass(frozen=True)
-class ModelShape:
-    """A decoder-only transformer of the Llama family (Llama, Mistral, Qwen2: SwiGLU, RMSNorm, GQA)."""
-
-    vocab: int
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    head_dim: int = 0  # 0: hidden // heads
-    tie_embeddings: bool = False
-    qkv_bias: bool = False  # Qwen2 has biases on q, k, v
-
-    @property
-    def dim(self) -> int:
-        return self.head_dim or self.hidden // self.heads
-
-    def linears(self) -> Dict[str, Tuple[int, int]]:
-        """(in, out) features of each linear of one decoder layer, by its Hugging Face name."""
-        h, q, kv, i = self.hidden, self.heads * self.dim, self.kv_heads * self.dim, self.intermediate
-        return {
-            "q_proj": (h, q),
-            "k_proj": (h, kv),
-            "v_proj": (h, kv),
-            "o_proj": (q, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }
-
-    def layer_linear_params(self) -> int:
-        return sum(a * b for a, b in self.linears().values())
-
-    def layer_params(self) -> int:
-        bias = (self.heads + 2 * self.kv_heads) * self.dim if self.qkv_bias else 0
-        return self.layer_linear_params() + bias + 2 * self.hidden  # two RMSNorm weights
-
-    def embedding_params(self) -> int:
-        """Input embedding, lm_head (unless tied) and the final norm: what no decoder layer holds."""
-        return self.vocab * self.hidden * (1 if self.tie_embeddings else 2) + self.hidden
-
-    def params(self) -> int:
-        return self.layers * self.layer_params() + self.embedding_params()
-
-    def largest_module_params(self) -> int:
-        """Params of the largest single module (DeepSpeed's `largest_layer_params`): embedding or an MLP linear."""
-        return max(self.vocab * self.hidden, max(a * b for a, b in self.linears().values()))
-
-
 # ------------------------------------------------------------------------------------------ method
 @dataclass(frozen=True)
 class MethodSpec:
@@ -164,48 +60,35 @@ class MethodSpec:
 #: adapts every linear of the decoder layers by default (trainers/methods.py: "all-linear").
 IA3_DEFAULT_TARGETS = ("k_proj", "v_proj", "down_proj")
 IA3_FEEDFORWARD = ("down_proj",)  # IA3 scales these on their input side
-PEFT_METHODS = ("lora", "qlora", "dora", "adalora", "loha", "lokr", "ia3")
-#: rank assumed when the method config has no `r` (peft's LoraConfig default)
-DEFAULT_RANK = 8
 
 
-def _factor(n: int) -> Tuple[int, int]:
-    """n = a x b with a <= b as close as possible (peft's lokr `factorization(n, -1)`)."""
-    a = int(n**0.5)
-    while n % a:
-        a -= 1
-    return a, n // a
+def method_spec(method_cfg: MethodConfig, shape: ModelShape) -> MethodSpec:
+    """What `method_cfg` trains on a model of `shape` (adapter sizes from conf/methods.py)."""
+    m = methods.method(method_cfg.name)
+    if not m.peft:
+        return MethodSpec(method_cfg.name, shape.params(), peft=False)
+    return MethodSpec(method_cfg.name, adapter_params(method_cfg, shape), peft=True, quantized=m.quantized)
 
 
-def adapter_params(method: str, shape: ModelShape, r: int, targets: Union[str, Sequence[str], None]) -> int:
+def adapter_params(method_cfg: MethodConfig, shape: ModelShape) -> int:
     """Trainable params a PEFT method adds to every decoder layer's target linears (peft's layouts)."""
-    names = _targets(method, shape, targets)
+    formula = methods.method(method_cfg.name).adapter_params
+    feedforward = getattr(method_cfg, "feedforward_modules", None)
+    targets = _targets(method_cfg, shape)
+    if feedforward is None:
+        feedforward = IA3_FEEDFORWARD
     total = 0
-    for name in names:
+    for name in targets:
         fan_in, fan_out = shape.linears()[name]
-        if method in ("lora", "qlora"):
-            total += r * (fan_in + fan_out)  # A: r x in, B: out x r
-        elif method == "dora":
-            total += r * (fan_in + fan_out) + fan_out  # + the magnitude vector
-        elif method == "adalora":
-            total += r * (fan_in + fan_out) + r  # A, B and the singular values E
-        elif method == "loha":
-            total += 2 * r * (fan_in + fan_out)  # two Hadamard-multiplied low-rank pairs
-        elif method == "lokr":
-            (out_l, out_k), (in_m, in_n) = _factor(fan_out), _factor(fan_in)
-            w2 = r * (out_k + in_n) if r < max(out_k, in_n) / 2 else out_k * in_n
-            total += out_l * in_m + w2  # w1 full, w2 low-rank unless the rank is large
-        elif method == "ia3":
-            total += fan_in if name in IA3_FEEDFORWARD else fan_out
-        else:
-            raise ValueError(f"no adapter formula for method '{method}'")
+        total += formula(fan_in, fan_out, method_cfg, name in feedforward)
     return total * shape.layers
 
 
-def _targets(method: str, shape: ModelShape, targets) -> Sequence[str]:
-    if targets in (None, "", []) and method == "ia3":
+def _targets(method_cfg: MethodConfig, shape: ModelShape) -> Sequence[str]:
+    targets = method_cfg.target_modules
+    if targets is None and method_cfg.name == "ia3":
         return IA3_DEFAULT_TARGETS
-    if targets in (None, "", [], "all-linear"):
+    if targets is None or targets == methods.ALL_LINEAR:
         return tuple(shape.linears())
     names = [targets] if isinstance(targets, str) else list(targets)
     unknown = [n for n in names if n not in shape.linears()]
@@ -221,7 +104,7 @@ def _targets(method: str, shape: ModelShape, targets) -> Sequence[str]:
 class Job:
     """The knobs of one job that memory and time depend on."""
 
-    backend: str  # a key of BACKENDS
+    layout: Layout  # how the backend places tensors (conf/backends.py)
     world_size: int
     micro_batch: int
     seq_len: int
@@ -271,7 +154,7 @@ class Memory:
 
 
 def memory(shape: ModelShape, method: MethodSpec, job: Job, on_gpu: bool = True) -> Memory:
-    layout = BACKENDS[job.backend]
+    layout = job.layout
     w, b = job.world_size, DTYPE_BYTES[job.dtype]
     stored = 4 if layout.fp32_params else b  # bytes of one weight as the backend stores it
     n_all, n_train = shape.params(), method.trainable
@@ -320,13 +203,13 @@ def memory(shape: ModelShape, method: MethodSpec, job: Job, on_gpu: bool = True)
 
 def _buffers(shape: ModelShape, method: MethodSpec, job: Job, layout: Layout, b: int, train_bytes: int) -> float:
     """Memory a backend adds for communication or for gathering sharded parameters."""
-    if job.backend == "ddp":
+    if layout.kind == "ddp":
         # DDP copies gradients into buckets for the all-reduce (gradient_as_bucket_view=False), even
         # with one rank (measured: RSS grows by twice the gradient bytes in the first backward).
         return method.trainable * train_bytes
     if not layout.shard_params:  # ZeRO-1/2: one reduce bucket in the gradient dtype
         return min(DEEPSPEED_REDUCE_BUCKET, method.trainable) * train_bytes
-    if job.backend.startswith("zero3"):
+    if layout.kind.startswith("zero3"):
         # DeepSpeed's own estimator: 4 bytes x the largest layer (its gathered bf16 params and grads).
         return 4 * shape.largest_module_params()
     # FSDP2: the root unit (embeddings, lm_head, final norm) stays gathered through forward and
@@ -374,22 +257,6 @@ def activation_bytes_per_token(
     at_start = max(saved + 8 * v, saved - loss + first_layer)
     at_end = LAYER_BACKWARD_FACTOR * layer
     return float(saved), float(at_start), float(at_end)
-
-
-# ------------------------------------------------------------------------------------------ FLOPs
-def flops_per_token(shape: ModelShape, method: MethodSpec, seq_len: int, checkpointing: bool = False) -> float:
-    """Training FLOPs per token, the same count as trainers/metrics.py's flops_per_token: 6 per
-    trainable weight (forward 2, backward 4), 4 per frozen weight (no weight gradient), and attention
-    12 x layers x hidden x seq_len. Activation checkpointing re-runs the forward: + 2N + attention/3."""
-    base = shape.params()
-    attention = 12 * shape.layers * shape.hidden * seq_len
-    if method.peft:  # frozen base, adapters on top
-        flops = 4 * base + 6 * method.trainable + attention
-    else:
-        flops = 6 * base + attention
-    if checkpointing:
-        flops += 2 * base + attention / 3
-    return float(flops)
 
 
 def gib(n: Optional[float]) -> str:

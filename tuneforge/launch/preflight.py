@@ -20,42 +20,27 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from tuneforge.launch.estimate import (
-    BACKENDS,
-    DEFAULT_RANK,
-    GIB,
-    GPU_TYPES,
-    PEFT_METHODS,
-    SHARDING_ORDER,
-    Job,
-    Memory,
-    MethodSpec,
-    ModelShape,
-    adapter_params,
-    flops_per_token,
-    gib,
-    memory,
-)
+from tuneforge import arch, units
+from tuneforge.conf import backends, methods
+from tuneforge.conf.gpus import GPU_TYPES
+from tuneforge.conf.schema import ClusterConfig, Config, ModelConfig
+from tuneforge.launch.estimate import GIB, Job, Memory, MethodSpec, ModelShape, flops_per_token, memory, method_spec
 
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
-#: backend kind -> the backend=<option> that selects it (conf/backend/<option>.yaml); a kind whose
-#: option is not shipped is never suggested.
-BACKEND_OPTIONS = {kind: kind for kind in BACKENDS}
-#: method combinations that are refused by validation or known broken (PITFALLS: QLoRA + ZeRO-3)
-INCOMPATIBLE = {("qlora", "zero3"), ("qlora", "zero3_offload")}
 NODE_SIZE = 8  # GPUs per node suggested when a job asks for fewer
 #: a suggested change must leave this share of the GPU free, so that a few % of estimation error
 #: does not turn the fix into an out-of-memory
 SUGGESTION_HEADROOM = 0.05
 MAX_SUGGESTIONS = 7
 PER_CATEGORY = 3  # suggestions shown per kind: same GPUs / more GPUs / another method
+#: methods a full finetune that does not fit may switch to (a LoRA run may switch to QLoRA)
+SMALLER_METHODS = ("lora", "qlora")
 
 
 # ---------------------------------------------------------------------------------- config -> inputs
-def model_shape(model_cfg) -> Tuple[Optional[ModelShape], str]:
+def model_shape(model_cfg: ModelConfig) -> Tuple[Optional[ModelShape], str]:
     """(shape, where it was read) or (None, why no estimate is possible)."""
     path = model_cfg.name_or_path
     if model_cfg.kind == "hf" and path:
@@ -67,21 +52,20 @@ def model_shape(model_cfg) -> Tuple[Optional[ModelShape], str]:
                 f"model.name_or_path={path} is not a local directory and the config gives no "
                 f"architecture; set model.{', model.'.join(ARCHITECTURE_FIELDS)} or use a local copy"
             )
-    return ModelShape(
+    shape = ModelShape(
         vocab=model_cfg.vocab_size,
         hidden=model_cfg.hidden_size,
         layers=model_cfg.num_layers,
         heads=model_cfg.num_heads,
         kv_heads=model_cfg.num_kv_heads,
         intermediate=model_cfg.intermediate_size,
-        tie_embeddings=bool(model_cfg.tie_word_embeddings),
-    ), "sizes from the model config"
+        tie_embeddings=model_cfg.tie_word_embeddings,
+    )
+    return shape, "sizes from the model config"
 
 
-def _declares_architecture(model_cfg) -> bool:
+def _declares_architecture(model_cfg: ModelConfig) -> bool:
     """Presets declare params_b and their sizes; a bare model=hf keeps the schema's tiny defaults."""
-    from tuneforge.conf.schema import ModelConfig
-
     default = ModelConfig()
     return model_cfg.params_b is not None or any(
         getattr(model_cfg, key) != getattr(default, key) for key in ARCHITECTURE_FIELDS
@@ -90,74 +74,28 @@ def _declares_architecture(model_cfg) -> bool:
 
 def _shape_from_config_json(path: Path) -> Tuple[Optional[ModelShape], str]:
     try:
-        cfg = json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         return None, f"cannot read {path}: {e}"
-    cfg = cfg.get("text_config", cfg)  # multimodal wrappers keep the language model's sizes inside
-    if any(k in cfg for k in ("num_local_experts", "num_experts", "n_routed_experts")):
-        return None, f"{path}: mixture-of-experts models are not estimated"
     try:
-        heads = cfg["num_attention_heads"]
-        shape = ModelShape(
-            vocab=cfg["vocab_size"],
-            hidden=cfg["hidden_size"],
-            layers=cfg["num_hidden_layers"],
-            heads=heads,
-            kv_heads=cfg.get("num_key_value_heads") or heads,
-            intermediate=cfg["intermediate_size"],
-            head_dim=cfg.get("head_dim") or 0,
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
-        )
-    except KeyError as e:
-        return None, f"{path} has no {e.args[0]}: not a Llama-family config, no estimate"
-    return shape, str(path)
+        return arch.shape_from_config(config), str(path)
+    except arch.UnknownArchitecture as e:
+        return None, f"{path}: {e}, no estimate"
 
 
-def method_spec(method_cfg, shape: ModelShape) -> MethodSpec:
-    """What `method_cfg` trains. PEFT: rank `method.r` (default DEFAULT_RANK; AdaLoRA `init_r`),
-    `method.target_modules` (a list, "all-linear", or none: peft's default for the architecture)."""
-    name = method_cfg.name
-    if name not in PEFT_METHODS:  # full, pretrain, and any method that trains every weight
-        return MethodSpec(name, shape.params(), peft=False)
-    r = (getattr(method_cfg, "init_r", None) if name == "adalora" else None) or getattr(method_cfg, "r", None)
-    targets = getattr(method_cfg, "target_modules", None)
-    if targets is not None and not isinstance(targets, str):
-        targets = list(targets)
-    return MethodSpec(
-        name, adapter_params(name, shape, r or DEFAULT_RANK, targets), peft=True, quantized=name == "qlora"
-    )
-
-
-def backend_kind(backend_cfg) -> str:
-    """The layout of estimate.BACKENDS for a backend config: by name, or DeepSpeed's stage/offload."""
-    name = backend_cfg.name
-    offload = any(
-        getattr(backend_cfg, key, None) not in (None, False, "none", "")
-        for key in ("offload", "offload_optimizer", "offload_params", "offload_param", "cpu_offload")
-    )
-    if name in ("deepspeed", "zero"):
-        stage = getattr(backend_cfg, "stage", None) or getattr(backend_cfg, "zero_stage", None) or 0
-        kind = f"zero{stage}" + ("_offload" if offload else "")
-        return kind if kind in BACKENDS else ("zero3_offload" if offload else f"zero{max(1, min(3, stage))}")
-    if name in ("fsdp", "fsdp2"):
-        return "fsdp_offload" if offload else "fsdp"
-    return name if name in BACKENDS else "ddp"
-
-
-def job_of(cfg) -> Job:
+def job_of(cfg: Config) -> Job:
     return Job(
-        backend=backend_kind(cfg.backend),
+        layout=backends.backend(cfg.backend).layout(cfg.backend),
         world_size=cfg.cluster.nodes * cfg.cluster.tasks_per_node,
         micro_batch=cfg.train.micro_batch,
         seq_len=cfg.train.seq_len,
         dtype=cfg.train.dtype,
-        activation_checkpointing=bool(getattr(cfg.train, "activation_checkpointing", False)),
+        activation_checkpointing=cfg.train.activation_checkpointing,
         attention=cfg.model.attn_implementation,
     )
 
 
-def gpu_of(cluster_cfg) -> Tuple[Optional[float], Optional[float], str]:
+def gpu_of(cluster_cfg: ClusterConfig) -> Tuple[Optional[float], Optional[float], str]:
     """(memory bytes per GPU, peak TFLOP/s, label) from the cluster profile; None where unknown."""
     known = GPU_TYPES.get(cluster_cfg.gpu_type or "", (None, None))
     mem_gb = cluster_cfg.gpu_memory_gb or known[0]
@@ -192,8 +130,12 @@ class Suggestion:
     gpus: int
     gpu_hours: Optional[float]
 
+    def arguments(self) -> List[str]:
+        """The change as command-line overrides."""
+        return [f"{k}={_override_value(v)}" for k, v in self.overrides.items()]
+
     def text(self) -> str:
-        return " ".join(f"{k}={_override_value(v)}" for k, v in self.overrides.items())
+        return " ".join(self.arguments())
 
 
 @dataclass
@@ -237,7 +179,7 @@ class Report:
                 "params": self.shape.params(),
                 "trainable_params": self.method.trainable,
                 "method": self.method.name,
-                "backend": self.job.backend,
+                "backend": self.job.layout.kind,
                 "world_size": self.job.world_size,
                 "gpu": self.gpu_label,
                 "gpu_memory_gib": _round(self.gpu_memory / GIB if self.gpu_memory else None),
@@ -279,9 +221,16 @@ class Report:
         return out
 
 
-def check(cfg, options: Optional[Dict[str, List[str]]] = None) -> Report:
-    """The preflight report of a composed, validated config (with run.dir fixed). `options`: the
-    backend and method options that suggestions may use (default: those shipped in conf/)."""
+#: composes the user's overrides plus a suggestion's and returns the problems of the result (empty: valid)
+Validator = Callable[[Sequence[str]], List[str]]
+
+
+def check(cfg: Config, validator: Optional[Validator] = None, options: Optional[Dict[str, List[str]]] = None) -> Report:
+    """The preflight report of a composed, validated config (with run.dir fixed).
+
+    `validator`: every suggested change is composed with the user's overrides and validated through it
+    before it is shown (launch/compose.py `validator`); without one, no change is suggested. `options`:
+    the backend and method options that suggestions may use (default: every registered one)."""
     shape, source = model_shape(cfg.model)
     if shape is None:
         return Report(False, source)
@@ -306,16 +255,21 @@ def check(cfg, options: Optional[Dict[str, List[str]]] = None) -> Report:
         "measured median in metrics.jsonl" if mfu else "cluster.assumed_mfu",
     )
     report.steps_left = max(0, cfg.train.max_steps - last_step)
-    report.flops_per_step = (
-        flops_per_token(shape, method, job.seq_len, job.activation_checkpointing) * cfg.train.global_batch * job.seq_len
+    report.flops_per_step = _flops_per_step(
+        shape, method, job.seq_len, job.activation_checkpointing, cfg.train.global_batch
     )
     report.step_time_s = _step_time(report.flops_per_step, job.world_size, peak, report.mfu)
     if report.step_time_s is not None:
         report.gpu_hours = report.total_time_s / 3600 * job.world_size
     report.warnings = _warnings(report, cfg)
-    if report.fits is False:
-        report.suggestions = suggest(cfg, shape, method, job, gpu_memory, peak, report.mfu, options)
+    if report.fits is False and validator is not None:
+        report.suggestions = suggest(cfg, shape, method, job, gpu_memory, peak, report.mfu, validator, options)
     return report
+
+
+def _flops_per_step(shape: ModelShape, method: MethodSpec, seq_len: int, recompute: bool, global_batch: int) -> float:
+    adapter = method.trainable if method.peft else None
+    return flops_per_token(shape, seq_len, adapter, recompute=recompute) * global_batch * seq_len
 
 
 def _step_time(flops: float, world: int, peak: Optional[float], mfu: float) -> Optional[float]:
@@ -334,14 +288,14 @@ def _warnings(report: Report, cfg) -> List[str]:
     if report.memory.cpu and getattr(c, "mem_gb", None):
         per_node = report.memory.cpu * c.tasks_per_node
         if per_node > c.mem_gb * GIB:
-            out.append(f"offload keeps {gib(per_node)} GiB per node in CPU memory, cluster.mem_gb={c.mem_gb}")
+            out.append(f"offload keeps {units.gib(per_node)} GiB per node in CPU memory, cluster.mem_gb={c.mem_gb}")
     total = report.total_time_s
     if c.name == "slurm" and total:
         usable = c.timeout_min * 60 - c.signal_delay_s
         allocations = math.ceil(total / usable)
         if allocations > 1:
             line = (
-                f"estimated {_duration(total)} exceeds cluster.timeout_min={c.timeout_min}: "
+                f"estimated {units.duration(total)} exceeds cluster.timeout_min={c.timeout_min}: "
                 f"{allocations - 1} requeue(s) needed"
             )
             if allocations - 1 > c.max_requeues:
@@ -356,48 +310,53 @@ def _warnings(report: Report, cfg) -> List[str]:
 
 # ---------------------------------------------------------------------------------- suggestions
 def suggest(
-    cfg,
+    cfg: Config,
     shape: ModelShape,
     method: MethodSpec,
     job: Job,
     gpu_memory: float,
-    peak,
-    mfu,
+    peak: Optional[float],
+    mfu: float,
+    validator: Validator,
     options: Optional[Dict[str, List[str]]] = None,
 ) -> List[Suggestion]:
-    """Minimal sets of changes that fit with SUGGESTION_HEADROOM to spare, cheapest first: same method and GPUs before more GPUs
-    before another method; fewer changes first; then GPU-hours. A set is dropped when a subset of it,
-    with equal or milder values, already fits."""
-    if options is None:
-        from tuneforge.launch.compose import group_options  # lists conf/<group>/*.yaml; no Hydra work
+    """Minimal sets of changes that fit with SUGGESTION_HEADROOM to spare, cheapest first: same method
+    and GPUs before more GPUs before another method; fewer changes first; then GPU-hours. A set is dropped
+    when a subset of it, with equal or milder values, already fits, and when validation refuses it."""
+    from tuneforge.launch.compose import group_option
 
-        options = {group: group_options(group) for group in ("backend", "method")}
-    backends = [k for k in SHARDING_ORDER if k == job.backend or BACKEND_OPTIONS.get(k) in options["backend"]]
-    methods = [method.name] + [
-        m
-        for m in ("lora", "qlora")
-        if m in options["method"] and m != method.name and (method.name == "full" or m == "qlora")
+    options = options or {"backend": list(backends.BACKENDS), "method": list(methods.METHODS)}
+    current = cfg.backend.name
+    layouts = {
+        name: backends.backend(option).layout(option)
+        for name in options["backend"]
+        if name != current
+        for option in [group_option("backend", name)]
+    }
+    layouts[current] = job.layout
+    backend_names = sorted(layouts, key=lambda name: layouts[name].sharding)
+    method_names = [method.name] + [
+        m for m in SMALLER_METHODS if m in options["method"] and m != method.name and (not method.peft or m == "qlora")
     ]
     dtypes = [job.dtype] + (["bf16"] if job.dtype == "fp32" else [])
-    ckpts = [job.activation_checkpointing] + (
-        [True] if "activation_checkpointing" in cfg.train and not job.activation_checkpointing else []
-    )
+    ckpts = [job.activation_checkpointing] + ([True] if not job.activation_checkpointing else [])
     c, t = cfg.cluster, cfg.train
-    layouts = [(c.nodes, c.tasks_per_node)]
+    gpu_layouts = [(c.nodes, c.tasks_per_node)]
     if c.name == "slurm":
         per_node = sorted({c.tasks_per_node, max(c.tasks_per_node, NODE_SIZE)})
-        layouts = [(c.nodes * 2**k, g) for g in per_node for k in range(6)]
+        gpu_layouts = [(c.nodes * 2**k, g) for g in per_node for k in range(6)]
     found = []
-    for backend, dtype, ckpt, method_name, (nodes, per_node) in itertools.product(
-        backends, dtypes, ckpts, methods, layouts
+    for backend_name, dtype, ckpt, method_name, (nodes, per_node) in itertools.product(
+        backend_names, dtypes, ckpts, method_names, gpu_layouts
     ):
-        if (method_name, backend) in INCOMPATIBLE or (backend == "ddp" and (nodes, per_node) != layouts[0]):
-            continue  # (a DDP replica is no smaller on more GPUs)
-        spec = method if method_name == method.name else method_spec(SimpleNamespace(name=method_name), shape)
+        layout = layouts[backend_name]
+        if layout.kind == "ddp" and (nodes, per_node) != gpu_layouts[0]:
+            continue  # a DDP replica is no smaller on more GPUs
+        spec = method if method_name == method.name else method_spec(methods.method(method_name).schema(), shape)
         world = nodes * per_node
         changes: Dict[str, object] = {}
-        if backend != job.backend:
-            changes["backend"] = BACKEND_OPTIONS[backend]
+        if backend_name != current:
+            changes["backend"] = backend_name
         if method_name != method.name:
             changes["method"] = method_name
         if dtype != job.dtype:
@@ -410,34 +369,38 @@ def suggest(
             changes.update({"cluster.gpus_per_node": per_node, "cluster.tasks_per_node": per_node})
         for micro, global_batch in _batch_shapes(t.micro_batch, t.global_batch, world):
             candidate = job.with_(
-                backend=backend, dtype=dtype, activation_checkpointing=ckpt, world_size=world, micro_batch=micro
+                layout=layout, dtype=dtype, activation_checkpointing=ckpt, world_size=world, micro_batch=micro
             )
             mem = memory(shape, spec, candidate)
             if mem.total <= gpu_memory * (1 - SUGGESTION_HEADROOM):
                 extra = {} if micro == t.micro_batch else {"train.micro_batch": micro}
                 if global_batch != t.global_batch:
                     extra["train.global_batch"] = global_batch
-                flops = flops_per_token(shape, spec, job.seq_len, ckpt) * global_batch * job.seq_len
+                flops = _flops_per_step(shape, spec, job.seq_len, ckpt, global_batch)
                 step = _step_time(flops, world, peak, mfu)
                 hours = step * t.max_steps * world / 3600 if step else None
                 found.append(Suggestion({**changes, **extra}, mem, world, hours))
                 break
-    minimal = [s for s in found if not any(_dominates(o, s) for o in found if o is not s)]
+    minimal = [s for s in found if not any(_dominates(o, s, layouts) for o in found if o is not s)]
     minimal.sort(
         key=lambda s: (
             _category(s, c),
-            "offload" in str(s.overrides.get("backend", "")),
+            layouts[str(s.overrides.get("backend", current))].offload,
             len(_dimensions(s)),
             s.gpus,
             _nodes(s, c),
             s.gpu_hours or 0.0,
         )
     )
-    # A few of each kind, so that a cheaper kind never hides the others (e.g. QLoRA behind more GPUs).
-    picked = [
-        s for i, s in enumerate(minimal) if sum(_category(o, c) == _category(s, c) for o in minimal[:i]) < PER_CATEGORY
-    ]
-    return picked[:MAX_SUGGESTIONS]
+    picked: List[Suggestion] = []
+    for s in minimal:  # a few of each kind, so that a cheaper kind never hides the others (e.g. QLoRA behind more GPUs)
+        if sum(_category(o, c) == _category(s, c) for o in picked) >= PER_CATEGORY:
+            continue
+        if not validator(s.arguments()):  # shown only when the composed result passes validation
+            picked.append(s)
+        if len(picked) == MAX_SUGGESTIONS:
+            break
+    return picked
 
 
 def _category(s: Suggestion, cluster) -> int:
@@ -466,17 +429,17 @@ def _dimensions(s: Suggestion) -> set:
     return dims
 
 
-def _dominates(a: Suggestion, b: Suggestion) -> bool:
+def _dominates(a: Suggestion, b: Suggestion, layouts: Dict[str, backends.Layout]) -> bool:
     """`b` is redundant: `a` changes less, or the same on as many GPUs spread over fewer nodes."""
     layout = ("cluster.nodes", "cluster.gpus_per_node", "cluster.tasks_per_node", "train.global_batch")
     same_but_layout = {k: v for k, v in a.overrides.items() if k not in layout} == {
         k: v for k, v in b.overrides.items() if k not in layout
     }
     fewer_nodes = a.overrides.get("cluster.nodes", 0) < b.overrides.get("cluster.nodes", 0)
-    return _milder(a, b) or (same_but_layout and a.gpus <= b.gpus and fewer_nodes)
+    return _milder(a, b, layouts) or (same_but_layout and a.gpus <= b.gpus and fewer_nodes)
 
 
-def _milder(a: Suggestion, b: Suggestion) -> bool:
+def _milder(a: Suggestion, b: Suggestion, layouts: Dict[str, backends.Layout]) -> bool:
     """Whether `a` changes a subset of what `b` changes, each by as much or less (so `b` is redundant)."""
     da, db = _dimensions(a), _dimensions(b)
     if not da <= db or a.overrides == b.overrides:
@@ -488,8 +451,7 @@ def _milder(a: Suggestion, b: Suggestion) -> bool:
         elif key == "train.micro_batch":
             ok = va >= vb
         elif key == "backend":
-            kind = {option: k for k, option in BACKEND_OPTIONS.items()}
-            ok = SHARDING_ORDER.index(kind[va]) <= SHARDING_ORDER.index(kind[vb])
+            ok = layouts[va].sharding <= layouts[vb].sharding
         else:
             ok = va == vb
         if not ok:
@@ -514,21 +476,21 @@ def render(report: Report) -> str:
     ckpt = "activation checkpointing" if j.activation_checkpointing else "no activation checkpointing"
     unit, unit_name = (GIB, "GiB") if report.memory.total >= GIB else (2**20, "MiB")
     lines = [
-        f"# preflight: {_count(s.params())} params ({report.reason}), {m.name}: {_count(m.trainable)} "
-        f"trainable; {j.backend} x {j.world_size} {report.gpu_label}; micro_batch {j.micro_batch} x seq_len "
+        f"# preflight: {units.count(s.params())} params ({report.reason}), {m.name}: {units.count(m.trainable)} "
+        f"trainable; {j.layout.kind} x {j.world_size} {report.gpu_label}; micro_batch {j.micro_batch} x seq_len "
         f"{j.seq_len}, {j.dtype}, {ckpt}",
         f"  {unit_name} per rank {' '.join(f'{c:>7}' for c in COLUMNS)}   limit",
         f"  estimate     {_row(report.memory, unit)}   {_limit(report)}",
         "  (peak: activations and gradients are never all alive at once; runtime: CUDA context, fragmentation)",
     ]
     if report.memory.cpu:
-        lines.append(f"  CPU memory per rank (offloaded): {gib(report.memory.cpu)} GiB")
+        lines.append(f"  CPU memory per rank (offloaded): {units.gib(report.memory.cpu)} GiB")
     if report.flops_per_step:
         time = "time: set cluster.gpu_type or cluster.peak_tflops to estimate it"
         if report.step_time_s is not None:
             time = (
                 f"{report.step_time_s:.2f} s/step at MFU {report.mfu:.2f} ({report.mfu_source}) of "
-                f"{report.peak_tflops:g} TFLOP/s; {report.steps_left} steps: {_duration(report.total_time_s)}, "
+                f"{report.peak_tflops:g} TFLOP/s; {report.steps_left} steps: {units.duration(report.total_time_s)}, "
                 f"{report.gpu_hours:.2f} GPU-hours"
             )
         lines.append(f"  {report.flops_per_step:.3g} FLOP/step; {time}")
@@ -541,15 +503,15 @@ def render(report: Report) -> str:
         )
         for sug in report.suggestions:
             cost = f"{sug.gpus} GPU" + (f", {sug.gpu_hours:.2f} GPU-h" if sug.gpu_hours is not None else "")
-            cost += f", {gib(sug.memory.cpu)} GiB CPU per rank" if sug.memory.cpu else ""
+            cost += f", {units.gib(sug.memory.cpu)} GiB CPU per rank" if sug.memory.cpu else ""
             lines.append(f"  {'':12} {_row(sug.memory, unit)}   {cost}: {sug.text()}")
     return "\n".join(lines)
 
 
 def refusal(report: Report) -> str:
     return (
-        f"tuneforge: the job does not fit: {gib(report.memory.total)} GiB per GPU estimated, "
-        f"{gib(report.gpu_memory)} GiB on {report.gpu_label}; nothing submitted. Apply a change listed "
+        f"tuneforge: the job does not fit: {units.gib(report.memory.total)} GiB per GPU estimated, "
+        f"{units.gib(report.gpu_memory)} GiB on {report.gpu_label}; nothing submitted. Apply a change listed "
         "above, or pass --force to submit anyway."
     )
 
@@ -564,22 +526,7 @@ def _limit(report: Report) -> str:
     if report.gpu_memory is None:
         return "none (CPU run: report only)" if report.gpu_label == "CPU" else "unknown"
     verdict = "fits" if report.fits else "DOES NOT FIT"
-    return f"{gib(report.gpu_memory)} ({report.gpu_label}): {verdict}"
-
-
-def _count(n: float) -> str:
-    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= size:
-            return f"{n / size:.2f}{suffix}"
-    return str(int(n))
-
-
-def _duration(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+    return f"{units.gib(report.gpu_memory)} ({report.gpu_label}): {verdict}"
 
 
 def _override_value(v) -> str:

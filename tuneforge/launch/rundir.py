@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import subprocess
@@ -10,17 +11,16 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from tuneforge import fsutil
+from tuneforge.conf.schema import Config, to_yaml
 
 
-def with_run_dir(cfg: DictConfig, now: Optional[float] = None) -> DictConfig:
+def with_run_dir(cfg: Config, now: Optional[float] = None) -> Config:
     """`cfg` with run.dir fixed to an absolute path: the given one, or <root>/<name>/<timestamp>."""
     run = cfg.run
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
     path = Path(run.dir) if run.dir else Path(run.root) / run.name / stamp
-    out = OmegaConf.to_container(cfg)
-    out["run"]["dir"] = str(path.expanduser().resolve())
-    return OmegaConf.create(out)
+    return dataclasses.replace(cfg, run=dataclasses.replace(run, dir=str(path.expanduser().resolve())))
 
 
 #: packages whose versions decide what a run computes (read from metadata: nothing is imported)
@@ -41,7 +41,7 @@ KEY_PACKAGES = (
 )
 
 
-def create(cfg: DictConfig, argv: Sequence[str]) -> Path:
+def create(cfg: Config, argv: Sequence[str]) -> Path:
     """Make the run dir and write what reproduces the run: resolved config, command, versions, git state.
 
     Submitting again into an existing run dir (same run.dir: resume after a failure or a cancel)
@@ -49,7 +49,7 @@ def create(cfg: DictConfig, argv: Sequence[str]) -> Path:
     """
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    fsutil.write_text(run_dir / "config.yaml", to_yaml(cfg))
     previous = read_record(run_dir)
     record = {
         "command": "tuneforge " + " ".join(shlex.quote(a) for a in argv),
@@ -59,7 +59,7 @@ def create(cfg: DictConfig, argv: Sequence[str]) -> Path:
         "git": _git_state(),
         "jobs": previous.get("jobs", []),
     }
-    (run_dir / "submit.json").write_text(json.dumps(record, indent=1))
+    fsutil.write_json(run_dir / "submit.json", record)
     return run_dir
 
 
@@ -83,7 +83,7 @@ def record_job(run_dir: Path, job_id: str, cluster: str, folder: Optional[Path] 
             "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
     )
-    path.write_text(json.dumps(record, indent=1))
+    fsutil.write_json(path, record)
 
 
 def package_versions() -> dict:

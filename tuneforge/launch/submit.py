@@ -1,4 +1,4 @@
-"""Hand the run to submitit, and (locally, or with --wait) follow it to the end."""
+"""Hand runs to submitit (one run, or a sweep's runs as one Slurm job array), and follow a job to its end."""
 
 from __future__ import annotations
 
@@ -7,21 +7,29 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import List, Sequence
 
-from omegaconf import DictConfig, OmegaConf
-
+from tuneforge.conf.schema import Config
 from tuneforge.launch import rundir
 
 
-def submit(cfg: DictConfig, run_dir: Path):
-    """Submit the training task; returns the submitit job."""
+def submit(cfgs: Sequence[Config], run_dirs: Sequence[Path], folder: Path) -> List:
+    """Submit one training task per config (all with the same cluster settings) through one executor
+    writing under `folder`; several on Slurm become one job array. Each job id is recorded in its run
+    dir. Returns the submitit jobs."""
     from tuneforge.slurm.executors import make_executor
     from tuneforge.slurm.job import TrainJob
 
-    executor = make_executor(cfg.cluster, run_dir / "slurm")
-    job = executor.submit(TrainJob(), OmegaConf.to_container(cfg))
-    rundir.record_job(run_dir, str(job.job_id), cfg.cluster.name)
-    return job
+    cluster = cfgs[0].cluster
+    executor = make_executor(cluster, folder)
+    if len(cfgs) == 1:
+        jobs = [executor.submit(TrainJob(), cfgs[0])]
+    else:
+        with executor.batch():
+            jobs = [executor.submit(TrainJob(), cfg) for cfg in cfgs]
+    for job, run_dir in zip(jobs, run_dirs):
+        rundir.record_job(Path(run_dir), str(job.job_id), cluster.name, Path(folder))
+    return jobs
 
 
 def follow(job, run_dir: Path, max_steps: int) -> int:

@@ -16,6 +16,7 @@ cluster=local the elements run one after another in the foreground.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import sys
@@ -24,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from omegaconf import DictConfig, OmegaConf
-
+from tuneforge import fsutil
+from tuneforge.conf.schema import Config
 from tuneforge.launch import preflight, rundir
-from tuneforge.launch.compose import ConfigError, compose
+from tuneforge.launch.compose import ConfigError, compose, validator
 from tuneforge.launch.validate import validate
 
 
@@ -37,7 +38,7 @@ class Sweep:
     group: str
     overrides: List[List[str]]  # per element, as given to compose
     labels: List[List[str]]  # per element, the overrides that vary across the sweep
-    configs: List[DictConfig]  # per element, run.dir and logger.group fixed
+    configs: List[Config]  # per element, run.dir and logger.group fixed
     problems: List[str] = field(default_factory=list)
     reports: list = field(default_factory=list)  # per element, launch/preflight.py's Report
 
@@ -49,13 +50,12 @@ class Sweep:
 def expand(overrides: Sequence[str]) -> Tuple[List[List[str]], List[List[str]]]:
     """Every element's full override list (the cartesian product of the sweep overrides, in Hydra's
     order), and its label: only the overrides that vary across the sweep."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    from tuneforge.compat import hydra as hydra_compat
+
     try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
-        elements = [list(element) for element in BasicSweeper.split_arguments(parsed, None)[0]]
+        parsed, elements = hydra_compat.sweep_elements(overrides)
     except HydraException as e:
         raise ConfigError(f"sweep: {str(e).strip().splitlines()[0]}") from None
     swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
@@ -77,8 +77,7 @@ def plan(overrides: Sequence[str], now: Optional[float] = None) -> Sweep:
         composed.append(cfg)
     if problems:
         return Sweep(Path(), "", elements, labels, [], problems)
-    clusters = {json.dumps(OmegaConf.to_container(c.cluster), sort_keys=True) for c in composed}
-    if len(clusters) > 1:
+    if any(c.cluster != composed[0].cluster for c in composed):
         problems.append(
             "cluster: a sweep is one Slurm job array, so every element needs the same cluster "
             "settings; sweep cluster.* keys in separate submissions"
@@ -86,7 +85,7 @@ def plan(overrides: Sequence[str], now: Optional[float] = None) -> Sweep:
     directory = Path(rundir.with_run_dir(composed[0], now).run.dir)
     group = composed[0].logger.group or f"{composed[0].run.name}-{directory.name}"
     configs = [_element_config(cfg, directory / str(i), group) for i, cfg in enumerate(composed)]
-    reports = [preflight.check(cfg) for cfg in configs]
+    reports = [preflight.check(cfg, validator(element)) for cfg, element in zip(configs, elements)]
     return Sweep(directory, group, elements, labels, configs, problems, reports)
 
 
@@ -99,11 +98,10 @@ def misfits(sweep: Sweep) -> List[str]:
     ]
 
 
-def _element_config(cfg: DictConfig, run_dir: Path, group: str) -> DictConfig:
-    out = OmegaConf.to_container(cfg)
-    out["run"]["dir"] = str(run_dir)
-    out["logger"]["group"] = group
-    return OmegaConf.create(out)
+def _element_config(cfg: Config, run_dir: Path, group: str) -> Config:
+    return dataclasses.replace(
+        cfg, run=dataclasses.replace(cfg.run, dir=str(run_dir)), logger=dataclasses.replace(cfg.logger, group=group)
+    )
 
 
 def show(sweep: Sweep) -> int:
@@ -149,14 +147,9 @@ def launch(sweep: Sweep, argv: Sequence[str]) -> int:
     print(f"sweep {sweep.directory}: {len(run_dirs)} element(s), W&B group {sweep.group}", flush=True)
     if sweep.cluster.name == "local":
         return _run_locally(sweep, run_dirs)
-    from tuneforge.slurm.executors import make_executor
-    from tuneforge.slurm.job import TrainJob
+    from tuneforge.launch.submit import submit
 
-    executor = make_executor(sweep.cluster, sweep.directory / "slurm")
-    with executor.batch():
-        jobs = [executor.submit(TrainJob(), OmegaConf.to_container(cfg)) for cfg in sweep.configs]
-    for job, run_dir in zip(jobs, run_dirs):
-        rundir.record_job(run_dir, str(job.job_id), "slurm", sweep.directory / "slurm")
+    jobs = submit(sweep.configs, run_dirs, sweep.directory / "slurm")
     record["array_job_id"] = str(jobs[0].job_id).split("_")[0]
     _write(sweep.directory, record)
     print(
@@ -173,15 +166,13 @@ def _run_locally(sweep: Sweep, run_dirs: List[Path]) -> int:
     worst = 0
     for i, (cfg, run_dir) in enumerate(zip(sweep.configs, run_dirs)):
         print(f"[{i + 1}/{len(run_dirs)}] {' '.join(sweep.labels[i])} -> {run_dir}", flush=True)
-        job = submit(cfg, run_dir)
+        (job,) = submit([cfg], [run_dir], run_dir / "slurm")
         worst = max(worst, follow(job, run_dir, cfg.train.max_steps))
     return worst
 
 
 def _write(directory: Path, record: dict) -> None:
-    tmp = directory / ".sweep.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(directory / "sweep.json")
+    fsutil.write_json(directory / "sweep.json", record)
 
 
 def is_sweep_dir(path: Path) -> bool:

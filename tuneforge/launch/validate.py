@@ -1,20 +1,35 @@
-"""Cross-field validation: every problem of a composed config, found before anything is submitted.
+"""Validation: every problem of a composed config, found before anything is submitted.
 
-Each rule receives only the sub-configs it reads and yields `Problem(key, message)`; `validate`
-runs all of them and returns every problem, so a user fixes a config in one round trip.
-Types and unknown keys are already checked by the schemas while composing.
+First every field against the range or choices its schema declares (conf/fields.py), then the rules
+below, each reading only the sub-configs it needs and yielding `Problem(key, message)`. `validate`
+returns all of them, so a user fixes a config in one round trip. Types and unknown keys are already
+checked by the schemas while composing.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List
-
-from omegaconf import DictConfig
+from typing import Callable, Iterator, List, Optional
 
 from tuneforge import data as bundled_data
+from tuneforge.conf import backends, ds_config, methods
+from tuneforge.conf.backends import BackendConfig, DeepSpeedConfig
+from tuneforge.conf.fields import field_problems
+from tuneforge.conf.gpus import GPU_TYPES
+from tuneforge.conf.methods import MethodConfig
+from tuneforge.conf.schema import (
+    ClusterConfig,
+    Config,
+    DataConfig,
+    ModelConfig,
+    SlurmClusterConfig,
+    TrainConfig,
+)
 from tuneforge.data import records
 
 
@@ -27,7 +42,7 @@ class Problem:
         return f"{self.key}: {self.message}"
 
 
-Rule = Callable[[DictConfig], Iterator[Problem]]
+Rule = Callable[[Config], Iterator[Problem]]
 RULES: List[Rule] = []
 
 
@@ -36,72 +51,53 @@ def rule(fn: Rule) -> Rule:
     return fn
 
 
-def validate(cfg: DictConfig) -> List[Problem]:
-    """Every problem of `cfg`, in rule order; empty when the config can run."""
-    return [p for check in RULES for p in check(cfg)]
+def validate(cfg: Config) -> List[Problem]:
+    """Every problem of `cfg`: fields first, then the rules in order; empty when the config can run."""
+    problems = [Problem(key, message) for key, message in field_problems(cfg)]
+    for check in RULES:
+        try:
+            problems += list(check(cfg))
+        except (ArithmeticError, ValueError, KeyError, TypeError):
+            if not problems:
+                raise
+            # a rule tripped over a value already reported as out of range: that report is the answer
+    return problems
 
 
-def world_size(cluster) -> int:
+def world_size(cluster: ClusterConfig) -> int:
     return cluster.nodes * cluster.tasks_per_node
-
-
-def _choice(key: str, value, allowed) -> Iterator[Problem]:
-    if value not in allowed:
-        yield Problem(key, f"'{value}' is not one of {', '.join(map(str, allowed))}")
-
-
-def _positive(key: str, value, minimum: int = 1) -> Iterator[Problem]:
-    if value < minimum:
-        yield Problem(key, f"must be >= {minimum}, got {value}")
 
 
 # ------------------------------------------------------------------------------------- train
 @rule
-def _train(cfg: DictConfig) -> Iterator[Problem]:
+def _train(cfg: Config) -> Iterator[Problem]:
     t, world = cfg.train, world_size(cfg.cluster)
-    for key in ("max_steps", "micro_batch", "global_batch", "seq_len", "log_every"):
-        yield from _positive(f"train.{key}", t[key])
-    yield from _positive("train.checkpoint_every", t.checkpoint_every, 0)
-    yield from _positive("train.eval_every", t.eval_every, 0)
-    yield from _positive("train.eval_batches", t.eval_batches)
-    yield from _positive("train.keep_checkpoints", t.keep_checkpoints)
-    yield from _choice("train.dtype", t.dtype, ("fp32", "bf16", "fp16"))
-    yield from _choice("train.schedule", t.schedule, ("cosine", "linear", "constant"))
-    if t.lr <= 0:
-        yield Problem("train.lr", f"must be > 0, got {t.lr}")
-    if not 0 <= t.min_lr_ratio <= 1:
-        yield Problem("train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
-    if t.grad_clip < 0:
-        yield Problem("train.grad_clip", f"must be >= 0 (0 disables clipping), got {t.grad_clip}")
-    if t.warmup_steps < 0 or (t.max_steps >= 1 and t.warmup_steps >= t.max_steps):
-        yield Problem("train.warmup_steps", f"must be in [0, max_steps={t.max_steps}), got {t.warmup_steps}")
+    if t.warmup_steps is not None and t.warmup_steps >= t.max_steps:
+        yield Problem(
+            "train.warmup_steps",
+            f"must be below train.max_steps={t.max_steps}, got {t.warmup_steps} "
+            "(leave it unset for a tenth of max_steps)",
+        )
     per_step = t.micro_batch * world
-    if per_step >= 1 and t.global_batch % per_step:
+    if t.global_batch % per_step:
         lower = max(per_step, t.global_batch // per_step * per_step)
         yield Problem(
             "train.global_batch",
             f"{t.global_batch} is not divisible by micro_batch x world size ({t.micro_batch} x {world} = {per_step}); "
             f"set train.global_batch={lower} or {lower + per_step}, or change train.micro_batch",
         )
-    if t.stop_after is not None and not 1 <= t.stop_after <= t.max_steps:
-        yield Problem("train.stop_after", f"must be in [1, max_steps={t.max_steps}], got {t.stop_after}")
-    if t.step_sleep_s < 0:
-        yield Problem("train.step_sleep_s", f"must be >= 0, got {t.step_sleep_s}")
+    if cfg.debug.stop_after is not None and cfg.debug.stop_after > t.max_steps:
+        yield Problem("debug.stop_after", f"must be at most train.max_steps={t.max_steps}, got {cfg.debug.stop_after}")
 
 
 # ------------------------------------------------------------------------------------- model
 @rule
-def _model(cfg: DictConfig) -> Iterator[Problem]:
+def _model(cfg: Config) -> Iterator[Problem]:
     m, method = cfg.model, cfg.method
-    yield from _choice("model.kind", m.kind, ("tiny", "hf"))
-    yield from _choice("model.attn_implementation", m.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
-    builds = m.kind == "tiny" or (method.name == "pretrain" and not m.name_or_path)
-    if builds:
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
-            yield from _positive(f"model.{key}", m[key])
-        if m.num_heads >= 1 and m.hidden_size % m.num_heads:
+    if m.kind == "tiny" or (methods.method(method.name).builds and not m.name_or_path):
+        if m.hidden_size % m.num_heads:
             yield Problem("model.hidden_size", f"{m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
-        if m.num_kv_heads >= 1 and m.num_heads % m.num_kv_heads:
+        if m.num_heads % m.num_kv_heads:
             yield Problem("model.num_kv_heads", f"model.num_heads={m.num_heads} is not divisible by {m.num_kv_heads}")
         if cfg.train.seq_len > m.max_position_embeddings:
             yield Problem(
@@ -116,7 +112,7 @@ def _model(cfg: DictConfig) -> Iterator[Problem]:
             )
         else:
             yield from _model_path("model.name_or_path", m.name_or_path)
-    if m.kind == "tiny" and method.name != "pretrain":
+    if m.kind == "tiny" and not methods.method(method.name).builds:
         yield Problem(
             "method",
             f"method={method.name} needs trained weights, and model=tiny is built at random; "
@@ -138,16 +134,10 @@ def _model_path(key: str, value: str) -> Iterator[Problem]:
 
 # ------------------------------------------------------------------------------------- data
 @rule
-def _data(cfg: DictConfig) -> Iterator[Problem]:
+def _data(cfg: Config) -> Iterator[Problem]:
     """Settings, then the files themselves: every bad row named by file, row and field, and too few
     examples for one global batch, before anything is submitted (data/records.py; no torch)."""
     d = cfg.data
-    yield from _choice("data.format", d.format, records.FORMATS)
-    yield from _choice("data.text_sample_by", d.text_sample_by, ("paragraph", "line", "document"))
-    yield from _positive("data.stream_window", d.stream_window)
-    yield from _positive("data.precheck_max_mb", d.precheck_max_mb, 0)
-    if not 0 <= d.validation_fraction < 1:
-        yield Problem("data.validation_fraction", f"must be in [0, 1), got {d.validation_fraction}")
     if d.streaming and d.validation_fraction:
         yield Problem(
             "data.validation_fraction",
@@ -176,11 +166,10 @@ def _data(cfg: DictConfig) -> Iterator[Problem]:
         else:
             val = ("data.validation_path", path)
     for key, path in (x for x in (train, val) if x):
-        yield from _data_files(key, path, cfg)
+        yield from _data_files(key, path, d, cfg.train)
 
 
-def _data_files(key: str, path: Path, cfg: DictConfig) -> Iterator[Problem]:
-    d, t = cfg.data, cfg.train
+def _data_files(key: str, path: Path, d: DataConfig, t: TrainConfig) -> Iterator[Problem]:
     files = records.data_files(path)
     if not files:
         yield Problem(key, f"{path}: no data files ({', '.join(records.BUILDERS)})")
@@ -228,18 +217,12 @@ SECRET_ASSIGNMENT = re.compile(r"\b[A-Z0-9_]*(API_KEY|TOKEN|SECRET|PASSWORD)=['\
 
 
 @rule
-def _cluster(cfg: DictConfig) -> Iterator[Problem]:
+def _cluster(cfg: Config) -> Iterator[Problem]:
     c = cfg.cluster
-    yield from _choice("cluster.name", c.name, ("local", "slurm"))
-    yield from _positive("cluster.nodes", c.nodes)
-    yield from _positive("cluster.tasks_per_node", c.tasks_per_node)
-    yield from _positive("cluster.gpus_per_node", c.gpus_per_node, 0)
-    yield from _positive("cluster.timeout_min", c.timeout_min)
-    yield from _positive("cluster.max_requeues", c.max_requeues, 0)
-    yield from _positive("cluster.collective_timeout_s", c.collective_timeout_s, 10)
-    if c.signal_delay_s < 0 or c.signal_delay_s >= c.timeout_min * 60:
+    if c.signal_delay_s >= c.timeout_min * 60:
         yield Problem(
-            "cluster.signal_delay_s", f"must be in [0, timeout_min x 60 = {c.timeout_min * 60}), got {c.signal_delay_s}"
+            "cluster.signal_delay_s",
+            f"must be below cluster.timeout_min x 60 = {c.timeout_min * 60}, got {c.signal_delay_s}",
         )
     if c.gpus_per_node and c.tasks_per_node != c.gpus_per_node:
         yield Problem(
@@ -247,36 +230,24 @@ def _cluster(cfg: DictConfig) -> Iterator[Problem]:
             f"one task per GPU: set cluster.tasks_per_node={c.gpus_per_node} "
             f"to match cluster.gpus_per_node={c.gpus_per_node}",
         )
-    yield from _gpu(c)
-    if c.name == "local" and c.nodes > 1:
-        yield Problem(
-            "cluster.nodes", "cluster=local runs on this machine only; set cluster.nodes=1 or use cluster=slurm"
-        )
-    if c.name == "slurm":
-        yield from _slurm(c)
-
-
-def _gpu(c) -> Iterator[Problem]:
-    """What the preflight checks against (launch/preflight.py)."""
-    from tuneforge.launch.estimate import GPU_TYPES
-
     if c.gpu_type is not None and c.gpu_type not in GPU_TYPES:
         yield Problem(
             "cluster.gpu_type",
             f"unknown GPU type '{c.gpu_type}'; known: {', '.join(GPU_TYPES)}; or set "
             "cluster.gpu_memory_gb and cluster.peak_tflops instead",
         )
-    for key in ("gpu_memory_gb", "peak_tflops"):
-        if c[key] is not None and c[key] <= 0:
-            yield Problem(f"cluster.{key}", f"must be > 0, got {c[key]}")
-    if not 0 < c.assumed_mfu <= 1:
-        yield Problem("cluster.assumed_mfu", f"must be in (0, 1], got {c.assumed_mfu}")
+    if c.name == "local" and c.nodes > 1:
+        yield Problem(
+            "cluster.nodes", "cluster=local runs on this machine only; set cluster.nodes=1 or use cluster=slurm"
+        )
+    if isinstance(c, SlurmClusterConfig):
+        yield from _slurm(c)
 
 
-def _slurm(c) -> Iterator[Problem]:
+def _slurm(c: SlurmClusterConfig) -> Iterator[Problem]:
     # These values are written into the sbatch script: anything a shell would interpret is refused.
     for key in ("partition", "account", "qos", "constraint", "job_name"):
-        value = c[key]
+        value = getattr(c, key)
         if value is not None and not SAFE_SBATCH_VALUE.match(str(value)):
             yield Problem(
                 f"cluster.{key}",
@@ -295,53 +266,44 @@ def _slurm(c) -> Iterator[Problem]:
                 "would write a secret into the sbatch script; export it in your "
                 "shell before submitting instead (Slurm passes your environment on)",
             )
-    yield from _positive("cluster.cpus_per_task", c.cpus_per_task)
-    if c.mem_gb is not None:
-        yield from _positive("cluster.mem_gb", c.mem_gb)
 
 
 # ------------------------------------------------------------------------------------- backend
 @rule
-def _backend(cfg: DictConfig) -> Iterator[Problem]:
+def _backend(cfg: Config) -> Iterator[Problem]:
     b, t = cfg.backend, cfg.train
-    yield from _choice("backend.name", b.name, ("ddp", "fsdp", "deepspeed"))
-    if b.name == "fsdp" and t.dtype == "fp16":
+    known = backends.BACKENDS.get(b.name)
+    if known is None or not isinstance(b, known.schema):
+        options = [n for n, spec in backends.BACKENDS.items() if isinstance(b, spec.schema)]
+        yield Problem("backend.name", f"'{b.name}' is not a backend of this schema; one of {', '.join(options)}")
+        return
+    if known.family == "fsdp" and t.dtype == "fp16":
         yield Problem(
             "train.dtype",
             "fp16 needs loss scaling, which backend=fsdp does not do; use train.dtype=bf16, "
             "or a DeepSpeed backend (backend=zero2) for fp16",
         )
-    if b.name == "deepspeed":
+    if isinstance(b, DeepSpeedConfig):
         yield from _deepspeed(b, t, world_size(cfg.cluster))
 
 
-def _deepspeed(b, t, world: int) -> Iterator[Problem]:
-    import importlib.util
-
+def _deepspeed(b: DeepSpeedConfig, t: TrainConfig, world: int) -> Iterator[Problem]:
     if importlib.util.find_spec("deepspeed") is None:
         yield Problem(
             "backend", f"backend={b.name} needs DeepSpeed: pip install 'tuneforge[deepspeed]', or use backend=fsdp"
         )
-    yield from _choice("backend.stage", b.stage, (1, 2, 3))
     if b.offload_params and b.stage != 3:
         yield Problem(
             "backend.offload_params",
             f"parameter offload needs ZeRO stage 3 (backend.stage={b.stage}); "
             "use backend=zero3_offload, or set backend.offload_params=false",
         )
-    for key in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size"):
-        if b[key] is not None:
-            yield from _positive(f"backend.{key}", b[key])
-    if b.param_persistence_threshold is not None:
-        yield from _positive("backend.param_persistence_threshold", b.param_persistence_threshold, 0)
     if b.config_file:
         yield from _deepspeed_file(b, t, world)
 
 
-def _deepspeed_file(b, t, world: int) -> Iterator[Problem]:
+def _deepspeed_file(b: DeepSpeedConfig, t: TrainConfig, world: int) -> Iterator[Problem]:
     """The user's DeepSpeed JSON is merged under ours: every key it sets differently is refused here."""
-    from tuneforge.trainers.backends import ds_config
-
     path = Path(b.config_file).expanduser()
     if not path.is_file():
         yield Problem("backend.config_file", f"'{b.config_file}' does not exist")
@@ -360,9 +322,8 @@ def _deepspeed_file(b, t, world: int) -> Iterator[Problem]:
         elif ds_config.our_key(key):
             yield Problem(
                 "backend.config_file",
-                f"'{key}' is {theirs!r} in {b.config_file} but {ours!r} from "
-                f"{ds_config.our_key(key)}; remove it from the file or change "
-                f"{ds_config.our_key(key)}",
+                f"'{key}' is {theirs!r} in {b.config_file} but {ours!r} from {ds_config.our_key(key)}; remove it "
+                f"from the file or change {ds_config.our_key(key)}",
             )
         else:
             yield Problem(
@@ -371,20 +332,109 @@ def _deepspeed_file(b, t, world: int) -> Iterator[Problem]:
             )
 
 
-# ------------------------------------------------------------------------------------- logger, run
+# ------------------------------------------------------------------------------------- method
 @rule
-def _logger(cfg: DictConfig) -> Iterator[Problem]:
-    yield from _choice("logger.name", cfg.logger.name, ("wandb", "none"))
-    yield from _choice("logger.mode", cfg.logger.mode, ("auto", "online", "offline", "disabled"))
+def _method(cfg: Config) -> Iterator[Problem]:
+    m = cfg.method
+    spec = methods.METHODS.get(m.name)
+    if spec is None or not isinstance(m, spec.schema):
+        yield Problem("method.name", f"'{m.name}' is not a method of this schema; one of {', '.join(methods.METHODS)}")
+        return
+    if cfg.backend.name in backends.BACKENDS:
+        reason = methods.incompatibility(m.name, cfg.backend)
+        if reason:
+            yield Problem("method", f"method={m.name} cannot run on backend={cfg.backend.name}: {reason}")
+    if spec.checks is not None:
+        yield from (Problem(key, message) for key, message in spec.checks(m, cfg.train.max_steps))
+    if spec.quantized:
+        yield from _quantized(m, cfg.backend, cfg.cluster, cfg.model)
+    if spec.peft:
+        yield from _targets(m, cfg.model)
 
 
+def _quantized(
+    m: MethodConfig, backend_cfg: BackendConfig, cluster: ClusterConfig, model: ModelConfig
+) -> Iterator[Problem]:
+    if backends.BACKENDS.get(backend_cfg.name, backends.BACKENDS["ddp"]).family == "fsdp" and m.quant_storage != "auto":
+        # FSDP needs one float dtype per unit; "auto" stores the 4-bit weights in the dtype the parameters
+        # are loaded in (train.dtype, or fp32 where the backend keeps fp32 master weights).
+        yield Problem(
+            "method.quant_storage",
+            "FSDP shards 4-bit weights only when they are stored in the parameters' "
+            f"dtype: set method.quant_storage=auto, not {m.quant_storage}",
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        yield Problem("method", f"method={m.name} needs bitsandbytes: pip install 'tuneforge[qlora]'")
+    if cluster.gpus_per_node == 0:
+        yield from _quantized_on_cpu(m, model)
+
+
+#: bitsandbytes' 4-bit block size: its CPU kernel lays a weight's scales out as (out, in / block), so every
+#: quantised linear needs in_features divisible by it (else the first no-grad forward, an eval, fails)
+BNB_CPU_BLOCK = 64
+
+
+def _quantized_on_cpu(m: MethodConfig, model: ModelConfig) -> Iterator[Problem]:
+    from tuneforge.launch.preflight import model_shape
+
+    shape, _ = model_shape(model)
+    if shape is None:
+        return  # no sizes known here: the job finds out
+    widths = {
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate,
+        "num_heads x head_dim": shape.heads * shape.dim,
+    }
+    bad = {name: width for name, width in widths.items() if width % BNB_CPU_BLOCK}
+    if bad:
+        key = "model.name_or_path" if model.kind == "hf" else "model"  # QLoRA needs trained weights: hf
+        sizes = ", ".join(f"{name} {width}" for name, width in bad.items())
+        yield Problem(
+            key,
+            f"method={m.name} on CPU (cluster.gpus_per_node=0) needs the linear layers' input widths "
+            f"to be multiples of {BNB_CPU_BLOCK} (bitsandbytes' CPU kernel); this model has {sizes}",
+        )
+
+
+# Module names of architectures whose layout is known without loading them; others are checked at job
+# start. Linear projections first: those are what `target_modules: null` adapts.
+_LLAMA_LAYOUT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "embed_tokens")
+KNOWN_MODULES = {t: _LLAMA_LAYOUT for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")}
+
+
+def _targets(m: MethodConfig, model: ModelConfig) -> Iterator[Problem]:
+    """Target names against the architecture's module names, when the architecture is known here."""
+    model_type = _model_type(model)
+    known = KNOWN_MODULES.get(model_type)
+    if known is None:
+        return  # unknown architecture or remote model: checked at job start (trainers/methods.py)
+    for key in ("target_modules", "feedforward_modules"):
+        for name in getattr(m, key, None) or []:
+            if str(name).rsplit(".", 1)[-1] not in known:
+                close = difflib.get_close_matches(str(name), known, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                yield Problem(
+                    f"method.{key}",
+                    f"'{name}' is not a module of a {model_type} model; {hint}its modules are {', '.join(known)}",
+                )
+
+
+def _model_type(model: ModelConfig) -> Optional[str]:
+    if model.kind == "tiny":
+        return "llama"
+    if model.model_type:
+        return model.model_type
+    path = Path(str(model.name_or_path or "")).expanduser() / "config.json"
+    try:
+        return json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------------- run
 @rule
-def _run(cfg: DictConfig) -> Iterator[Problem]:
+def _run(cfg: Config) -> Iterator[Problem]:
     if not re.match(r"^[A-Za-z0-9_.=,+-]+$", cfg.run.name):
         yield Problem("run.name", f"{cfg.run.name!r}: use letters, digits and _ . = , + - only (it names a directory)")
     if cfg.run.dir and Path(cfg.run.dir).exists() and not Path(cfg.run.dir).is_dir():
         yield Problem("run.dir", f"'{cfg.run.dir}' exists and is not a directory")
-
-
-# ------------------------------------------------------------------------------------- method
-from tuneforge.launch import method_rules  # noqa: E402,F401  (registers the PEFT rules; they import this module)

@@ -10,11 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from tuneforge.compat import submitit as submitit_compat
+from tuneforge.conf.schema import ClusterConfig, SlurmClusterConfig
+
 #: what submitit runs inside the allocation; its folder argument is quoted by submitit itself
 SUBMIT_MODULE = "submitit.core._submit"
 
 
-def slurm_parameters(cluster) -> Dict[str, Any]:
+def slurm_parameters(cluster: SlurmClusterConfig) -> Dict[str, Any]:
     """SlurmExecutor parameters for a `SlurmClusterConfig` (names as in submitit's sbatch writer)."""
     params: Dict[str, Any] = {
         "job_name": cluster.job_name,
@@ -48,7 +51,7 @@ def _extra_sbatch(lines) -> Dict[str, Any]:
     return extra
 
 
-def make_executor(cluster, folder: Path):
+def make_executor(cluster: ClusterConfig, folder: Path):
     """The submitit executor for `cluster` (local or slurm), writing its files under `folder`."""
     import submitit
 
@@ -67,10 +70,10 @@ def make_executor(cluster, folder: Path):
     return executor
 
 
-def sbatch_script(cluster, folder: Path, array_size: Optional[int] = None) -> str:
+def sbatch_script(cluster: SlurmClusterConfig, folder: Path, array_size: Optional[int] = None) -> str:
     """The exact sbatch script that `make_executor(cluster, folder)` would submit (job id left as %j);
     with `array_size`, the script of a job array of that many elements (what a sweep submits)."""
     executor = make_executor(cluster, folder)
     if array_size is not None:
         executor.parameters["map_count"] = array_size  # what submitit sets for the copy it submits
-    return executor._make_submission_file_text(executor._submitit_command_str, uid="%j")
+    return submitit_compat.sbatch_text(executor)

@@ -1,4 +1,8 @@
-"""The submitted callable: one object that runs the same way on this machine and on Slurm."""
+"""The submitted callable: one object that runs the same way on this machine and on Slurm.
+
+It builds what the task is handed (the distributed environment from submitit, a stop flag that the
+signal handlers set) and calls the task; the task knows nothing of Slurm.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import os
 from typing import Any, Dict
 
 import submitit
+
+from tuneforge.conf.schema import Config
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -16,21 +22,21 @@ class TrainJob(submitit.helpers.Checkpointable):
     becomes a requeue is in slurm/requeue.py; what happened is appended to <run dir>/events.jsonl.
     """
 
-    def __call__(self, cfg: Dict[str, Any]) -> Dict[str, Any]:
-        from omegaconf import OmegaConf
-
+    def __call__(self, cfg: Config) -> Dict[str, Any]:
         from tuneforge.slurm import events
+        from tuneforge.slurm.env import dist_env
         from tuneforge.slurm.requeue import Allocation
-        from tuneforge.trainers.task import run
+        from tuneforge.trainers.task import StopFlag, run
 
         # A W&B service token inherited from the submitting process points at that process's wandb-core
         # (another machine, or long gone): wandb would connect to it and fail. Each task starts its own.
         os.environ.pop("WANDB_SERVICE", None)
-        run_dir = cfg["run"]["dir"]
-        allocation = Allocation(run_dir, OmegaConf.create(cfg["cluster"]))
+        run_dir = cfg.run.dir
+        stop = StopFlag()
+        allocation = Allocation(run_dir, cfg.cluster, stop)
         allocation.start()
         try:
-            result = run(cfg)
+            result = run(cfg, dist_env(cfg.cluster), stop)
         except Exception as e:  # recorded for `tuneforge status`, then raised to submitit (result pickle)
             message = (str(e).strip().splitlines() or [""])[0][:300]
             events.record(
@@ -58,7 +64,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             )
         return result
 
-    def checkpoint(self, cfg: Dict[str, Any]) -> submitit.helpers.DelayedSubmission:
+    def checkpoint(self, cfg: Config) -> submitit.helpers.DelayedSubmission:
         # What a requeue runs next: the same task and config. Called by submitit's `_checkpoint` from
         # Allocation.requeue on rank 0, after every rank saved collectively (never in a signal handler).
         return submitit.helpers.DelayedSubmission(TrainJob(), cfg)

@@ -5,7 +5,7 @@ up to ~30 s earlier than asked), and submitit's preemption test (`job._interrupt
 then SIGUSR2. submitit's own USR2 handler runs on rank 0 only: it calls checkpoint(), `scontrol
 requeue` and exits on the spot, killing the other ranks before any collective save, and saving
 inside a signal handler would hang on the collectives anyway. So every rank replaces submitit's
-handlers with ones that only set the trainer's stop flag; at the next step boundary the ranks agree
+handlers with ones that only set the stop flag handed to the task; at the next step boundary the ranks agree
 on it, save a checkpoint together and return; then rank 0 requeues through submitit's own pieces
 (`_checkpoint` re-dumps the job's pickle from TrainJob.checkpoint with one requeue fewer left, and
 the job environment's `_requeue` runs `scontrol requeue`, or exits 144 for the local executor),
@@ -26,7 +26,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from tuneforge.compat import submitit as submitit_compat
+from tuneforge.conf.schema import ClusterConfig
 from tuneforge.slurm import events
+from tuneforge.trainers.task import StopFlag
 
 #: how long the other ranks wait for rank 0 to requeue before they exit anyway
 WAIT_FOR_RANK0_S = 60.0
@@ -38,14 +41,14 @@ WARNING_AFTER_TERM_S = 3.0
 class Allocation:
     """This rank's view of the current allocation: who it is, when it started, which signals came."""
 
-    def __init__(self, run_dir: Path, cluster_cfg):
+    def __init__(self, run_dir: Path, cluster_cfg: ClusterConfig, stop: StopFlag):
         import submitit
 
-        self.run_dir, self.cluster = Path(run_dir), cluster_cfg
+        self.run_dir, self.cluster, self.stop_flag = Path(run_dir), cluster_cfg, stop
         self.env = submitit.JobEnvironment()
         self.rank = self.env.global_rank
         self.started = time.time()
-        self.usr_signal = self.env._usr_sig()
+        self.usr_signal = submitit_compat.usr_signal(self.env)
         self.attempt = 0  # set by start()
         self.terminated = False  # a SIGTERM came: preemption (scancel --signal, `_interrupt`) or a kill
         self.warned = False  # the requeue warning (USR2) came
@@ -77,9 +80,6 @@ class Allocation:
                 num_tasks=self.env.num_tasks,
                 environment=events.slurm_environment(),
             )
-        from tuneforge.trainers.loop import request_stop  # imported now: the handler must be quick
-
-        self._request_stop = request_stop
         for signum in (self.usr_signal, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
             # restart interrupted system calls: a signal must never break a collective in flight
@@ -89,7 +89,7 @@ class Allocation:
         # Only a flag (and one appended line): collectives and saving happen at the step boundary.
         self.terminated = self.terminated or signum == signal.SIGTERM
         self.warned = self.warned or signum == self.usr_signal
-        self._request_stop("requeue" if signum == self.usr_signal else "terminate")
+        self.stop_flag.request("requeue" if signum == self.usr_signal else "terminate")
         events.record(self.run_dir, "signal", rank=self.rank, signal=signal.Signals(signum).name)
 
     # ------------------------------------------------------------------ after training returned
@@ -100,15 +100,14 @@ class Allocation:
             # non-zero exit here would kill rank 0 before its `scontrol requeue`
             self._wait_for_rank0()
             sys.exit(0)
-        from submitit.core.job_environment import _checkpoint
-        from submitit.core.utils import DelayedSubmission, UncompletedJobError
+        from submitit.core.utils import UncompletedJobError
 
         kind = "timeout" if self.timed_out() else "preemption"
         pickle = self.env.paths.submitted_pickle
-        delayed = DelayedSubmission.load(pickle)  # what submitit runs; its countdown starts at max_requeues
-        left = delayed._timeout_countdown - 1  # time-outs and preemptions both count
+        delayed, countdown = submitit_compat.requeue_countdown(pickle)  # starts at max_requeues
+        left = countdown - 1  # time-outs and preemptions both count
         refused = "" if left >= 0 else f"requeued {self.cluster.max_requeues} times already (cluster.max_requeues)"
-        refused = refused or _checkpoint(delayed, pickle, left)  # dumps TrainJob.checkpoint()'s submission
+        refused = refused or submitit_compat.write_requeue(delayed, pickle, left)  # TrainJob.checkpoint()'s submission
         if refused:
             events.record(self.run_dir, "requeue_refused", kind=kind, step=step, reason=refused, job_id=self.env.job_id)
             raise UncompletedJobError(
@@ -122,7 +121,7 @@ class Allocation:
             file=sys.stderr,
             flush=True,
         )
-        self.env._requeue(left)  # Slurm: scontrol requeue; local: exit code 144, the controller restarts us
+        submitit_compat.requeue(self.env, left)  # Slurm: scontrol requeue; local: exit 144, the controller restarts us
         sys.exit(-1)
 
     def stop(self, step: int) -> None:

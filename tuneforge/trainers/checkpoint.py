@@ -21,18 +21,17 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from tuneforge import fsutil, layout
+
 
 class Checkpoints:
     def __init__(self, run_dir: Path, rank: int, keep: int):
-        self.root = Path(run_dir) / "checkpoints"
+        self.run_dir = Path(run_dir)
+        self.root = layout.checkpoints_dir(run_dir)
         self.rank, self.keep = rank, keep
 
     def latest(self) -> Optional[Path]:
-        pointer = self.root / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.root / pointer.read_text().strip()
-        return path if (path / "trainer.json").is_file() else None
+        return layout.latest(self.run_dir)
 
     def save(
         self,
@@ -44,7 +43,7 @@ class Checkpoints:
     ) -> Path:
         """Collective. `rank_state`: this rank's own trainer state (the data position); `write_extra(dir)`,
         called on every rank, adds files (a method's adapter) to the checkpoint before it is published."""
-        final, tmp = self.root / f"step_{step}", self.root / f".tmp-step_{step}"
+        final, tmp = layout.step_dir(self.run_dir, step), self.root / f".tmp-step_{step}"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "engine").mkdir(parents=True)
@@ -58,12 +57,12 @@ class Checkpoints:
         if write_extra is not None:
             write_extra(tmp)
         if self.rank == 0:
-            (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
+            (tmp / layout.TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
         dist.barrier()
         if self.rank == 0:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            _write_atomic(self.root / "latest", final.name)
+            fsutil.write_text(self.root / layout.LATEST, final.name)
             self._prune()
         dist.barrier()
         return final
@@ -73,22 +72,15 @@ class Checkpoints:
         rng = path / "rng" / f"rank_{self.rank}.pt"
         if rng.is_file():  # absent when the world size changed: the data order does not depend on it
             _set_rng_state(torch.load(rng, weights_only=False))
-        state = json.loads((path / "trainer.json").read_text())
+        state = json.loads((path / layout.TRAINER_STATE).read_text())
         mine = path / "rank" / f"rank_{self.rank}.json"
         if mine.is_file():  # absent for a rank that did not exist when it was written
             state.update(json.loads(mine.read_text()))
         return state
 
     def _prune(self) -> None:
-        steps = sorted((p for p in self.root.glob("step_*") if p.is_dir()), key=lambda p: int(p.name[5:]))
-        for old in steps[: -self.keep]:
+        for old in layout.steps(self.run_dir)[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict:

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from tuneforge.compat.transformers import block_class_names
 from tuneforge.trainers.optim import token_loss_sum
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
@@ -35,22 +36,13 @@ def use_cache_dir() -> str:
     return os.environ.setdefault(CACHE_ENV, str(Path(DEFAULT_CACHE_DIR).expanduser()))
 
 
-def block_class_names(model: torch.nn.Module) -> set:
-    """The transformer block classes, as transformers declares them (`_no_split_modules`, e.g.
-    LlamaDecoderLayer); PEFT wrappers are walked through."""
-    names: set = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or ())
-    return names
-
-
 def compile_blocks(model: torch.nn.Module) -> int:
     """Compile the forward of every transformer block in place; returns how many were compiled.
 
     Only `forward` is replaced (not `__call__`), so hooks registered on the block, before or after
     this, run outside the compiled graph."""
     use_cache_dir()
-    names = block_class_names(model)
+    names = set(block_class_names(model))
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     for block in blocks:
         block.forward = torch.compile(block.forward)

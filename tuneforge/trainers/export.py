@@ -12,10 +12,12 @@ tokenizer; `export_adapter_run` merges it into the base model for `tuneforge exp
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
+
+from tuneforge import fsutil, layout
+from tuneforge.conf.schema import Config, ModelConfig
 
 
 def write_final(engine, tokenizer, out_dir: Path, is_main: bool) -> None:
@@ -38,9 +40,7 @@ def save_model_dir(module, tokenizer, out_dir: Path, state_dict: Optional[dict] 
     if weights_dtype is not None and (tmp / "config.json").is_file():  # a PEFT model writes adapter_config.json
         _set_config_dtype(tmp / "config.json", weights_dtype)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out_dir)
+    fsutil.replace_dir(tmp, out_dir)
 
 
 def _weights_dtype(state_dict: dict) -> Optional[str]:
@@ -60,7 +60,7 @@ def _set_config_dtype(config_path: Path, dtype: str) -> None:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def export_checkpoint(cfg, step_dir: Path, out_dir: Path) -> None:
+def export_checkpoint(cfg: Config, step_dir: Path, out_dir: Path) -> None:
     """The model of checkpoint <step_dir> as a Hugging Face directory <out_dir>, in this process.
 
     The model is built as the run built it (same config, dtype and method), then the checkpoint's
@@ -69,7 +69,8 @@ def export_checkpoint(cfg, step_dir: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from tuneforge.conf.schema import PEFT_METHODS
+    from tuneforge.conf.backends import model_dtype
+    from tuneforge.conf.methods import is_peft
     from tuneforge.trainers import backends, model
     from tuneforge.trainers.methods import apply_method
 
@@ -79,7 +80,7 @@ def export_checkpoint(cfg, step_dir: Path, out_dir: Path) -> None:
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dtype = backends.model_dtype(cfg.backend, cfg.train.dtype, peft=cfg.method.name in PEFT_METHODS)
+    dtype = model_dtype(cfg.backend, cfg.train.dtype, peft=is_peft(cfg.method.name))
     net, _ = apply_method(
         model.load_model(cfg.model, cfg.method, tokenizer, dtype, "cpu", cfg.train.seed),
         cfg.method,
@@ -97,7 +98,7 @@ def export_checkpoint(cfg, step_dir: Path, out_dir: Path) -> None:
     save_model_dir(net, tokenizer, out_dir)
 
 
-def _tokenizer_source(model_cfg, run_dir: Path) -> str:
+def _tokenizer_source(model_cfg: ModelConfig, run_dir: Path) -> str:
     """Where the run's tokenizer lives, in model.load_tokenizer's order: model.tokenizer, the loaded
     model's own, else the one trained on the corpus into <run dir>/tokenizer."""
     source = model_cfg.tokenizer or (model_cfg.name_or_path if model_cfg.kind == "hf" else None)
@@ -119,17 +120,16 @@ class ExportError(ValueError):
 def adapter_dir(run_dir: Path, step=None) -> Path:
     """The adapter of a PEFT run: final/ (or the latest checkpoint's before the run ends), or step N's."""
     run_dir = Path(run_dir)
-    checkpoints = run_dir / "checkpoints"
     if step is None:
-        if (run_dir / "final" / ADAPTER_CONFIG).is_file():
-            return run_dir / "final"
-        pointer = checkpoints / "latest"
-        if pointer.is_file():
-            return checkpoints / pointer.read_text().strip() / "adapter"
+        if (run_dir / layout.FINAL / ADAPTER_CONFIG).is_file():
+            return run_dir / layout.FINAL
+        latest = layout.latest(run_dir)
+        if latest is not None:
+            return latest / layout.ADAPTER
         raise ExportError(f"{run_dir}: no final/ and no checkpoint yet")
-    path = checkpoints / f"step_{step}" / "adapter"
+    path = layout.step_dir(run_dir, step) / layout.ADAPTER
     if not (path / ADAPTER_CONFIG).is_file():
-        steps = sorted(int(p.parent.parent.name[5:]) for p in checkpoints.glob(f"step_*/adapter/{ADAPTER_CONFIG}"))
+        steps = [layout.step_of(p) for p in layout.steps(run_dir) if (p / layout.ADAPTER / ADAPTER_CONFIG).is_file()]
         raise ExportError(f"{run_dir}: no adapter for step {step}; checkpoints with one: {steps or 'none'}")
     return path
 
@@ -172,21 +172,16 @@ def export_adapter_run(run_dir: Path, step=None, out=None) -> str:
             why_not = f"peft cannot merge it ({e})"
     if merged is None:
         shutil.copytree(source, tmp)
-        _replace(tmp, out)
+        fsutil.replace_dir(tmp, out)
         return (
             f"method={method} cannot be merged into the base model: {why_not}. Wrote the adapter only, to {out} "
             f"(load it with PeftModel.from_pretrained(<{base_path}>, '{out}'))"
         )
     merged.save_pretrained(str(tmp), safe_serialization=True)
     AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(str(tmp))
-    _replace(tmp, out)
+    fsutil.replace_dir(tmp, out)
     note = " (into the full-precision base: the 4-bit one is not merged into)" if method == "qlora" else ""
     return f"merged the method={method} adapter of {source} into {base_path}{note}: wrote a Hugging Face model to {out}"
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
 
 
 def _run_method(run_dir: Path):

@@ -14,21 +14,15 @@ import socket
 import sys
 from urllib.parse import urlparse
 
+from tuneforge import fsutil
+from tuneforge.compat.wandb import flush_settings
+from tuneforge.conf.schema import LoggerConfig
+
 _DEFAULT_BASE_URL = "https://api.wandb.ai"
-# wandb-core buffers the offline .wandb file and by default writes it every 15 s: a job killed hard
-# (SIGKILL at the time limit, OOM) would lose that much, config included. Flush more often.
-_FLUSH_INTERVAL_S = 2.0
 
 
 def _say(message: str) -> None:
     print(f"tuneforge: {message}", file=sys.stderr, flush=True)
-
-
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-    # A reader (or a requeued job) sees the old file or the new one, never half of one.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _jsonable(value):
@@ -80,9 +74,9 @@ def resolve_mode(requested: str) -> tuple[str, str]:
 class RunLogger:
     """Rank 0's metric sink: <run_dir>/metrics.jsonl always, plus W&B when logger_cfg.name == 'wandb'.
 
-    logger_cfg: a LoggerConfig or its OmegaConf node (attributes only). enabled=False (ranks != 0): no-ops."""
+    enabled=False (ranks != 0): no-ops."""
 
-    def __init__(self, logger_cfg, run_dir: pathlib.Path, run_config: dict, enabled: bool):
+    def __init__(self, logger_cfg: LoggerConfig, run_dir: pathlib.Path, run_config: dict, enabled: bool):
         self.enabled, self.run_dir = enabled, pathlib.Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.mode = self.mode_reason = None  # the W&B mode chosen (None: W&B not used), and why
@@ -90,7 +84,7 @@ class RunLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if getattr(logger_cfg, "name", "none") == "wandb":
+        if logger_cfg.name == "wandb":
             self._start_wandb(logger_cfg, run_config)
 
     def _run_id(self) -> str:
@@ -99,11 +93,11 @@ class RunLogger:
         run_id = path.read_text().strip() if path.exists() else ""
         if not run_id:
             run_id = secrets.token_hex(4)  # 8 chars of [0-9a-f]: a valid W&B run id
-            _atomic_write(path, run_id + "\n")
+            fsutil.write_text(path, run_id + "\n")
         return run_id
 
-    def _start_wandb(self, cfg, run_config: dict) -> None:
-        self.mode, self.mode_reason = resolve_mode(str(getattr(cfg, "mode", "auto")))
+    def _start_wandb(self, cfg: LoggerConfig, run_config: dict) -> None:
+        self.mode, self.mode_reason = resolve_mode(cfg.mode)
         if self.mode == "disabled":
             return
         try:
@@ -113,8 +107,7 @@ class RunLogger:
             import wandb  # lazy: costs ~1 s and is needed only on rank 0 with logger=wandb
 
             self._wandb = wandb
-            knob = "x_transaction_log_flush_interval"  # private: pass it only while it exists
-            extra = {knob: _FLUSH_INTERVAL_S} if knob in wandb.Settings.model_fields else {}
+            extra = flush_settings(wandb)  # a killed job keeps what was logged up to ~2 s before
             # silent: no banner or prompts (we print one line below); console off: Slurm keeps stdout.
             settings = wandb.Settings(silent=True, console="off", **extra)
             self._run = wandb.init(
@@ -172,7 +165,7 @@ class RunLogger:
         path = self.run_dir / "summary.json"
         current = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
         current.update(values)
-        _atomic_write(path, json.dumps(current, indent=2, default=_jsonable) + "\n")
+        fsutil.write_text(path, json.dumps(current, indent=2, default=_jsonable) + "\n")
         self._wandb_call("summary", lambda run: run.summary.update(values))
 
     def truncate_after(self, step: int) -> None:
@@ -187,7 +180,7 @@ class RunLogger:
                     kept.append(line + "\n")
             except (ValueError, KeyError, TypeError):  # a line torn by a killed job
                 continue
-        _atomic_write(self.metrics_path, "".join(kept))
+        fsutil.write_text(self.metrics_path, "".join(kept))
         self._catch_up_wandb(step)
 
     def _catch_up_wandb(self, step: int) -> None:

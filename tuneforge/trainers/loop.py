@@ -19,26 +19,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from tuneforge.conf.schema import DebugConfig, TrainConfig
 from tuneforge.trainers import metrics
 from tuneforge.trainers.compile import loss_function
+from tuneforge.trainers.distributed import STOP_REASONS, DistEnv, StopFlag, strength
 from tuneforge.trainers.optim import counted_tokens, lr_at, token_loss_sum
-
-#: set by a signal handler or by train.stop_after; the ranks agree on it at a step boundary
-_STOP_REQUESTED = {"reason": None}
-#: stop reasons, weakest first: when ranks saw different ones, all take the strongest (a requeue
-#: warning (USR2) beats a SIGTERM: submitit's preemption test sends both, and the job must requeue)
-STOP_REASONS = ("stop_after", "terminate", "requeue")
-
-
-def request_stop(reason: str) -> None:
-    """Ask every rank to stop after the current step (safe in a signal handler: it only sets a flag)."""
-    current = _STOP_REQUESTED["reason"]
-    if current is None or _strength(reason) >= _strength(current):
-        _STOP_REQUESTED["reason"] = reason
-
-
-def _strength(reason: str) -> int:
-    return STOP_REASONS.index(reason) + 1 if reason in STOP_REASONS else 1
 
 
 class Trainer:
@@ -46,23 +31,23 @@ class Trainer:
         self,
         engine,
         batches,
-        train_cfg,
-        dist_env,
+        train_cfg: TrainConfig,
+        debug_cfg: DebugConfig,
+        dist_env: DistEnv,
+        stop: StopFlag,
         checkpoints,
         logger,
-        flops_per_token: float,
+        throughput: metrics.Throughput,
         eval_batches=None,
         hooks=None,
-        peak_tflops: Optional[float] = None,
     ):
         from tuneforge.trainers.methods import MethodHooks
 
-        self.engine, self.batches, self.train_cfg = engine, batches, train_cfg
+        self.engine, self.batches, self.train_cfg, self.debug = engine, batches, train_cfg, debug_cfg
         self.eval_batches = eval_batches  # data.EvalBatches, or None: no validation loss
         self.hooks = hooks or MethodHooks()
-        self.dist_env, self.checkpoints, self.logger = dist_env, checkpoints, logger
-        self.flops_per_token = flops_per_token
-        self.peak_tflops = peak_tflops  # dense bf16 TFLOP/s of one device, for MFU; None: no MFU
+        self.dist_env, self.stop, self.checkpoints, self.logger = dist_env, stop, checkpoints, logger
+        self.throughput = throughput
         self.loss_fn = loss_function(compiled=train_cfg.compile)  # optim.token_loss_sum
         self.step = 0
         self.tokens_seen = 0
@@ -90,8 +75,8 @@ class Trainer:
         last: dict = {}
         while self.step < t.max_steps:
             last = self.train_step()
-            if t.step_sleep_s:
-                time.sleep(t.step_sleep_s)
+            if self.debug.step_sleep_s:
+                time.sleep(self.debug.step_sleep_s)
             evaluate = (
                 self.eval_batches is not None
                 and t.eval_every > 0
@@ -145,8 +130,6 @@ class Trainer:
         self.tokens_seen += int(global_tokens)
         elapsed = time.perf_counter() - start
         tokens_per_s = global_tokens / elapsed
-        tflops_per_rank = local_inputs * self.flops_per_token / elapsed / 1e12
-        perf = {"mfu": tflops_per_rank / self.peak_tflops} if self.peak_tflops else {}
         return {
             "loss": loss,
             "lr": lr,
@@ -157,8 +140,7 @@ class Trainer:
             # the cost of a step that neighbours' load does not inflate the way it inflates step_time_s
             "cpu_time_s": time.process_time() - cpu_start,
             "tokens_seen": self.tokens_seen,
-            "tflops_per_rank": tflops_per_rank,
-            **perf,
+            **self.throughput.figures(local_inputs, elapsed),
             "peak_memory_mb": metrics.peak_memory_mb(device),
             **extra_values,
         }
@@ -196,18 +178,15 @@ class Trainer:
         )
 
     def _stop_requested(self) -> Optional[str]:
-        """Agree across ranks: stop if any rank got a signal, or at train.stop_after."""
-        if (
-            self.train_cfg.stop_after is not None
-            and self.step >= self.train_cfg.stop_after
-            and self.step < self.train_cfg.max_steps
-        ):
-            request_stop("stop_after")
-        mine = _STOP_REQUESTED["reason"]
-        strongest = int(_all_reduce(torch.tensor(float(_strength(mine) if mine else 0)), op=dist.ReduceOp.MAX).item())
+        """Agree across ranks: stop if any rank got a signal, or at debug.stop_after."""
+        stop_after = self.debug.stop_after
+        if stop_after is not None and stop_after <= self.step < self.train_cfg.max_steps:
+            self.stop.request("stop_after")
+        mine = self.stop.reason
+        strongest = int(_all_reduce(torch.tensor(float(strength(mine))), op=dist.ReduceOp.MAX).item())
         if strongest == 0:
             return None
-        if mine is not None and _strength(mine) == strongest:
+        if strength(mine) == strongest:
             return mine
         return STOP_REASONS[strongest - 1]
 

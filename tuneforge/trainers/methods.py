@@ -20,9 +20,9 @@ from typing import Dict, Tuple
 
 import torch
 
-from tuneforge.conf.schema import PEFT_METHODS
-
-ADAPTER_DIR = "adapter"  # inside a checkpoint: <run dir>/checkpoints/step_N/adapter
+from tuneforge.conf import methods
+from tuneforge.conf.methods import AdaLoraMethodConfig, MethodConfig
+from tuneforge.layout import ADAPTER
 
 
 class MethodHooks:
@@ -45,17 +45,15 @@ class MethodHooks:
 
 
 def apply_method(
-    model: torch.nn.Module, method_cfg, total_steps: int, seed: int
+    model: torch.nn.Module, method_cfg: MethodConfig, total_steps: int, seed: int
 ) -> Tuple[torch.nn.Module, MethodHooks]:
     """Full finetuning and pretraining train every weight; PEFT methods wrap the model with peft.
 
     The adapter is initialised from `seed` so that every rank starts from the same weights whatever
     the backend (FSDP does not broadcast rank 0's weights)."""
-    if method_cfg.name in ("full", "pretrain"):
+    if not methods.is_peft(method_cfg.name):
         model.requires_grad_(True)
         return model, MethodHooks()
-    if method_cfg.name not in PEFT_METHODS:
-        raise ValueError(f"method.name: unknown method '{method_cfg.name}'")
     from peft import get_peft_model
 
     check_target_modules(model, method_cfg)
@@ -65,70 +63,21 @@ def apply_method(
         model.name_or_path = str(local_base.resolve())
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, peft_config(method_cfg, total_steps))
-    hooks = AdaLoraHooks(method_cfg.orth_reg_weight) if method_cfg.name == "adalora" else AdapterHooks()
+    hooks = AdaLoraHooks(method_cfg.orth_reg_weight) if isinstance(method_cfg, AdaLoraMethodConfig) else AdapterHooks()
     return peft_model, hooks
 
 
-def peft_config(method_cfg, total_steps: int):
-    """The peft config class and arguments for a tuneforge method config."""
+def peft_config(method_cfg: MethodConfig, total_steps: int):
+    """The peft config of a PEFT method: its class and arguments come from conf/methods.py."""
     import peft
 
-    m = method_cfg
-    targets = list(m.target_modules) if m.target_modules is not None else None
-    common = {"task_type": "CAUSAL_LM"}
-    if m.name in ("lora", "dora", "qlora"):
-        return peft.LoraConfig(
-            r=m.r,
-            lora_alpha=m.alpha,
-            lora_dropout=m.dropout,
-            use_rslora=m.rslora,
-            use_dora=m.name == "dora",
-            target_modules=targets or "all-linear",
-            **common,
-        )
-    if m.name == "adalora":
-        return peft.AdaLoraConfig(
-            init_r=m.init_r,
-            target_r=m.target_r,
-            lora_alpha=m.alpha,
-            lora_dropout=m.dropout,
-            tinit=m.tinit,
-            tfinal=m.tfinal,
-            deltaT=m.deltaT,
-            beta1=m.beta1,
-            beta2=m.beta2,
-            orth_reg_weight=m.orth_reg_weight,
-            total_step=total_steps,
-            target_modules=targets or "all-linear",
-            **common,
-        )
-    if m.name == "ia3":
-        ff = list(m.feedforward_modules) if m.feedforward_modules is not None else None
-        return peft.IA3Config(target_modules=targets, feedforward_modules=ff, **common)
-    if m.name == "loha":
-        return peft.LoHaConfig(
-            r=m.r,
-            alpha=m.alpha,
-            rank_dropout=m.rank_dropout,
-            module_dropout=m.module_dropout,
-            target_modules=targets or "all-linear",
-            **common,
-        )
-    if m.name == "lokr":
-        return peft.LoKrConfig(
-            r=m.r,
-            alpha=m.alpha,
-            rank_dropout=m.rank_dropout,
-            module_dropout=m.module_dropout,
-            decompose_factor=m.factor,
-            decompose_both=m.decompose_both,
-            target_modules=targets or "all-linear",
-            **common,
-        )
-    raise ValueError(f"method.name: '{m.name}' is not a PEFT method")
+    spec = methods.method(method_cfg.name)
+    if not spec.peft:
+        raise ValueError(f"method.name: '{method_cfg.name}' is not a PEFT method")
+    return getattr(peft, spec.peft_class)(task_type="CAUSAL_LM", **spec.peft_args(method_cfg, total_steps))
 
 
-def check_target_modules(model: torch.nn.Module, method_cfg) -> None:
+def check_target_modules(model: torch.nn.Module, method_cfg: MethodConfig) -> None:
     """Fail with the model's own layer names when a requested target matches no module. Validation
     checks this before launch for known architectures; this catches the others at job start."""
     names = [n for n, _ in model.named_modules() if n]
@@ -152,7 +101,7 @@ class AdapterHooks(MethodHooks):
     """PEFT methods: the adapter (adapter_config.json + adapter_model.safetensors) in every checkpoint."""
 
     def save(self, engine, directory: Path, is_main: bool) -> None:
-        save_adapter(engine, Path(directory) / ADAPTER_DIR, is_main)
+        save_adapter(engine, Path(directory) / ADAPTER, is_main)
 
 
 def save_adapter(engine, out_dir: Path, is_main: bool) -> None:

@@ -1,15 +1,16 @@
 """Throughput, FLOPs, the machine's ceiling and memory: the figures every run logs.
 
-MFU = achieved model FLOP/s / the device's dense bf16 peak. Model FLOPs per token follow the usual
-convention, 6N + attention, with N the weights that take part in a matrix multiply: the input
-embedding is a table lookup, so it is left out unless it is tied to the output head.
+MFU = achieved model FLOP/s / the device's dense bf16 peak, with FLOPs per token from tuneforge/arch.py
+(the count the preflight's time estimate uses too) at the model's own shape. The peak is
+`cluster.peak_tflops` when the profile declares it, else the datasheet figure of `cluster.gpu_type`
+(conf/gpus.py): the MFU is then comparable with other tools' and with the preflight's assumption.
 
-The peak is `cluster.peak_tflops` when the cluster profile declares it. Otherwise (a CPU, or a GPU
-nobody described) it is measured once at the start of a run: the best bf16 GEMM throughput at the
-model's own matmul shapes, best of a few tries, ~1 s, cached in the run dir so a resumed run reuses it.
-A measured ceiling is what this device reaches at these shapes, not a datasheet figure. On a shared
-CPU a GEMM's wall time swings 2-5x with the neighbours' load, so a ~1 s measurement taken at a busy
-moment reads low (and the MFU high): declare cluster.peak_tflops for a fixed figure.
+Besides, the best bf16 GEMM throughput at the model's own matmul shapes is measured once at the start
+of a run (best of a few tries, ~1 s, cached in the run dir so a resumed run reuses it): with no peak
+declared (a CPU) it is the peak; otherwise the run also logs `mfu_ceiling`, the share of what this
+device reaches at these shapes. On a shared CPU a GEMM's wall time swings 2-5x with the neighbours'
+load, so a ~1 s measurement taken at a busy moment reads low (and the MFU high): declare
+cluster.peak_tflops for a fixed figure.
 """
 
 from __future__ import annotations
@@ -18,56 +19,78 @@ import json
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+
+from tuneforge import arch, fsutil
+from tuneforge.compat import deepspeed as deepspeed_compat
+from tuneforge.conf.gpus import datasheet_peak_tflops
+from tuneforge.conf.schema import ClusterConfig, TrainConfig
 
 PEAK_FILE = "peak_flops.json"  # in the run dir: the measured ceiling, reused on resume
 
 Shape = Tuple[int, int, int]  # (M, K, N) of an (M x K) @ (K x N) product
 
 
-def matmul_parameters(model: torch.nn.Module) -> Dict[str, int]:
-    """Weights that enter a matmul (all but an untied input embedding): total and trainable."""
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    lookup = set()
-    if embedding is not None and (output is None or output.weight is not embedding.weight):
-        lookup = {id(p) for p in embedding.parameters()}
-    params = {id(p): p for p in model.parameters()}  # tied weights counted once
-    used = [p for key, p in params.items() if key not in lookup]
-    return {
-        "matmul_params_total": sum(p.numel() for p in used),
-        "matmul_params_trainable": sum(p.numel() for p in used if p.requires_grad),
-    }
+@dataclass
+class Throughput:
+    """What a step's token count and time turn into: TFLOP/s per rank, MFU against the peak, and the
+    share of the measured ceiling."""
 
+    flops_per_token: Optional[float]  # None: the model's shape is unknown, no FLOP figures
+    peak_tflops: Optional[float]
+    peak_source: str
+    ceiling_tflops: Optional[float]  # measured at the model's GEMM shapes
 
-def flops_per_token(config, trainable_params: int, total_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for a fully trained model (forward 2N, backward 4N), attention
-    scores and values 12 x layers x hidden x seq_len. Frozen weights (PEFT) skip the weight-gradient
-    half of their backward: 4N_frozen instead of 6N. Pass matmul parameter counts (see above)."""
-    frozen = total_params - trainable_params
-    dense = 6 * trainable_params + 4 * frozen
-    attention = 12 * config.num_hidden_layers * config.hidden_size * seq_len
-    return float(dense + attention)
+    @classmethod
+    def of(
+        cls,
+        model: torch.nn.Module,
+        adapter_params: Optional[int],
+        cluster: ClusterConfig,
+        train: TrainConfig,
+        dist_env,
+        run_dir: Path,
+    ) -> "Throughput":
+        """Collective (the ranks measure the ceiling together). `adapter_params`: the trainable
+        parameters of a PEFT method (the base is frozen), None when every weight trains."""
+        config = getattr(model, "get_base_model", lambda: model)().config
+        try:
+            shape = arch.shape_from_config(config.to_dict())
+        except arch.UnknownArchitecture as e:
+            if dist_env.is_main:
+                print(f"throughput: no FLOP count for this model ({e}); tokens/s only", flush=True)
+            return cls(None, None, "unknown model shape", None)
+        flops = arch.flops_per_token(shape, train.seq_len, adapter_params)
+        ceiling = measured_ceiling(shape.gemm_shapes(train.micro_batch * train.seq_len), dist_env, run_dir)
+        declared = cluster.peak_tflops or (datasheet_peak_tflops(cluster.gpu_type) if cluster.gpus_per_node else None)
+        if declared:
+            source = "cluster.peak_tflops" if cluster.peak_tflops else f"datasheet of {cluster.gpu_type}"
+            return cls(flops, float(declared), source, ceiling)
+        return cls(flops, ceiling, "measured bf16 GEMM", ceiling)
 
+    def figures(self, tokens: float, seconds: float) -> Dict[str, float]:
+        """TFLOP/s of one rank that computed `tokens` (inputs) in `seconds`, and its MFU."""
+        if self.flops_per_token is None:
+            return {}
+        tflops = tokens * self.flops_per_token / seconds / 1e12
+        out = {"tflops_per_rank": tflops}
+        if self.peak_tflops:
+            out["mfu"] = tflops / self.peak_tflops
+        if self.ceiling_tflops and self.peak_tflops != self.ceiling_tflops:
+            out["mfu_ceiling"] = tflops / self.ceiling_tflops
+        return out
 
-def gemm_shapes(config, tokens: int) -> List[Shape]:
-    """The forward GEMMs of one decoder block and the output head at `tokens` rows (a micro batch)."""
-    hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    kv = head_dim * getattr(config, "num_key_value_heads", config.num_attention_heads)
-    q = head_dim * config.num_attention_heads
-    shapes = {
-        (tokens, hidden, q),
-        (tokens, hidden, kv),
-        (tokens, q, hidden),  # q, k/v, o
-        (tokens, hidden, inter),
-        (tokens, inter, hidden),
-        (tokens, hidden, vocab),
-    }  # up/gate, down, head
-    return sorted(shapes)
+    def summary(self) -> Dict[str, object]:
+        return {
+            "flops_per_token": self.flops_per_token,
+            "peak_tflops": self.peak_tflops,
+            "peak_source": self.peak_source,
+            "ceiling_tflops": self.ceiling_tflops,
+        }
 
 
 def gemm_ceiling(
@@ -105,43 +128,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def device_peak_tflops(
-    declared: Optional[float], config, tokens: int, device: str, run_dir: Path, is_main: bool
-) -> Dict[str, object]:
-    """The dense bf16 peak of one device for MFU: declared (cluster.peak_tflops), or measured once
-    per run dir at the model's GEMM shapes and cached there. Collective when measured (a barrier).
-
-    Every rank measures at once, each with its own threads, so on a shared CPU the figure is what one
-    rank gets while the others work too; the ranks' mean is kept."""
-    if declared:
-        return {"peak_tflops": float(declared), "peak_source": "cluster.peak_tflops"}
+def measured_ceiling(shapes: Sequence[Shape], dist_env, run_dir: Path) -> float:
+    """The bf16 GEMM ceiling of this device at `shapes`, measured once per run dir and cached there.
+    Collective (a barrier). Every rank measures at once, each with its own threads, so on a shared CPU
+    the figure is what one rank gets while the others work too; the ranks' mean is kept."""
     import torch.distributed as dist
 
     path = Path(run_dir) / PEAK_FILE
     if not path.is_file():
-        shapes = gemm_shapes(config, tokens)
-        rate = torch.tensor(gemm_ceiling(shapes, torch.bfloat16, device)["tflops"], dtype=torch.float64)
+        rate = torch.tensor(gemm_ceiling(shapes, torch.bfloat16, dist_env.device)["tflops"], dtype=torch.float64)
         if dist.is_initialized():
-            rate = rate.to(device) if dist.get_backend() == "nccl" else rate
+            rate = rate.to(dist_env.device) if dist.get_backend() == "nccl" else rate
             dist.all_reduce(rate)
             rate = rate.cpu() / dist.get_world_size()
-        if is_main:
-            tmp = path.with_name(f".{PEAK_FILE}.tmp")
-            tmp.write_text(
-                json.dumps(
-                    {
-                        "peak_tflops": float(rate),
-                        "tokens": tokens,
-                        "device": device,
-                        "shapes": [list(s) for s in shapes],
-                    }
-                )
-                + "\n"
+        if dist_env.is_main:
+            fsutil.write_json(
+                path, {"peak_tflops": float(rate), "device": dist_env.device, "shapes": [list(s) for s in shapes]}
             )
-            tmp.replace(path)
         if dist.is_initialized():
             dist.barrier()
-    return {"peak_tflops": json.loads(path.read_text())["peak_tflops"], "peak_source": "measured bf16 GEMM"}
+    return float(json.loads(path.read_text())["peak_tflops"])
 
 
 def peak_memory_mb(device: str) -> float:
@@ -158,8 +164,6 @@ def peak_memory_mb(device: str) -> float:
 # weights and shared quantisation tables are not counted twice); a DTensor counts its local shard.
 # DeepSpeed keeps partitions outside the module (ZeRO-3 `ds_tensor`, flat gradient partitions, fp32
 # master copies): those are looked up by the attribute names DeepSpeed 0.19 uses.
-_DS_GRADS = ("averaged_gradients", "grad_partitions_flat_buffer")
-_DS_MASTER = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -203,7 +207,9 @@ def grad_bytes(engine) -> int:
     params = list(engine.module.parameters())
     tensors = [p.grad for p in params if p.grad is not None]
     optimizer = getattr(engine, "optimizer", None)
-    tensors += [t for name in _DS_GRADS for t in _tensors(getattr(optimizer, name, None))]
+    tensors += [
+        t for part in deepspeed_compat.partitions(optimizer, deepspeed_compat.GRAD_PARTITIONS) for t in _tensors(part)
+    ]
     return storage_bytes(tensors)
 
 
@@ -217,7 +223,11 @@ def model_state_bytes(engine, grads: int) -> dict:
     while optimizer is not None:  # DeepSpeed wraps the torch optimizer: walk the chain
         if isinstance(optimizer, torch.optim.Optimizer):
             optim += list(_tensors(dict(optimizer.state)))
-        optim += [t for name in _DS_MASTER for t in _tensors(getattr(optimizer, name, None))]
+        optim += [
+            t
+            for part in deepspeed_compat.partitions(optimizer, deepspeed_compat.MASTER_PARTITIONS)
+            for t in _tensors(part)
+        ]
         inner = getattr(optimizer, "optimizer", None)
         optimizer = inner if inner is not optimizer else None
     return {

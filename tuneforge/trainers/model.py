@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
+
+from tuneforge.conf import methods
+from tuneforge.conf.methods import MethodConfig, QLoraMethodConfig
+from tuneforge.conf.schema import ModelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
 
-def builds_from_config(model_cfg, method_cfg) -> bool:
+def builds_from_config(model_cfg: ModelConfig, method_cfg: MethodConfig) -> bool:
     """Random init (no weights read): model=tiny, or pretraining an architecture given by path."""
-    return model_cfg.kind == "tiny" or method_cfg.name == "pretrain"
+    return model_cfg.kind == "tiny" or methods.method(method_cfg.name).builds
 
 
-def load_tokenizer(model_cfg, method_cfg, texts: Iterable[str], run_dir: Path, dist_env):
+def load_tokenizer(
+    model_cfg: ModelConfig, method_cfg: MethodConfig, texts: Callable[[], Iterable[str]], run_dir: Path, dist_env
+):
     """The run's tokenizer. Pretraining without one trains a byte-level BPE on the corpus (rank 0,
     saved in <run dir>/tokenizer, reused on resume); otherwise the model's or model.tokenizer."""
     from transformers import AutoTokenizer
@@ -55,7 +61,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 
 
-def model_config(model_cfg, tokenizer):
+def model_config(model_cfg: ModelConfig, tokenizer):
     """The transformers config of the model to build or load."""
     from transformers import AutoConfig, LlamaConfig
 
@@ -77,7 +83,9 @@ def model_config(model_cfg, tokenizer):
     )
 
 
-def load_model(model_cfg, method_cfg, tokenizer, dtype: str, device: str, seed: int) -> torch.nn.Module:
+def load_model(
+    model_cfg: ModelConfig, method_cfg: MethodConfig, tokenizer, dtype: str, device: str, seed: int
+) -> torch.nn.Module:
     """Build at random (same weights on every rank: seeded) or load pretrained weights."""
     from transformers import AutoModelForCausalLM
 
@@ -93,7 +101,7 @@ def load_model(model_cfg, method_cfg, tokenizer, dtype: str, device: str, seed: 
         )
     else:
         quantized = {}
-        if method_cfg.name == "qlora":  # 4-bit weights are placed while loading; .to() cannot move them
+        if methods.method(method_cfg.name).quantized:  # 4-bit weights are placed while loading; .to() cannot move them
             quantized = {"quantization_config": quantization_config(method_cfg, dtype), "device_map": {"": device}}
         model = AutoModelForCausalLM.from_pretrained(
             model_cfg.name_or_path,
@@ -115,7 +123,7 @@ def load_model(model_cfg, method_cfg, tokenizer, dtype: str, device: str, seed: 
     return model.to(device)
 
 
-def quantization_config(method_cfg, dtype: str):
+def quantization_config(method_cfg: QLoraMethodConfig, dtype: str):
     """bitsandbytes 4-bit loading for QLoRA: compute in `dtype` (the dtype the model is loaded in); the
     packed weights stored in it too by default, so that FSDP (which needs one float dtype) can shard them."""
     from transformers import BitsAndBytesConfig

@@ -10,7 +10,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # label of a token that does not count in the loss (padding, prompts)
+from tuneforge.compat.torch import scale_in_place
+from tuneforge.conf.schema import TrainConfig, warmup_steps
+from tuneforge.data.tokenize import IGNORE_INDEX
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -28,16 +30,17 @@ def counted_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def lr_at(step: int, train) -> float:
+def lr_at(step: int, train: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then the chosen decay.
 
     A pure function of the step: resuming needs no scheduler state beyond the step itself.
     """
-    if step < train.warmup_steps:
-        return train.lr * (step + 1) / train.warmup_steps
+    warmup = warmup_steps(train)
+    if step < warmup:
+        return train.lr * (step + 1) / warmup
     if train.schedule == "constant":
         return train.lr
-    progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+    progress = (step - warmup) / max(1, train.max_steps - warmup)
     progress = min(1.0, progress)
     floor = train.lr * train.min_lr_ratio
     if train.schedule == "linear":
@@ -54,7 +57,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: torch.nn.Module, train) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; the LR is set by the trainer every step.
 
     The fused implementation (one kernel for every tensor's update) where all trainable weights allow
@@ -84,5 +87,5 @@ def clip_grad_norm(params, max_norm: float) -> float:
     norm = float(torch.nn.utils.get_total_norm(grads))
     coef = max_norm / (norm + 1e-6)
     if max_norm > 0 and coef < 1.0:
-        torch._foreach_mul_(grads, coef)
+        scale_in_place(grads, coef)
     return norm

@@ -1,4 +1,9 @@
-"""The task every rank runs: distributed env -> build -> train -> close. Setup in dependency order."""
+"""The task every rank runs: process group -> build -> train -> close. Setup in dependency order.
+
+It is handed everything it does not build: the typed config, the distributed environment and the stop
+flag (slurm/job.py makes both from submitit; slurm/ imports them from here, its only door into the
+trainers).
+"""
 
 from __future__ import annotations
 
@@ -6,39 +11,46 @@ import json
 from pathlib import Path
 from typing import Any, Dict
 
+from tuneforge.conf.schema import Config, to_container
+from tuneforge.trainers.distributed import DistEnv, StopFlag
 
-def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
-    from omegaconf import OmegaConf
+__all__ = ["DistEnv", "StopFlag", "run"]
 
-    from tuneforge.conf.schema import PEFT_METHODS
-    from tuneforge.slurm.env import close_distributed, init_distributed
-    from tuneforge.trainers import backends, data, data_sources, metrics, model
+
+def run(cfg: Config, dist_env: DistEnv, stop: StopFlag) -> Dict[str, Any]:
+    from tuneforge.conf import methods
+    from tuneforge.conf.backends import model_dtype
+    from tuneforge.data import pipeline, sources
+    from tuneforge.data.tokenize import chat_template
+    from tuneforge.trainers import backends, metrics, model
     from tuneforge.trainers.checkpoint import Checkpoints
+    from tuneforge.trainers.distributed import close_process_group, init_process_group
     from tuneforge.trainers.export import write_final
     from tuneforge.trainers.logging import RunLogger
     from tuneforge.trainers.loop import Trainer
     from tuneforge.trainers.methods import apply_method
-    from tuneforge.trainers.tokenize import chat_template
 
-    cfg = OmegaConf.create(cfg_dict)
     run_dir, t = Path(cfg.run.dir), cfg.train
-    dist_env = init_distributed(cfg.cluster)
+    init_process_group(dist_env, cfg.cluster.collective_timeout_s)
     if dist_env.device == "cpu":
         from tuneforge.trainers.allocator import keep_freed_memory
 
         keep_freed_memory()  # big tensors reused, not page-faulted back every step
-    logger, finished = None, False
+    logger = trainer = engine = net = None
+    finished = False
     try:
-        tokenizer = model.load_tokenizer(cfg.model, cfg.method, lambda: data_sources.texts(cfg.data), run_dir, dist_env)
+        tokenizer = model.load_tokenizer(cfg.model, cfg.method, lambda: sources.texts(cfg.data), run_dir, dist_env)
         if cfg.data.format == "chat":  # saved with final/: inference renders chats as training did
             tokenizer.chat_template = chat_template(cfg.data, tokenizer)
         # flash attention reads packed examples from the position ids of a single row only
         flatten = cfg.model.attn_implementation.startswith("flash")
-        run_data = data.build(cfg.data, t, tokenizer, dist_env, flatten_packed=flatten)
-        dtype = backends.model_dtype(cfg.backend, t.dtype, peft=cfg.method.name in PEFT_METHODS)
-        net = model.load_model(cfg.model, cfg.method, tokenizer, dtype, dist_env.device, t.seed)
+        run_data = pipeline.build(cfg.data, t, tokenizer, dist_env, flatten_packed=flatten)
+        peft = methods.is_peft(cfg.method.name)
+        net = model.load_model(
+            cfg.model, cfg.method, tokenizer, model_dtype(cfg.backend, t.dtype, peft), dist_env.device, t.seed
+        )
         net, method_hooks = apply_method(net, cfg.method, total_steps=t.max_steps, seed=t.seed)
-        counts = {**model.count_parameters(net), **metrics.matmul_parameters(net)}
+        counts = model.count_parameters(net)
         if dist_env.is_main:
             print(f"parameters: {counts['params_trainable']:,} trainable of {counts['params_total']:,}", flush=True)
         if t.compile:  # before the backend wraps the blocks: its hooks stay outside the compiled graphs
@@ -47,7 +59,9 @@ def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
             compile_blocks(net)
         engine = backends.prepare(net, cfg.backend, t, dist_env)
         preflight = run_dir / "preflight.json"  # the launcher's estimate, logged with the config (W&B)
-        run_config = {**cfg_dict, "preflight": json.loads(preflight.read_text())} if preflight.is_file() else cfg_dict
+        run_config = to_container(cfg)
+        if preflight.is_file():
+            run_config["preflight"] = json.loads(preflight.read_text())
         logger = RunLogger(cfg.logger, run_dir, run_config, enabled=dist_env.is_main)
         logger.summary(
             {
@@ -59,24 +73,22 @@ def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
                 **run_data.stats,
             }
         )
-        flops = metrics.flops_per_token(
-            net.config, counts["matmul_params_trainable"], counts["matmul_params_total"], t.seq_len
+        speed = metrics.Throughput.of(
+            net, counts["params_trainable"] if peft else None, cfg.cluster, t, dist_env, run_dir
         )
-        peak = metrics.device_peak_tflops(
-            cfg.cluster.peak_tflops, net.config, t.micro_batch * t.seq_len, dist_env.device, run_dir, dist_env.is_main
-        )
-        logger.summary({**peak, "flops_per_token": flops})
+        logger.summary(speed.summary())
         trainer = Trainer(
             engine,
             run_data.train,
             t,
+            cfg.debug,
             dist_env,
+            stop,
             Checkpoints(run_dir, dist_env.rank, t.keep_checkpoints),
             logger,
-            flops,
+            speed,
             eval_batches=run_data.validation,
             hooks=method_hooks,
-            peak_tflops=peak["peak_tflops"],
         )
         result = trainer.train()
         if result["stopped"] is None:
@@ -90,4 +102,4 @@ def run(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
         if logger is not None:
             logger.close()
         engine = trainer = net = None  # noqa: F841 (their gloo work goes before the process group)
-        close_distributed(finished)
+        close_process_group(finished)

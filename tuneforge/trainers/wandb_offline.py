@@ -49,7 +49,9 @@ def read_records(wandb_file) -> list:
 
 
 def _iter_records(data: bytes) -> Iterator[Any]:
-    from wandb.proto import wandb_internal_pb2 as pb  # imported here: only readers need protobuf
+    from tuneforge.compat.wandb import record_protobuf
+
+    pb = record_protobuf()  # imported here: only readers need protobuf
 
     if len(data) < _FILE_HEADER.size:
         return

@@ -16,22 +16,20 @@ world size that wrote it (`tuneforge export`).
 
 Weights are exported in the precision training keeps them: with train.dtype=bf16, `ddp` trains bf16
 weights, while `fsdp` and DeepSpeed keep fp32 master weights and compute in bf16 (the model is then
-built in fp32, see `model_dtype`; a PEFT method's frozen base stays in train.dtype).
+built in fp32, see conf/backends.py `model_dtype`; a PEFT method's frozen base stays in train.dtype).
 
-Importing this package does not import torch: launch/validate.py reads backends/ds_config.py.
+Which module implements a backend option is its description's `family` (conf/backends.py).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, ContextManager, Optional, Protocol
 
+from tuneforge.conf.backends import BackendConfig, backend
+from tuneforge.conf.schema import TrainConfig
+
 if TYPE_CHECKING:
     import torch
-
-#: backend.name -> module under trainers/backends/ (imported only when used)
-MODULES = {"ddp": "ddp", "fsdp": "fsdp", "deepspeed": "deepspeed"}
-#: backends that keep fp32 master weights and cast to train.dtype themselves
-MIXED_PRECISION = ("fsdp", "deepspeed")
 
 
 class Engine(Protocol):
@@ -46,26 +44,17 @@ class Engine(Protocol):
     def full_state_dict(self) -> Optional[dict]: ...
 
 
-def model_dtype(backend_cfg, train_dtype: str, peft: bool = False) -> str:
-    """The dtype to build or load the model in: fp32 (the master weights) when the backend does mixed
-    precision itself. Not for a PEFT method's frozen base, which the optimizer never steps: in
-    train.dtype it takes half the memory under FSDP, and QLoRA's packed 4-bit bytes, stored in it,
-    pass the backend's own cast unchanged (from fp32 storage the cast would rewrite them as numbers).
-    The adapters are fp32 whatever the base (peft upcasts them)."""
-    return "fp32" if backend_cfg.name in MIXED_PRECISION and not peft else train_dtype
-
-
-def prepare(model: "torch.nn.Module", backend_cfg, train_cfg, dist_env) -> Engine:
+def prepare(model: "torch.nn.Module", backend_cfg: BackendConfig, train_cfg: TrainConfig, dist_env) -> Engine:
     """Wrap `model` for `backend_cfg.name`. Activation checkpointing is set up here, for every backend."""
     model.train()  # from_pretrained returns eval mode; checkpointing and dropout need training mode
     if train_cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
-    return _module(backend_cfg.name).make_engine(model, backend_cfg, train_cfg, dist_env)
+    return _module(backend_cfg).make_engine(model, backend_cfg, train_cfg, dist_env)
 
 
-def read_full_state_dict(backend_cfg, engine_dir, module: "torch.nn.Module") -> dict:
+def read_full_state_dict(backend_cfg: BackendConfig, engine_dir, module: "torch.nn.Module") -> dict:
     """Full weights from a checkpoint's engine/ folder, in this process alone (no process group)."""
-    return _module(backend_cfg.name).read_full_state_dict(engine_dir, module)
+    return _module(backend_cfg).read_full_state_dict(engine_dir, module)
 
 
 def enable_activation_checkpointing(model: "torch.nn.Module") -> None:
@@ -80,9 +69,7 @@ def enable_activation_checkpointing(model: "torch.nn.Module") -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _module(name: str):
+def _module(backend_cfg: BackendConfig):
     import importlib
 
-    if name not in MODULES:
-        raise ValueError(f"backend.name: unknown backend '{name}'; one of {', '.join(MODULES)}")
-    return importlib.import_module(f"tuneforge.trainers.backends.{MODULES[name]}")
+    return importlib.import_module(f"tuneforge.trainers.backends.{backend(backend_cfg).family}")

@@ -13,12 +13,14 @@ from typing import Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from tuneforge.conf.backends import DDPConfig
+from tuneforge.conf.schema import TrainConfig
 from tuneforge.trainers.optim import clip_grad_norm, make_optimizer, set_lr
 
 STATE_FILE = "ddp_state.pt"  # rank 0 writes it: every replica is identical
 
 
-def make_engine(model: torch.nn.Module, backend_cfg, train_cfg, dist_env) -> "DDPEngine":
+def make_engine(model: torch.nn.Module, backend_cfg: DDPConfig, train_cfg: TrainConfig, dist_env) -> "DDPEngine":
     return DDPEngine(model, backend_cfg, train_cfg, dist_env)
 
 
@@ -29,7 +31,7 @@ def read_full_state_dict(engine_dir: Path, module: torch.nn.Module) -> dict:
 
 
 class DDPEngine:
-    def __init__(self, model: torch.nn.Module, backend_cfg, train_cfg, dist_env):
+    def __init__(self, model: torch.nn.Module, backend_cfg: DDPConfig, train_cfg: TrainConfig, dist_env):
         self.module = model
         self.world_size = dist_env.world_size
         self.model = (

@@ -3,7 +3,7 @@
 Processes come from submitit, not from the `deepspeed` launcher: `deepspeed.initialize` joins the
 process group that slurm/env.py already made (gloo on CPU, NCCL on GPUs).
 
-The DeepSpeed JSON comes from backends/ds_config.py (batch sizes, accumulation, clipping and
+The DeepSpeed JSON comes from conf/ds_config.py (batch sizes, accumulation, clipping and
 precision from `train`). The optimizer is ours: trainers/optim.make_optimizer's torch AdamW, which
 ZeRO shards and which needs no compiled op; under optimizer offload DeepSpeedCPUAdam with the same
 hyper-parameters, as DeepSpeed steps offloaded state on the CPU with it.
@@ -29,7 +29,9 @@ from typing import Optional
 
 import torch
 
-from tuneforge.trainers.backends import ds_config
+from tuneforge.conf import ds_config
+from tuneforge.conf.backends import DeepSpeedConfig
+from tuneforge.conf.schema import TrainConfig
 from tuneforge.trainers.optim import make_optimizer, param_groups, set_lr
 
 TAG = "zero"  # DeepSpeed's checkpoint tag: <engine dir>/zero/ holds its files
@@ -46,12 +48,14 @@ def import_deepspeed(device: str = "cpu"):
     return deepspeed
 
 
-def make_engine(model: torch.nn.Module, backend_cfg, train_cfg, dist_env) -> "DeepSpeedEngine":
+def make_engine(
+    model: torch.nn.Module, backend_cfg: DeepSpeedConfig, train_cfg: TrainConfig, dist_env
+) -> "DeepSpeedEngine":
     return DeepSpeedEngine(model, backend_cfg, train_cfg, dist_env)
 
 
 class DeepSpeedEngine:
-    def __init__(self, model: torch.nn.Module, backend_cfg, train_cfg, dist_env):
+    def __init__(self, model: torch.nn.Module, backend_cfg: DeepSpeedConfig, train_cfg: TrainConfig, dist_env):
         deepspeed = import_deepspeed(dist_env.device)
         self.module = model
         self.rank, self.world_size = dist_env.rank, dist_env.world_size

@@ -22,15 +22,18 @@ from typing import List, Optional
 
 import torch
 
+from tuneforge.compat.transformers import block_class_names
+from tuneforge.conf.backends import FSDPConfig
+from tuneforge.conf.schema import TrainConfig
 from tuneforge.trainers.optim import make_optimizer, set_lr
 
 
-def make_engine(model: torch.nn.Module, backend_cfg, train_cfg, dist_env) -> "FSDPEngine":
+def make_engine(model: torch.nn.Module, backend_cfg: FSDPConfig, train_cfg: TrainConfig, dist_env) -> "FSDPEngine":
     return FSDPEngine(model, backend_cfg, train_cfg, dist_env)
 
 
 class FSDPEngine:
-    def __init__(self, model: torch.nn.Module, backend_cfg, train_cfg, dist_env):
+    def __init__(self, model: torch.nn.Module, backend_cfg: FSDPConfig, train_cfg: TrainConfig, dist_env):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -124,7 +127,7 @@ def read_full_state_dict(engine_dir: Path, module: torch.nn.Module) -> dict:
 
 def transformer_blocks(model: torch.nn.Module, class_names: List[str]) -> List[torch.nn.Module]:
     """The modules sharded one unit each: `class_names`, or the model's own block classes."""
-    names = set(class_names or _no_split_modules(model))
+    names = set(class_names or block_class_names(model))
     blocks = [m for m in model.modules() if type(m).__name__ in names and m is not model]
     if not blocks:
         raise ValueError(
@@ -132,14 +135,6 @@ def transformer_blocks(model: torch.nn.Module, class_names: List[str]) -> List[t
             f"{type(model).__name__}; name the transformer block class, e.g. LlamaDecoderLayer"
         )
     return blocks
-
-
-def _no_split_modules(model: torch.nn.Module) -> List[str]:
-    for m in model.modules():  # a PEFT wrapper holds the transformers model inside
-        names = getattr(m, "_no_split_modules", None)
-        if names:
-            return list(names)
-    return []
 
 
 def _options():

@@ -23,7 +23,8 @@ import json
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from tuneforge.data.records import DataError, row_spec
-from tuneforge.trainers.optim import IGNORE_INDEX
+
+IGNORE_INDEX = -100  # label of a token that does not count in the loss (prompts, example starts, padding)
 
 #: Used when neither data.chat_template nor the tokenizer has one (Zephyr's layout). Each turn is
 #: "<|role|>\n" + content + EOS + "\n"; a generation prompt is "<|assistant|>\n".

@@ -8,7 +8,7 @@ dataset id), the tokenizer (a hash of it and of the chat template), the format s
 seq_len; the other ranks wait, then every rank memory-maps the rows. A restarted or requeued job
 finds the cache and skips all of it. Global batch `step` is a fixed slice of a seeded permutation
 of the rows, so it depends on (seed, step) only: resuming costs nothing, and each rank reads only
-its own disjoint part of the batch. Streaming: trainers/streaming.py.
+its own disjoint part of the batch (data/batches.py). Streaming: data/streaming.py.
 
 A micro batch is a dict of tensors passed to the model as keyword arguments, `labels` popped for
 the loss: input_ids, labels and position_ids when packed (see packing.py), input_ids, labels and
@@ -25,20 +25,20 @@ import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
-import torch
 
+from tuneforge.compat.torch import default_store
+from tuneforge.conf.schema import DataConfig, TrainConfig
+from tuneforge.data import sources
+from tuneforge.data.batches import Collate, EvalBatches, GlobalBatches
+from tuneforge.data.packing import Rows, rows_from_records
 from tuneforge.data.records import DataError
-from tuneforge.trainers import data_sources, packing
-from tuneforge.trainers.optim import IGNORE_INDEX
-from tuneforge.trainers.packing import Rows
-from tuneforge.trainers.tokenize import Encoder, tokenizer_fingerprint
+from tuneforge.data.tokenize import Encoder, tokenizer_fingerprint
 
 CACHE_VERSION = 1  # bump when the cached layout or the tokenisation rules change
 BUILD_TIMEOUT = datetime.timedelta(hours=6)  # how long the other ranks wait for rank 0 to build the cache
-ENCODE_CHUNK = 1024  # rows tokenised per call (the tokenizers library batches them in Rust)
 #: data settings that change the rows (with seq_len, the seed when a validation fraction is carved off,
 #: the sources and the tokenizer)
 ROW_SETTINGS = (
@@ -64,17 +64,17 @@ class Data:
     stats: Dict[str, Any] = field(default_factory=dict)  # rows, fill, cache status: logged in the run summary
 
 
-def build(data_cfg, train_cfg, tokenizer, dist_env, flatten_packed: bool = False) -> Data:
+def build(data_cfg: DataConfig, train_cfg: TrainConfig, tokenizer, dist_env, flatten_packed: bool = False) -> Data:
     """The run's training batches and validation batches. `flatten_packed`: give packed micro
     batches as one row (flash attention finds the examples from the position ids only then)."""
     t = train_cfg
     encoder = Encoder(data_cfg, tokenizer, t.seq_len)
     collate = Collate(packed=data_cfg.packing, flatten=flatten_packed)
-    train_src = data_sources.train_source(data_cfg)
-    val_src = data_sources.validation_source(data_cfg)
+    train_src = sources.train_source(data_cfg)
+    val_src = sources.validation_source(data_cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if data_cfg.streaming:
-        from tuneforge.trainers.streaming import StreamingBatches
+        from tuneforge.data.streaming import StreamingBatches
 
         val_rows, stats = (
             cached_rows(None, val_src, encoder, data_cfg, t, pad_id, dist_env)
@@ -113,136 +113,6 @@ def build(data_cfg, train_cfg, tokenizer, dist_env, flatten_packed: bool = False
     return Data(train, validation, stats)
 
 
-# ------------------------------------------------------------------------------------ batches
-@dataclass(frozen=True)
-class Collate:
-    """Rows -> the keyword arguments of the model's forward (plus labels)."""
-
-    packed: bool
-    flatten: bool = False
-
-    def __call__(self, rows: Rows) -> Dict[str, torch.Tensor]:
-        as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a)).long()  # noqa: E731
-        if self.packed:
-            batch = {
-                "input_ids": as_long(rows.input_ids),
-                "labels": as_long(rows.labels),
-                "position_ids": as_long(rows.position_ids),
-            }
-            return {k: v.reshape(1, -1) for k, v in batch.items()} if self.flatten else batch
-        longest = max(2, int(rows.lengths.max()))
-        lengths = torch.from_numpy(np.asarray(rows.lengths)).long()
-        return {
-            "input_ids": as_long(rows.input_ids[:, :longest]),
-            "labels": as_long(rows.labels[:, :longest]),
-            "attention_mask": (torch.arange(longest)[None, :] < lengths[:, None]).long(),
-        }
-
-
-class GlobalBatches:
-    """Global batch `step` = a fixed slice of the epoch's seeded permutation; ranks take equal parts."""
-
-    def __init__(
-        self,
-        rows: Rows,
-        global_batch: int,
-        micro_batch: int,
-        seed: int,
-        rank: int,
-        world_size: int,
-        collate: Collate,
-        key: str = "",
-    ):
-        if len(rows) < global_batch:
-            raise DataError(f"data: {len(rows)} rows, fewer than one global batch ({global_batch})")
-        self.rows, self.global_batch, self.micro_batch = rows, global_batch, micro_batch
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.collate, self.key = collate, key
-        self.steps_per_epoch = len(rows) // global_batch
-        self._epoch, self._perm = -1, None  # the permutation of the epoch last asked for
-
-    def indices(self, step: int) -> torch.Tensor:
-        epoch, position = divmod(step, self.steps_per_epoch)
-        return self._permutation(epoch)[position * self.global_batch : (position + 1) * self.global_batch]
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        # Made once per epoch, not once per step: a permutation of millions of rows costs milliseconds.
-        if self._epoch != epoch:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._perm, self._epoch = torch.randperm(len(self.rows), generator=generator), epoch
-        return self._perm
-
-    def rank_indices(self, step: int) -> torch.Tensor:
-        """The rows this rank reads at `step`: its own slice of the global batch."""
-        per_rank = self.global_batch // self.world_size
-        return self.indices(step)[self.rank * per_rank : (self.rank + 1) * per_rank]
-
-    def micro_batches(self, step: int) -> Iterator[Dict[str, torch.Tensor]]:
-        """This rank's micro batches for optimizer step `step`."""
-        mine = self.rank_indices(step).numpy()
-        for start in range(0, len(mine), self.micro_batch):
-            yield self.collate(self.rows.take(mine[start : start + self.micro_batch]))
-
-    @property
-    def accumulation(self) -> int:
-        return self.global_batch // self.world_size // self.micro_batch
-
-    def state_dict(self, step: int) -> dict:
-        """The sampler's position: (seed, step) decide every batch; the key names the rows."""
-        return {"kind": "global", "seed": self.seed, "position": step, "rows": len(self.rows), "key": self.key}
-
-    def load_state_dict(self, state: dict, step: int) -> None:
-        if state.get("kind") != "global":
-            raise DataError(
-                f"the checkpoint's data position is of kind {state.get('kind')!r}, this run reads "
-                "'global' batches: resume with the same data.streaming setting, or use a new run.dir"
-            )
-        if (state["seed"], state["rows"], state["key"]) != (self.seed, len(self.rows), self.key):
-            raise DataError(
-                f"the data changed since the checkpoint (seed {state['seed']}, {state['rows']} rows, cache key "
-                f"{state['key']}; now seed {self.seed}, {len(self.rows)} rows, key {self.key}): resuming would not "
-                "continue the same epoch; restore the data and train.seed, or start a new run.dir"
-            )
-        if state["position"] != step:
-            raise DataError(f"the checkpoint's data position {state['position']} is not its step {step}")
-
-
-class EvalBatches:
-    """The first `max_rows` validation rows, dealt to the ranks in turn; every rank runs the same
-    number of micro batches (a rank short of rows gets rows without targets), since a forward
-    pass may be collective (FSDP, ZeRO-3)."""
-
-    def __init__(
-        self, rows: Rows, max_rows: int, micro_batch: int, rank: int, world_size: int, collate: Collate, pad_id: int
-    ):
-        n = min(len(rows), max_rows)
-        per_rank = -(-n // world_size)
-        self.indices = list(range(rank, n, world_size))
-        self.rows, self.micro_batch, self.collate = rows, micro_batch, collate
-        self.blanks = per_rank - len(self.indices)
-        seq_len = rows.input_ids.shape[1]
-        self.blank = Rows(
-            np.full((1, seq_len), pad_id, np.int32),
-            np.full((1, seq_len), IGNORE_INDEX, np.int32),
-            np.arange(seq_len, dtype=np.int32)[None],
-            np.ones(1, np.int32),
-        )
-        self.num_rows = n
-
-    def micro_batches(self) -> Iterator[Dict[str, torch.Tensor]]:
-        picked = [self.rows.take(np.array([i])) for i in self.indices] + [self.blank] * self.blanks
-        for start in range(0, len(picked), self.micro_batch):
-            group = picked[start : start + self.micro_batch]
-            yield self.collate(
-                Rows(
-                    *(
-                        np.concatenate([getattr(r, f) for r in group])
-                        for f in ("input_ids", "labels", "position_ids", "lengths")
-                    )
-                )
-            )
-
-
 # ------------------------------------------------------------------------------------ cache
 def cached_rows(
     train_src, val_src, encoder: Encoder, data_cfg, train_cfg, pad_id: int, dist_env
@@ -252,7 +122,7 @@ def cached_rows(
         "version": CACHE_VERSION,
         "train": train_src.fingerprint(data_cfg) if train_src else None,
         "validation": val_src.fingerprint(data_cfg) if val_src else None,
-        "settings": {k: data_cfg[k] for k in ROW_SETTINGS},
+        "settings": {k: getattr(data_cfg, k) for k in ROW_SETTINGS},
         "seq_len": train_cfg.seq_len,
         "split_seed": train_cfg.seed if data_cfg.validation_fraction and not val_src else None,
         "tokenizer": tokenizer_fingerprint(encoder.tokenizer, encoder.template),
@@ -302,20 +172,10 @@ def _build(train_src, val_src, encoder: Encoder, data_cfg, seed: int, pad_id: in
     return {"stats": stats}
 
 
-def rows_from_records(recs: List[dict], encoder: Encoder, data_cfg, pad_id: int) -> Rows:
-    examples = []
-    for start in range(0, len(recs), ENCODE_CHUNK):
-        examples += encoder.encode(recs[start : start + ENCODE_CHUNK])
-    if not examples:
-        raise DataError("data: no example has a token to learn from (all prompts, or truncated before the response)")
-    arrange = packing.pack if data_cfg.packing else packing.pad
-    return arrange(examples, encoder.seq_len, pad_id, split_long=data_cfg.format == "text")
-
-
 def _read(source, data_cfg) -> List[dict]:
     if source.is_local:
-        data_sources.check_local(source, data_cfg)
-    return list(data_sources.rows(source, data_cfg))
+        sources.check_local(source, data_cfg)
+    return list(sources.rows(source, data_cfg))
 
 
 ROW_ARRAYS = ("input_ids", "labels", "position_ids", "lengths")
@@ -336,10 +196,7 @@ def shared_build(directory: Path, build_into: Callable[[Path], None], dist_env, 
     it was, "built" if rank 0 built it. The others wait on the process group's store (no collective
     timeout), and a failure on rank 0 is raised on every rank with rank 0's message. A rank that
     still cannot see it (a cache dir local to each node) builds its own copy, one rank per host."""
-    import torch.distributed as dist
-
-    distributed = dist.is_available() and dist.is_initialized() and dist_env.world_size > 1
-    store = dist.distributed_c10d._get_default_store() if distributed else None
+    store = default_store() if dist_env.world_size > 1 else None
     status = "hit" if (directory / "meta.json").is_file() else None
     if dist_env.rank == 0:
         status = _publish(store, f"tuneforge-data/{name}", lambda: status or _build_atomic(directory, build_into))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from tuneforge.compat import submitit as submitit_compat
 from tuneforge.launch import rundir, sweep
 from tuneforge.slurm import events
 
@@ -44,9 +45,7 @@ class Job:
     folder: Path  # submitit's folder: logs, pickles, the sbatch script
 
     def paths(self, rank: int = 0):
-        from submitit.core.utils import JobPaths
-
-        return JobPaths(self.folder, job_id=self.job_id, task_id=rank)
+        return submitit_compat.job_paths(self.folder, self.job_id, rank)
 
 
 @dataclass
@@ -105,13 +104,7 @@ def slurm_states(jobs: List[Job]) -> dict:
     """job id -> Slurm state (first word: "CANCELLED by 0" -> CANCELLED), through submitit's sacct watcher."""
     if not jobs:
         return {}
-    import submitit
-
-    handles = [submitit.SlurmJob(folder=j.folder, job_id=j.job_id) for j in jobs]  # registers each id
-    # Forget cached final states: job ids restart at 1 when a (test) cluster is recreated.
-    submitit.SlurmJob.watcher.clear()
-    submitit.SlurmJob.watcher.update()  # one sacct for all of them
-    return {h.job_id: (h.watcher.get_state(h.job_id, mode="cache").split() or ["UNKNOWN"])[0] for h in handles}
+    return submitit_compat.slurm_states([(j.folder, j.job_id) for j in jobs])
 
 
 def _fill(info: RunInfo, slurm: dict) -> None:

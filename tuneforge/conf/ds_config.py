@@ -150,7 +150,7 @@ def _bucket_is_auto(backend, key: str) -> bool:
         "zero_optimization.stage3_prefetch_bucket_size": "prefetch_bucket_size",
         "zero_optimization.stage3_param_persistence_threshold": "param_persistence_threshold",
     }.get(key)
-    return field is not None and backend[field] is None
+    return field is not None and getattr(backend, field) is None
 
 
 def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:

@@ -26,10 +26,9 @@ from typing import Any, Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
-from tuneforge.data import records
+from tuneforge.data import records, sources
+from tuneforge.data.packing import Rows, rows_from_records
 from tuneforge.data.records import DataError
-from tuneforge.trainers import data_sources
-from tuneforge.trainers.packing import Rows
 
 
 class StreamingBatches:
@@ -120,7 +119,7 @@ class StreamingBatches:
     def _open(self, start: Optional[dict]) -> None:
         from datasets.distributed import split_dataset_by_node
 
-        stream = data_sources.dataset(self.source, self.cfg, streaming=True)
+        stream = sources.dataset(self.source, self.cfg, streaming=True)
         stream = split_dataset_by_node(stream, rank=self.rank, world_size=self.world_size)
         if start is not None:
             stream.load_state_dict(start)
@@ -128,8 +127,6 @@ class StreamingBatches:
 
     def _load(self) -> None:
         """Read, check, tokenise and pack one window; permute its rows with (seed, epoch, window)."""
-        from tuneforge.trainers.data import rows_from_records
-
         recs = []
         while len(recs) < self.cfg.stream_window:
             try:
@@ -138,7 +135,7 @@ class StreamingBatches:
                 self._ended = True
                 break
             self._row_no += 1
-            row = data_sources.clean(row, self.spec)
+            row = sources.clean(row, self.spec)
             if row is None:
                 continue
             bad = records.check_record(row, self.spec)

@@ -21,8 +21,11 @@ from typing import List, Sequence
 
 import numpy as np
 
-from tuneforge.trainers.optim import IGNORE_INDEX
-from tuneforge.trainers.tokenize import Example
+from tuneforge.conf.schema import DataConfig
+from tuneforge.data.records import DataError
+from tuneforge.data.tokenize import IGNORE_INDEX, Encoder, Example
+
+ENCODE_CHUNK = 1024  # rows tokenised per call (the tokenizers library batches them in Rust)
 
 
 @dataclass
@@ -119,3 +122,14 @@ def _materialise(examples: Sequence[Example], layout: Layout, seq_len: int, pad_
         position_ids[r, at:] = np.arange(seq_len - at)  # the padding: a segment of its own
         lengths[r] = at
     return Rows(input_ids, labels, position_ids, lengths)
+
+
+def rows_from_records(recs: List[dict], encoder: Encoder, data_cfg: DataConfig, pad_id: int) -> Rows:
+    """Tokenise well-formed rows and arrange them into rows of seq_len (packed, or one per row)."""
+    examples = []
+    for start in range(0, len(recs), ENCODE_CHUNK):
+        examples += encoder.encode(recs[start : start + ENCODE_CHUNK])
+    if not examples:
+        raise DataError("data: no example has a token to learn from (all prompts, or truncated before the response)")
+    arrange = pack if data_cfg.packing else pad
+    return arrange(examples, encoder.seq_len, pad_id, split_long=data_cfg.format == "text")

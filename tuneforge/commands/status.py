@@ -1,0 +1,52 @@
+"""`tuneforge status [run or sweep dir]`: job, state, step/max, loss, tokens/s, elapsed, requeues, W&B."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+from tuneforge import units
+from tuneforge.commands import Parser, runinfo
+from tuneforge.launch import sweep
+
+
+def main(args: List[str]) -> int:
+    p = Parser("status", "State of a run, or of every run of a sweep (default: the newest under runs/).")
+    p.add_argument("path", nargs="?", type=Path)
+    p.add_argument("--root", type=Path, default=Path("runs"), help="where to look for the newest run")
+    opts = p.parse_args(args)
+    path = (opts.path or runinfo.newest(opts.root)).expanduser().resolve()
+    infos = runinfo.gather(runinfo.run_dirs(path))
+    if sweep.is_sweep_dir(path):
+        record = sweep.read(path)
+        print(
+            f"sweep {path}: {len(infos)} element(s), array job {record.get('array_job_id') or '-'}, "
+            f"W&B group {record['group']}"
+        )
+    rows = [("RUN", "JOB", "STATE", "STEP", "LOSS", "TOK/S", "ELAPSED", "REQUEUES", "W&B")]
+    for info in infos:
+        name = info.run_dir.name if sweep.is_sweep_dir(path) else str(info.run_dir)
+        rows.append(
+            (
+                name,
+                info.job.job_id if info.job else "-",
+                info.state,
+                f"{_or(info.step)}/{_or(info.max_steps)}",
+                _or(info.loss, "{:.4f}"),
+                _or(info.tokens_per_s, "{:.0f}"),
+                units.duration(info.elapsed_s, clock=True),
+                str(info.requeues),
+                info.wandb,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for info in infos:
+        for error in info.errors:
+            print(f"error {info.run_dir.name}: {error}")
+    return 0
+
+
+def _or(value, fmt: str = "{}") -> str:
+    return "-" if value is None else fmt.format(value)
