@@ -138,9 +138,10 @@ def _fill(info: RunInfo, slurm: dict) -> None:
     else:
         info.state = local_state(job, run_dir)
     history = [e for e in events.read(run_dir) if e.get("job_id", job.job_id) == job.job_id]
-    stops = [e for e in history if e["event"] == "stopped" and e.get("job_id") == job.job_id]
-    if stops and info.state in ("COMPLETED", "STOPPED"):  # a result, but not the end of the run
-        info.state, info.stop_reason = "STOPPED", _stop_reason(stops[-1])
+    # how the job's latest allocation ended (a requeued Slurm job keeps its id: an earlier stop does not count)
+    ends = [e for e in history if e["event"] in ("stopped", "completed")]
+    if ends and ends[-1]["event"] == "stopped" and info.state in ("COMPLETED", "STOPPED"):
+        info.state, info.stop_reason = "STOPPED", _stop_reason(ends[-1])  # a result, but not the end of the run
     starts = [e for e in history if e["event"] == "allocation" and e.get("job_id") == job.job_id]
     info.requeues = max(0, len(starts) - 1)
     if starts:
