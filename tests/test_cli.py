@@ -108,6 +108,10 @@ def test_a_saved_config_composes_to_itself(tmp_path, capsys):
     assert printed_config(capsys, "--config", str(saved)) == saved.read_text()
     changed = yaml.safe_load(printed_config(capsys, "--config", str(saved), "method.r=4"))
     assert changed["method"]["r"] == 4 and changed["method"]["name"] == "qlora"
+    # the same run elsewhere: another cluster option on the command line brings its own settings
+    local = yaml.safe_load(printed_config(capsys, "--config", str(saved), "cluster=local"))
+    assert local["cluster"] == yaml.safe_load(printed_config(capsys, "cluster=local"))["cluster"]
+    assert local["method"] == yaml.safe_load(saved.read_text())["method"]
 
 
 # ------------------------------------------------------------------------------------ site profiles

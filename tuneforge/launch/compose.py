@@ -55,6 +55,7 @@ def compose(overrides: Sequence[str] = (), sources: Optional[Sources] = None) ->
     config_file = read_config_file(sources.file) if sources.file else None
     if config_file is not None:
         problems += config_file.problems
+        _command_line_chooses(kept, config_file)
     choice_failed = False
     for _ in range(len(kept) + _size(config_file) + 2):
         try:
@@ -72,6 +73,18 @@ def compose(overrides: Sequence[str] = (), sources: Optional[Sources] = None) ->
             raise ConfigError(problems, None if choice_failed else cfg)
         return cfg
     raise ConfigError(problems)
+
+
+def _command_line_chooses(overrides: Sequence[str], config_file: ConfigFile) -> None:
+    """A group option chosen on the command line replaces the file's choice. Where the file's choice
+    came from a saved config's `name` and the command line picks another option, the saved node goes
+    too: `--config runs/x cluster=mysite` is the same run with mysite's settings."""
+    for override in overrides:
+        group, _, option = overrides_mod.normalize(override).partition("=")
+        if group in config_file.named and config_file.choices.get(group) != option:
+            config_file.values.pop(group, None)
+        if group in config_file.choices and "=" in override:
+            del config_file.choices[group]
 
 
 def _size(config_file: Optional[ConfigFile]) -> int:

@@ -153,6 +153,7 @@ class ConfigFile:
     choices: Dict[str, str] = field(default_factory=dict)
     values: Dict[str, Any] = field(default_factory=dict)
     problems: List[str] = field(default_factory=list)
+    named: List[str] = field(default_factory=list)  # groups whose choice is their node's `name` (a saved config)
 
     @property
     def label(self) -> str:
@@ -246,6 +247,7 @@ def _choices_from_names(out: ConfigFile) -> None:
             continue
         if node["name"] in shipped_options(group):
             out.choices[group] = node["name"]
+            out.named.append(group)
         else:
             out.problems.append(
                 f"{out.label}: {group}.name: '{node['name']}' is not one of {', '.join(BY_NAME[group])}"
