@@ -191,6 +191,7 @@ def test_help_lists_commands_groups_options_and_examples(capsys):
     assert "--print-config" in text and "--completion SHELL" in text and "examples:" in text
     keys = cli_help(capsys, "train")
     assert "train.lr=0.001  (> 0)  # peak learning rate" in keys
+    assert "experiment=smoke  # The shortest run through every stage" in cli_help(capsys, "experiment")
 
 
 def test_print_config_prints_only_yaml(capsys):

@@ -141,9 +141,7 @@ def parse(argv: List[str]) -> Args:
         elif name in HYDRA_FLAGS:
             args.problems.append(f"{name}: a Hydra flag that tuneforge does not take; use {HYDRA_FLAGS[name]}")
             i += 1 if name in HYDRA_VALUE and not eq and i < len(argv) and not argv[i].startswith("-") else 0
-        elif word.startswith("-") and not word.startswith("--") and len(word) > 2 and "=" not in word:
-            args.problems.append(_unknown_option(word, by_name))
-        elif word.startswith("--") or (word.startswith("-") and "=" not in word):
+        elif word.startswith("-"):
             args.problems.append(_unknown_option(name, by_name))
         elif "=" in word or word.startswith(("+", "~")):
             args.overrides.append(word)
@@ -317,6 +315,10 @@ def group_help(group: str) -> str:
     """The keys of a group or section: type, default, allowed values, and the schema's comment."""
     from tuneforge.conf.fields import describe
 
+    if group == "experiment":
+        return "\n".join(
+            ["experiment=NAME: a delta over the config (# @package _global_)", *map(_about, _experiments())]
+        )
     per_schema = schemas(group)
     if not per_schema:
         return f"{group}: not a group or section; groups: {', '.join(sources_mod.groups())}; sections: {', '.join(SECTIONS)}"
@@ -338,3 +340,16 @@ def group_help(group: str) -> str:
             lines.append(f"{group}={option}:" if rows else f"{group}={option}: (no keys of its own)")
         lines += rows
     return "\n".join(lines)
+
+
+def _experiments() -> List[str]:
+    return sources_mod.options("experiment")
+
+
+def _about(option: str) -> str:
+    """An option with the first line of its file's header comment."""
+    path = sources_mod.option_file("experiment", option)
+    lines = path.read_text().splitlines() if path else []
+    header = [x[1:].strip() for x in lines if x.startswith("#") and "@package" not in x]
+    comment = " ".join(header[: next((i for i, x in enumerate(header) if x.startswith("tuneforge")), len(header))])
+    return f"  experiment={option}  # {comment}" if comment else f"  experiment={option}"
