@@ -17,6 +17,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("WANDB_API_KEY", None)
 # Token caches of test runs go to a temporary directory, not the user's ~/.cache.
 os.environ.setdefault("TUNEFORGE_DATA_CACHE", tempfile.mkdtemp(prefix="tuneforge-test-cache-"))
+# The index of runs (launch/index.py) and the user's config dir (~/.config/tuneforge) are the tests' own.
+os.environ["TUNEFORGE_HOME"] = tempfile.mkdtemp(prefix="tuneforge-test-home-")
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="tuneforge-test-config-")
+os.environ.pop("TUNEFORGE_CONFIG_PATH", None)
 
 # The smallest model that still shows the behaviour (2 layers, hidden 32, seq 32).
 TINY = [
@@ -97,5 +101,7 @@ def pytest_terminal_summary(terminalreporter):
     read as "Slurm works" when the cluster was never asked."""
     skipped = [r for r in terminalreporter.stats.get("skipped", []) if "slurm" in getattr(r, "keywords", {})]
     if skipped:
-        terminalreporter.write_sep("!", f"{len(skipped)} Slurm test(s) SKIPPED: Slurm was NOT tested", red=True, bold=True)
+        terminalreporter.write_sep(
+            "!", f"{len(skipped)} Slurm test(s) SKIPPED: Slurm was NOT tested", red=True, bold=True
+        )
         terminalreporter.write_line("start the test cluster first: scripts/slurm-cluster.sh install start")

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional
 
 from tuneforge.conf.schema import Config, to_container
 from tuneforge.trainers.distributed import DistEnv, StopFlag
 
 __all__ = ["DistEnv", "StopFlag", "run"]
 
+Phase = Callable[..., None]  # phase(name, detail="")
 
-def run(cfg: Config, dist_env: DistEnv, stop: StopFlag) -> Dict[str, Any]:
+
+def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] = None) -> Dict[str, Any]:
+    """Train on this rank; `phase(name, detail)` is told each start-up step as it begins (the launcher shows them)."""
+    phase = phase or (lambda name, detail="": None)
     from tuneforge.conf import methods
     from tuneforge.conf.backends import model_dtype
     from tuneforge.data import pipeline, sources
@@ -31,6 +35,7 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag) -> Dict[str, Any]:
     from tuneforge.trainers.methods import apply_method
 
     run_dir, t = Path(cfg.run.dir), cfg.train
+    phase("process group", f"{dist_env.world_size} rank(s)")
     init_process_group(dist_env, cfg.cluster.collective_timeout_s)
     if dist_env.device == "cpu":
         from tuneforge.trainers.allocator import keep_freed_memory
@@ -39,13 +44,16 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag) -> Dict[str, Any]:
     logger = trainer = engine = net = None
     finished = False
     try:
+        phase("tokenizer")
         tokenizer = model.load_tokenizer(cfg.model, cfg.method, lambda: sources.texts(cfg.data), run_dir, dist_env)
         if cfg.data.format == "chat":  # saved with final/: inference renders chats as training did
             tokenizer.chat_template = chat_template(cfg.data, tokenizer)
         # flash attention reads packed examples from the position ids of a single row only
         flatten = cfg.model.attn_implementation.startswith("flash")
+        phase("data", cfg.data.name)
         run_data = pipeline.build(cfg.data, t, tokenizer, dist_env, flatten_packed=flatten)
         peft = methods.is_peft(cfg.method.name)
+        phase("model", cfg.model.name_or_path or f"{cfg.model.kind}, built from its config")
         net = model.load_model(
             cfg.model, cfg.method, tokenizer, model_dtype(cfg.backend, t.dtype, peft), dist_env.device, t.seed
         )
@@ -57,6 +65,7 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag) -> Dict[str, Any]:
             from tuneforge.trainers.compile import compile_blocks
 
             compile_blocks(net)
+        phase("backend", cfg.backend.name)
         engine = backends.prepare(net, cfg.backend, t, dist_env)
         preflight = run_dir / "preflight.json"  # the launcher's estimate, logged with the config (W&B)
         run_config = to_container(cfg)
@@ -90,6 +99,7 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag) -> Dict[str, Any]:
             eval_batches=run_data.validation,
             hooks=method_hooks,
         )
+        phase("first step")
         result = trainer.train()
         if result["stopped"] is None:
             write_final(engine, tokenizer, run_dir / "final", dist_env.is_main)
