@@ -76,10 +76,10 @@ def build(data_cfg: DataConfig, train_cfg: TrainConfig, tokenizer, dist_env, fla
     if data_cfg.streaming:
         from tuneforge.data.streaming import StreamingBatches
 
-        val_rows, stats = (
+        _, val_rows, stats = (
             cached_rows(None, val_src, encoder, data_cfg, t, pad_id, dist_env)
             if val_src
-            else (None, {"data_cache": "off (streaming)"})
+            else (None, None, {"data_cache": "off (streaming)"})
         )
         train = StreamingBatches(train_src, encoder, data_cfg, t, pad_id, dist_env, collate)
     else:
