@@ -37,6 +37,7 @@ def _sources(cfg: Config) -> Iterator[Problem]:
             "data.validation_path", "with data.sources, each source has its own: data.sources[i].validation_path"
         )
     seen: dict = {}
+    inherited: list = []  # sources that take a fraction to carve off a stream from data.validation_fraction
     valid = [s.weight for s in d.sources if isinstance(s.weight, (int, float)) and math.isfinite(s.weight)]
     total = sum(w for w in valid if w > 0)
     for i, (source, view) in enumerate(zip(d.sources, source_views(d))):
@@ -50,13 +51,23 @@ def _sources(cfg: Config) -> Iterator[Problem]:
                 "(it labels tokens_seen/<name> and eval_loss/<name>)",
             )
         seen.setdefault(source.name, i)
-        if d.streaming and view.validation_fraction:
-            yield Problem(
-                f"{key}.validation_fraction",
-                f"cannot carve a fraction off a stream; give {key}.validation_path=<file or folder> instead",
-            )
+        if d.streaming and view.validation_fraction and not view.validation_path:
+            own = source.validation_fraction is not None  # else data.validation_fraction, said once below
+            if own:
+                yield Problem(
+                    f"{key}.validation_fraction",
+                    f"cannot carve a fraction off a stream; give {key}.validation_path=<file or folder> instead",
+                )
+            else:
+                inherited.append(key)
         share = source.weight / total if total and source.weight in valid and source.weight > 0 else None
         yield from _source_location(key, source, view, t, share, len(d.sources))
+    if inherited:
+        yield Problem(
+            "data.validation_fraction",
+            f"cannot carve a fraction off a stream (for {', '.join(inherited)}); set data.validation_fraction=0 "
+            "and give each source a validation_path=<file or folder>",
+        )
 
 
 def _source_location(key: str, source, view: DataConfig, t: TrainConfig, share: Optional[float], n: int):
