@@ -197,6 +197,19 @@ def test_one_source_in_data_sources_is_the_plain_case(tokenizer, tmp_path):
     )
 
 
+def test_a_source_with_fewer_rows_than_its_share_of_a_batch_is_refused_at_the_job_start(tokenizer, tmp_path):
+    """Text documents become rows only once tokenised: the job names the source before training."""
+    small = tmp_path / "small.txt"
+    small.write_text("A short note on the seam position.")
+    cfg = DataConfig(
+        cache_dir=str(tmp_path), sources=[SourceConfig(name="demo_corpus"), SourceConfig(name="note", path=str(small))]
+    )
+    with pytest.raises(
+        records.DataError, match=r"data.sources\[1\] \(note\): 1 rows of train.seq_len=64 tokens, fewer "
+    ):
+        pipeline.build(cfg, TrainConfig(seq_len=64, global_batch=8, micro_batch=4), tokenizer, ONE_RANK)
+
+
 def test_a_stream_takes_its_validation_from_a_file_or_a_bundled_name(tokenizer, tmp_path):
     cfg = DataConfig(cache_dir=str(tmp_path), streaming=True, validation_path="general_validation")
     built = pipeline.build(cfg, TrainConfig(seq_len=64, global_batch=8, micro_batch=4), tokenizer, ONE_RANK)
