@@ -76,4 +76,4 @@ def test_mixture_quick_reports_shares_and_the_cost_of_mixing(tmp_path):
         assert sum(figures["realised"]) == pytest.approx(1.0, abs=1e-4) and len(figures["realised"]) == len(
             figures["weights"]
         )
-    assert result["train_target_tokens_per_s"]["single"] > 0 and result["train_target_tokens_per_s"]["mixture"] > 0
+    assert result["train_tokens_per_s"]["single"] > 0 and result["train_tokens_per_s"]["mixture"] > 0
