@@ -29,6 +29,7 @@ NEEDS = {
     ("data", "text_files"): [f"data.path={DATA / 'demo_corpus.txt'}"],
     ("data", "hub"): ["data.hub_id=org/some-dataset"],
     ("experiment", "llama3_8b_lora_chat"): [f"data.path={DATA / 'demo_instruct.jsonl'}"],
+    ("experiment", "continued_pretraining"): ["model.name_or_path=org/some-model"],
 }
 EXAMPLES = Path(__file__).parents[1] / "examples"
 #: examples/site/<group>/<option>.yaml: site profiles, composed through the search path ($TUNEFORGE_CONFIG_PATH)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import List
 
 from tuneforge import units
-from tuneforge.commands import Parser, runinfo
+from tuneforge.commands import Parser, runinfo, source_losses
 from tuneforge.launch import sweep
 
 
@@ -61,6 +61,10 @@ def main(args: List[str]) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for info in infos:  # a mixture's sources: share of tokens and validation loss of each
+        sources = source_losses.line(info.run_dir, info.run_dir.name)
+        if sources:
+            print(sources)
     for info in infos:
         for error in info.errors:
             print(f"error {info.run_dir.name}: {error}")

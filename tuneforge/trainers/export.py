@@ -71,7 +71,7 @@ def export_checkpoint(cfg: Config, step_dir: Path, out_dir: Path) -> None:
 
     from tuneforge.conf.backends import model_dtype
     from tuneforge.conf.methods import is_peft
-    from tuneforge.trainers import backends, model
+    from tuneforge.trainers import backends, model, vocab
     from tuneforge.trainers.methods import apply_method
 
     run_dir = Path(step_dir).parent.parent
@@ -80,13 +80,12 @@ def export_checkpoint(cfg: Config, step_dir: Path, out_dir: Path) -> None:
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    old_vocab = vocab.extend_tokenizer(tokenizer, cfg.model)  # the run's model.new_tokens, as the task added them
     dtype = model_dtype(cfg.backend, cfg.train.dtype, peft=is_peft(cfg.method.name))
-    net, _ = apply_method(
-        model.load_model(cfg.model, cfg.method, tokenizer, dtype, "cpu", cfg.train.seed),
-        cfg.method,
-        total_steps=cfg.train.max_steps,
-        seed=cfg.train.seed,
-    )
+    net = model.load_model(cfg.model, cfg.method, tokenizer, dtype, "cpu", cfg.train.seed)
+    if not model.builds_from_config(cfg.model, cfg.method):
+        vocab.resize_model(net, tokenizer, old_vocab)
+    net, _ = apply_method(net, cfg.method, total_steps=cfg.train.max_steps, seed=cfg.train.seed)
     state = backends.read_full_state_dict(cfg.backend, Path(step_dir) / "engine", net)
     with torch.no_grad():
         result = net.load_state_dict(state, strict=False)

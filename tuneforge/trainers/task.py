@@ -24,9 +24,10 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
     phase = phase or (lambda name, detail="": None)
     from tuneforge.conf import methods
     from tuneforge.conf.backends import model_dtype
+    from tuneforge.conf.schema import source_views
     from tuneforge.data import pipeline, sources
     from tuneforge.data.tokenize import chat_template
-    from tuneforge.trainers import backends, metrics, model
+    from tuneforge.trainers import backends, metrics, model, vocab
     from tuneforge.trainers.checkpoint import Checkpoints
     from tuneforge.trainers.distributed import close_process_group, init_process_group
     from tuneforge.trainers.export import write_final
@@ -46,7 +47,8 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
     try:
         phase("tokenizer")
         tokenizer = model.load_tokenizer(cfg.model, cfg.method, lambda: sources.texts(cfg.data), run_dir, dist_env)
-        if cfg.data.format == "chat":  # saved with final/: inference renders chats as training did
+        old_vocab = vocab.extend_tokenizer(tokenizer, cfg.model)  # model.new_tokens: before any text is tokenised
+        if any(v.format == "chat" for v in source_views(cfg.data)):  # saved with final/: chats render as trained
             tokenizer.chat_template = chat_template(cfg.data, tokenizer)
         # flash attention reads packed examples from the position ids of a single row only
         flatten = cfg.model.attn_implementation.startswith("flash")
@@ -57,6 +59,10 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
         net = model.load_model(
             cfg.model, cfg.method, tokenizer, model_dtype(cfg.backend, t.dtype, peft), dist_env.device, t.seed
         )
+        if not model.builds_from_config(cfg.model, cfg.method):  # a built model has the new rows already
+            added = vocab.resize_model(net, tokenizer, old_vocab)
+            if added and dist_env.is_main:
+                print(f"vocabulary: {added} new token(s), embeddings resized to {len(tokenizer)}", flush=True)
         net, method_hooks = apply_method(net, cfg.method, total_steps=t.max_steps, seed=t.seed)
         counts = model.count_parameters(net)
         if dist_env.is_main:
