@@ -260,6 +260,13 @@ class Method:
     peft_args: Optional[Callable[[Any, int], Dict[str, Any]]] = None
     adapter_params: Optional[Adapter] = None
     quantized: bool = False  # the frozen base is loaded in 4 bits (bitsandbytes)
+    # The kinds of weight peft's layers of this method adapt (tuneforge/arch/shape.py KINDS: linear,
+    # conv1d, experts, router); target_modules unset adapts every weight of these kinds in the decoder
+    # layers, or only those of `default_roles` (IA3: peft's own default, k/v/qkv and down), scaling those of
+    # `feedforward_roles` on their input side. tuneforge/arch/adapters.py reads these per family.
+    adapts: Tuple[str, ...] = ()
+    default_roles: Optional[Tuple[str, ...]] = None
+    feedforward_roles: Tuple[str, ...] = ()
     builds: bool = False  # random init from the architecture (no weights are read)
     checks: Optional[Callable[[Any, int], Check]] = None  # cross-field rules: (method config, train.max_steps)
     # backend family -> why the method cannot run on it (one line, with the way out)
@@ -281,21 +288,42 @@ _ADALORA_REFUSES = {
     ),
 }
 
+#: what peft 0.21's layers adapt: LoRA also a mixture of experts' stacked expert weights and routers, as
+#: parameters (its ParamWrapper: target_parameters); DoRA, AdaLoRA and IA3 nn.Linear and GPT-2's Conv1D;
+#: LoHa and LoKr nn.Linear only
+_LORA_ADAPTS = ("linear", "conv1d", "experts", "router")
+_MODULES = ("linear", "conv1d")
+
 #: option name (conf/method/<name>.yaml) -> its description. QLoRA and DoRA train correctly under
 #: ZeRO-3 with every parameter partitioned (tests/test_peft.py), because DeepSpeed wraps the model after
 #: it is loaded; AdaLoRA fails on FSDP2 and DeepSpeed for the reasons above.
 METHODS: Dict[str, Method] = {
     "full": Method(FullConfig),
     "pretrain": Method(PretrainConfig, builds=True),
-    "lora": Method(LoraMethodConfig, "LoraConfig", _lora_args, _lora),
-    "qlora": Method(QLoraMethodConfig, "LoraConfig", _lora_args, _lora, quantized=True),
+    "lora": Method(LoraMethodConfig, "LoraConfig", _lora_args, _lora, adapts=_LORA_ADAPTS),
+    "qlora": Method(QLoraMethodConfig, "LoraConfig", _lora_args, _lora, quantized=True, adapts=_LORA_ADAPTS),
     "adalora": Method(
-        AdaLoraMethodConfig, "AdaLoraConfig", _adalora_args, _adalora, checks=_adalora_checks, refuses=_ADALORA_REFUSES
+        AdaLoraMethodConfig,
+        "AdaLoraConfig",
+        _adalora_args,
+        _adalora,
+        checks=_adalora_checks,
+        refuses=_ADALORA_REFUSES,
+        adapts=_MODULES,
     ),
-    "ia3": Method(IA3MethodConfig, "IA3Config", _ia3_args, _ia3, checks=_ia3_checks),
-    "loha": Method(LohaMethodConfig, "LoHaConfig", _loha_args, _loha),
-    "lokr": Method(LokrMethodConfig, "LoKrConfig", _lokr_args, _lokr, checks=_lokr_checks),
-    "dora": Method(DoraMethodConfig, "LoraConfig", _lora_args, _dora),
+    "ia3": Method(
+        IA3MethodConfig,
+        "IA3Config",
+        _ia3_args,
+        _ia3,
+        checks=_ia3_checks,
+        adapts=_MODULES,
+        default_roles=("k", "v", "qkv", "down"),
+        feedforward_roles=("down",),
+    ),
+    "loha": Method(LohaMethodConfig, "LoHaConfig", _loha_args, _loha, adapts=("linear",)),
+    "lokr": Method(LokrMethodConfig, "LoKrConfig", _lokr_args, _lokr, checks=_lokr_checks, adapts=("linear",)),
+    "dora": Method(DoraMethodConfig, "LoraConfig", _lora_args, _dora, adapts=_MODULES),
 }
 #: the PEFT methods, in the order of METHODS
 PEFT_METHODS = tuple(name for name, m in METHODS.items() if m.peft)

@@ -37,7 +37,8 @@ class ModelConfig:
     name_or_path: Optional[str] = None  # HF hub id or local directory; required unless the model is built
     tokenizer: Optional[str] = None  # tokenizer id/path; default: the model's own, or trained on the corpus
     trust_remote_code: bool = False  # passed to transformers' from_pretrained
-    attn_implementation: str = knob("sdpa", choices=("sdpa", "eager", "flash_attention_2"))
+    # "auto": sdpa where the model class has an SDPA path, else eager (said in the dry run and the log)
+    attn_implementation: str = knob("auto", choices=("auto", "sdpa", "eager", "flash_attention_2"))
     # Architecture, used when the model is built from config (model=tiny, or method=pretrain without a path):
     vocab_size: int = knob(1024, ge=1)  # also the size of a tokenizer trained on the corpus
     hidden_size: int = knob(64, ge=1)

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from tuneforge import arch, units
+from tuneforge import units
 from tuneforge.conf import backends, methods
 from tuneforge.conf.gpus import GPU_TYPES
 from tuneforge.conf.schema import ClusterConfig, Config, ModelConfig
+from tuneforge.launch import families
 from tuneforge.launch.estimate import GIB, Job, Memory, MethodSpec, ModelShape, flops_per_token, memory, method_spec
 
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
@@ -46,7 +47,7 @@ def model_shape(model_cfg: ModelConfig) -> Tuple[Optional[ModelShape], str]:
     if model_cfg.kind == "hf" and path:
         config_json = Path(path).expanduser() / "config.json"
         if config_json.is_file():
-            return _shape_from_config_json(config_json)
+            return families.checkpoint_shape(config_json, model_cfg.trust_remote_code)
         if not _declares_architecture(model_cfg):
             return None, (
                 f"model.name_or_path={path} is not a local directory and the config gives no "
@@ -72,17 +73,6 @@ def _declares_architecture(model_cfg: ModelConfig) -> bool:
     )
 
 
-def _shape_from_config_json(path: Path) -> Tuple[Optional[ModelShape], str]:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        return None, f"cannot read {path}: {e}"
-    try:
-        return arch.shape_from_config(config), str(path)
-    except arch.UnknownArchitecture as e:
-        return None, f"{path}: {e}, no estimate"
-
-
 def job_of(cfg: Config) -> Job:
     return Job(
         layout=backends.backend(cfg.backend).layout(cfg.backend),
@@ -91,7 +81,7 @@ def job_of(cfg: Config) -> Job:
         seq_len=cfg.train.seq_len,
         dtype=cfg.train.dtype,
         activation_checkpointing=cfg.train.activation_checkpointing,
-        attention=cfg.model.attn_implementation,
+        attention=families.estimated_attention(cfg.model),
     )
 
 
@@ -277,7 +267,7 @@ def _step_time(flops: float, world: int, peak: Optional[float], mfu: float) -> O
 
 
 def _warnings(report: Report, cfg) -> List[str]:
-    out = []
+    out = [note for note in [families.attention(cfg.model)[1]] if note]  # "auto" on a model without SDPA
     c = cfg.cluster
     if c.gpus_per_node and report.gpu_memory is None:
         out.append(
@@ -476,7 +466,8 @@ def render(report: Report) -> str:
     ckpt = "activation checkpointing" if j.activation_checkpointing else "no activation checkpointing"
     unit, unit_name = (GIB, "GiB") if report.memory.total >= GIB else (2**20, "MiB")
     lines = [
-        f"# preflight: {units.count(s.params())} params ({report.reason}), {m.name}: {units.count(m.trainable)} "
+        f"# preflight: {units.count(s.params())} params{_active(s)} ({report.reason}), {m.name}: "
+        f"{units.count(m.trainable)} "
         f"trainable; {j.layout.kind} x {j.world_size} {report.gpu_label}; micro_batch {j.micro_batch} x seq_len "
         f"{j.seq_len}, {j.dtype}, {ckpt}",
         f"  {unit_name} per rank {' '.join(f'{c:>7}' for c in COLUMNS)}   limit",
@@ -520,6 +511,13 @@ def save(report: Report, run_dir: Path) -> Path:
     path = Path(run_dir) / "preflight.json"
     path.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
     return path
+
+
+def _active(shape: ModelShape) -> str:
+    """A mixture of experts: the parameters a token passes through, which FLOPs count."""
+    if not shape.is_moe:
+        return ""
+    return f" ({units.count(shape.active_params())} active: {shape.experts_per_token} of {shape.experts} experts)"
 
 
 def _limit(report: Report) -> str:

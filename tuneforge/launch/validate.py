@@ -8,13 +8,11 @@ checked by the schemas while composing.
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List
 
 from tuneforge import data as bundled_data
 from tuneforge.conf import backends, ds_config, methods
@@ -31,6 +29,7 @@ from tuneforge.conf.schema import (
     TrainConfig,
 )
 from tuneforge.data import records
+from tuneforge.launch import families
 
 
 @dataclass(frozen=True)
@@ -350,8 +349,6 @@ def _method(cfg: Config) -> Iterator[Problem]:
         yield from (Problem(key, message) for key, message in spec.checks(m, cfg.train.max_steps))
     if spec.quantized:
         yield from _quantized(m, cfg.backend, cfg.cluster, cfg.model)
-    if spec.peft:
-        yield from _targets(m, cfg.model)
 
 
 def _quantized(
@@ -382,15 +379,16 @@ def _quantized_on_cpu(m: MethodConfig, model: ModelConfig) -> Iterator[Problem]:
     shape, _ = model_shape(model)
     if shape is None:
         return  # no sizes known here: the job finds out
-    widths = {
-        "hidden_size": shape.hidden,
-        "intermediate_size": shape.intermediate,
-        "num_heads x head_dim": shape.heads * shape.dim,
-    }
-    bad = {name: width for name, width in widths.items() if width % BNB_CPU_BLOCK}
-    if bad:
+    widths: dict = {}  # input width -> the quantised weights that read it (the family's own layout)
+    for _, w in shape.all_weights():
+        if w.quantizable and w.fan_in % BNB_CPU_BLOCK:
+            widths.setdefault(w.fan_in, []).append(w.name)
+    if widths:
         key = "model.name_or_path" if model.kind == "hf" else "model"  # QLoRA needs trained weights: hf
-        sizes = ", ".join(f"{name} {width}" for name, width in bad.items())
+        sizes = ", ".join(
+            f"hidden_size {width}" if width == shape.hidden else f"{'/'.join(names)} input width {width}"
+            for width, names in widths.items()
+        )
         yield Problem(
             key,
             f"method={m.name} on CPU (cluster.gpus_per_node=0) needs the linear layers' input widths "
@@ -398,39 +396,12 @@ def _quantized_on_cpu(m: MethodConfig, model: ModelConfig) -> Iterator[Problem]:
         )
 
 
-# Module names of architectures whose layout is known without loading them; others are checked at job
-# start. Linear projections first: those are what `target_modules: null` adapts.
-_LLAMA_LAYOUT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "embed_tokens")
-KNOWN_MODULES = {t: _LLAMA_LAYOUT for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")}
-
-
-def _targets(m: MethodConfig, model: ModelConfig) -> Iterator[Problem]:
-    """Target names against the architecture's module names, when the architecture is known here."""
-    model_type = _model_type(model)
-    known = KNOWN_MODULES.get(model_type)
-    if known is None:
-        return  # unknown architecture or remote model: checked at job start (trainers/methods.py)
-    for key in ("target_modules", "feedforward_modules"):
-        for name in getattr(m, key, None) or []:
-            if str(name).rsplit(".", 1)[-1] not in known:
-                close = difflib.get_close_matches(str(name), known, n=1)
-                hint = f"did you mean '{close[0]}'? " if close else ""
-                yield Problem(
-                    f"method.{key}",
-                    f"'{name}' is not a module of a {model_type} model; {hint}its modules are {', '.join(known)}",
-                )
-
-
-def _model_type(model: ModelConfig) -> Optional[str]:
-    if model.kind == "tiny":
-        return "llama"
-    if model.model_type:
-        return model.model_type
-    path = Path(str(model.name_or_path or "")).expanduser() / "config.json"
-    try:
-        return json.loads(path.read_text()).get("model_type")
-    except (OSError, ValueError):
-        return None
+# ------------------------------------------------------------------------------------- model families
+# Every causal-LM family (#20): what tuneforge/arch and peft cannot train is refused here, naming its key;
+# the checks themselves live in launch/families.py (no torch unless a config's family is unfamiliar).
+@rule
+def _family(cfg: Config) -> Iterator[Problem]:
+    yield from (Problem(key, message) for key, message in families.problems(cfg))
 
 
 # ------------------------------------------------------------------------------------- run
