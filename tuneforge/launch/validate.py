@@ -31,6 +31,7 @@ from tuneforge.conf.schema import (
     TrainConfig,
 )
 from tuneforge.data import records
+from tuneforge.slurm import executors
 
 
 @dataclass(frozen=True)
@@ -213,11 +214,6 @@ def _data_files(key: str, path: Path, d: DataConfig, t: TrainConfig) -> Iterator
 
 
 # ------------------------------------------------------------------------------------- cluster
-SAFE_SBATCH_VALUE = re.compile(r"^[A-Za-z0-9_.,:@%+=/|&\[\]-]+$")
-#: a literal value given to a credential variable (WANDB_API_KEY=..., HF_TOKEN=...); "$VAR" references pass
-SECRET_ASSIGNMENT = re.compile(r"\b[A-Z0-9_]*(API_KEY|TOKEN|SECRET|PASSWORD)=['\"]?[^$'\"\s]")
-
-
 @rule
 def _cluster(cfg: Config) -> Iterator[Problem]:
     c = cfg.cluster
@@ -247,26 +243,46 @@ def _cluster(cfg: Config) -> Iterator[Problem]:
 
 
 def _slurm(c: SlurmClusterConfig) -> Iterator[Problem]:
-    # These values are written into the sbatch script: anything a shell would interpret is refused.
+    """What is written into the sbatch script (slurm/executors.py says how): plain sbatch values,
+    plain option names, one shell line per setup entry; the whole value is checked (fullmatch)."""
     for key in ("partition", "account", "qos", "constraint", "job_name"):
         value = getattr(c, key)
-        if value is not None and not SAFE_SBATCH_VALUE.match(str(value)):
+        if value is None:
+            continue
+        bad = executors.unsafe_character(value)
+        if bad or not executors.SBATCH_VALUE.fullmatch(str(value)):
             yield Problem(
                 f"cluster.{key}",
-                f"{value!r} contains characters not allowed in an sbatch value (spaces, quotes, $, ;, newlines, ...)",
+                (f"holds {bad}; " if bad else "")
+                + "use letters, digits and _ . , : @ % + = / | & [ ] - only (no spaces, quotes, $, ;, line breaks)",
             )
     for i, line in enumerate(c.extra_sbatch):
-        m = re.match(r"^--([a-z][a-z0-9-]*)(?:=(.+))?$", line)
-        if not m or (m.group(2) and not SAFE_SBATCH_VALUE.match(m.group(2))):
-            yield Problem(f"cluster.extra_sbatch[{i}]", f"{line!r} is not of the form --key=value with a plain value")
+        key = f"cluster.extra_sbatch[{i}]"
+        bad = executors.unsafe_character(line)
+        option, sep, value = line[2:].partition("=") if line.startswith("--") else ("", "", "")
+        if (
+            bad
+            or not executors.SBATCH_OPTION.fullmatch(option)
+            or (sep and not executors.SBATCH_VALUE.fullmatch(value))
+        ):
+            yield Problem(
+                key,
+                (f"holds {bad}; " if bad else "")
+                + "give one sbatch option as --key=value (or a bare --flag) with a plain value: letters, digits "
+                "and _ . , : @ % + = / | & [ ] -",
+            )
+            continue
+        owner = executors.reserved_option(option)
+        if owner:
+            yield Problem(key, f"--{option} is set by tuneforge from {owner}; set that instead of an extra line")
     for i, line in enumerate(c.setup):
-        if "\n" in line or "\r" in line:
-            yield Problem(f"cluster.setup[{i}]", "one shell line per entry: split it at the newline")
-        if SECRET_ASSIGNMENT.search(line):
+        bad = executors.unsafe_character(line)
+        if bad:
+            yield Problem(f"cluster.setup[{i}]", f"holds {bad}: give one shell line per entry")
+        elif line.lstrip().upper().startswith("#SBATCH"):
             yield Problem(
                 f"cluster.setup[{i}]",
-                "would write a secret into the sbatch script; export it in your "
-                "shell before submitting instead (Slurm passes your environment on)",
+                "an #SBATCH line among the setup lines would be read as a directive; use cluster.extra_sbatch",
             )
 
 
@@ -436,8 +452,24 @@ def _model_type(model: ModelConfig) -> Optional[str]:
 # ------------------------------------------------------------------------------------- run
 @rule
 def _run(cfg: Config) -> Iterator[Problem]:
-    if not re.match(r"^[A-Za-z0-9_.=,+-]+$", cfg.run.name):
-        yield Problem("run.name", f"{cfg.run.name!r}: use letters, digits and _ . = , + - only (it names a directory)")
+    """run.name, run.root and run.dir make the run dir, which is written (quoted) into the sbatch script
+    and into submitit's log paths, where % starts a pattern (%j: the job id) for submitit and sbatch
+    alike and a backslash turns sbatch's patterns off."""
+    if not re.fullmatch(r"[A-Za-z0-9_.=,+-]+", cfg.run.name):
+        yield Problem("run.name", "use letters, digits and _ . = , + - only (it names a directory)")
+    for key in ("root", "dir"):
+        value = getattr(cfg.run, key)
+        if value is None:
+            continue
+        bad = executors.unsafe_character(value)
+        if bad:
+            yield Problem(f"run.{key}", f"holds {bad}; a run dir path must be one plain line")
+        elif "%" in value:
+            yield Problem(
+                f"run.{key}", "holds '%', which submitit and sbatch read in log paths as a pattern (%j: the job id)"
+            )
+        elif cfg.cluster.name == "slurm" and "\\" in value:
+            yield Problem(f"run.{key}", "holds a backslash, which turns sbatch's log path patterns (%j) off")
     if cfg.run.dir and Path(cfg.run.dir).exists() and not Path(cfg.run.dir).is_dir():
         yield Problem("run.dir", f"'{cfg.run.dir}' exists and is not a directory")
 
