@@ -241,3 +241,85 @@ def test_hostile_sweep_is_refused_per_element_or_its_array_script_is_safe(tmp_pa
         capsys, "-m", "cluster=slurm", f"cluster.account=ok,{hydra_quoted('x' + chr(10) + 'touch ' + str(marker))}"
     )
     assert code == 2 and "element 1" in err and "cluster.account" in err, err
+
+
+# ------------------------------------------------------------------------------------------ secrets
+HF = "hf_" + "Q" * 34  # the shape of a Hugging Face token
+WANDB = "0123456789abcdef" * 2 + "01234567"  # 40 hex characters, the shape of a W&B key
+SPELLINGS = [
+    ("cluster.setup[0]", f"cluster.setup=[{hydra_quoted('export WANDB_API_KEY=' + WANDB)}]", WANDB),
+    ("cluster.setup[0]", f"cluster.setup=[{hydra_quoted('WANDB_API_KEY=' + WANDB + ' python x.py')}]", WANDB),
+    ("cluster.setup[0]", f"cluster.setup=[{hydra_quoted('export HF_TOKEN=' + chr(34) + HF + chr(34))}]", HF),
+    ("cluster.setup[1]", f"cluster.setup=[true,{hydra_quoted('huggingface-cli login --token ' + HF)}]", HF),
+    ("cluster.setup[0]", f"cluster.setup=[{hydra_quoted('hf auth login --token=' + HF)}]", HF),
+    ("cluster.setup[0]", f"cluster.setup=[{hydra_quoted('wandb login ' + WANDB)}]", WANDB),
+    ("cluster.setup[0]", f"cluster.setup=[{hydra_quoted('setenv GITHUB_TOKEN ghp_' + 'a' * 36)}]", "a" * 36),
+    ("cluster.setup[0]", f"cluster.setup=[{hydra_quoted('env AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI python')}]", "wJalrX"),
+    ("cluster.setup[0]", f"cluster.setup=[{hydra_quoted('export PGPASSWORD=hunter2hunter2')}]", "hunter2"),
+    (
+        "cluster.setup[0]",
+        f"cluster.setup=[{hydra_quoted('curl -H ' + chr(34) + 'Authorization: Bearer abcdef123456' + chr(34) + ' x')}]",
+        "abcdef123456",
+    ),
+    (
+        "cluster.setup[0]",
+        f"cluster.setup=[{hydra_quoted('pip install --index-url https://me:s3cretpw@pypi.example/simple x')}]",
+        "s3cretpw",
+    ),
+    ("cluster.extra_sbatch[0]", f"cluster.extra_sbatch=[{hydra_quoted('--comment=' + HF)}]", HF),
+    (
+        "model.name_or_path",
+        f"model.name_or_path={hydra_quoted('https://user:pa55word@models.example/llama')}",
+        "pa55word",
+    ),
+    ("logger.entity", f"logger.entity={HF}", HF),
+    ("train.lr", f"train.lr={HF}", HF),  # a value that also fails to compose: the type error must not echo it
+    ("logger.api_key", f"+logger.api_key={WANDB}", WANDB),  # a key that does not exist, named by what it holds
+]
+
+
+@pytest.mark.parametrize("key,override,secret", SPELLINGS, ids=[o[:40] for _, o, _ in SPELLINGS])
+def test_credentials_in_any_spelling_are_refused_without_echoing_them(key, override, secret, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "cluster=slurm", override, f"run.root={tmp_path}/runs", "--dry-run")
+    assert code == 2 and key in err, err
+    assert secret not in err and secret not in out, err
+    assert "****" in err and not (tmp_path / "runs").exists()
+
+
+def test_references_to_credentials_and_lookalikes_pass(capsys):
+    for line in (
+        "export HF_TOKEN=$HF_TOKEN",
+        'export WANDB_API_KEY="$WANDB_API_KEY"',
+        "export HF_TOKEN=$(cat ~/.cache/huggingface/token)",
+        "export TOKENIZERS_PARALLELISM=false",
+        "git checkout " + WANDB,  # 40 hex characters that are a commit
+        "wandb login $WANDB_API_KEY",
+    ):
+        code, _, err = run_cli(capsys, "cluster=slurm", f"cluster.setup=[{hydra_quoted(line)}]", "--dry-run")
+        assert code == 0, (line, err)
+    assert run_cli(capsys, "model.tokenizer=null", "--dry-run")[0] == 0
+
+
+def test_submit_json_records_the_diff_stat_and_hash_not_the_diff(tmp_path, monkeypatch):
+    from tuneforge.launch import rundir
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    (repo / ".env").write_text("A=1\n")
+    (repo / "train.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "."], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], cwd=repo, check=True)
+    (repo / ".env").write_text(f"A=1\nHF_TOKEN={HF}\n")
+    (repo / "train.py").write_text(f"x = 2\ntoken = '{HF}'\n")
+    monkeypatch.chdir(repo)
+    cfg = rundir.with_run_dir(compose([f"run.dir={tmp_path / 'run'}"]))
+    record = (rundir.create(cfg, ["x"]) / "submit.json").read_text()
+    assert HF not in record and "A=1" not in record
+    state = __import__("json").loads(record)["git"]
+    assert state["dirty"] and ".env" in state["diff_stat"] and len(state["diff_sha256"]) == 64 and "diff" not in state
+    cfg = rundir.with_run_dir(compose([f"run.dir={tmp_path / 'run2'}", "run.record_diff=true"]))
+    state = __import__("json").loads((rundir.create(cfg, ["x"]) / "submit.json").read_text())["git"]
+    assert "x = 2" in state["diff"] and "hf_****" not in state["diff"] and HF not in state["diff"]
+    assert ".env" not in state["diff"]  # only code files, even when asked

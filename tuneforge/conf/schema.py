@@ -300,6 +300,9 @@ class RunConfig:
     name: str = "default"  # run name: the run dir is runs/<name>/<timestamp> unless run.dir is set
     dir: Optional[str] = None  # the run directory; fixed at submission, reused by restarts and requeues
     root: str = "runs"  # parent of run directories
+    # submit.json records the git commit, a diff stat and the diff's hash; true: also the diff itself (code
+    # files only, credentials masked)
+    record_diff: bool = False
 
 
 @dataclass

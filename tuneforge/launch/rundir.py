@@ -56,7 +56,7 @@ def create(cfg: Config, argv: Sequence[str]) -> Path:
         "python": sys.executable,
         "cwd": str(Path.cwd()),
         "versions": package_versions(),
-        "git": _git_state(),
+        "git": git_state(cfg.run.record_diff),
         "jobs": previous.get("jobs", []),
     }
     fsutil.write_json(run_dir / "submit.json", record)
@@ -99,13 +99,37 @@ def package_versions() -> dict:
     return versions
 
 
-def _git_state() -> Optional[dict]:
-    """Commit and dirtiness of the user's working directory, when it is a git repository."""
+#: what `run.record_diff=true` records of a dirty tree: code and config files, nothing else
+CODE_FILES = ("*.py", "*.pyi", "*.yaml", "*.yml", "*.toml", "*.cfg", "*.sh", "*.c", "*.cc", "*.cpp", "*.h", "*.cu")
+
+
+def git_state(full_diff: bool = False) -> Optional[dict]:
+    """The user's working directory, when it is a git repository: the commit, whether the tree differs
+    from it, a diff stat (names and line counts) and the sha256 of the whole diff, which tell a rerun
+    whether it has the same tree without copying file contents (a key in an edited .env) into
+    submit.json. `full_diff`: the diff of code files too, credentials masked."""
+    import hashlib
+
+    from tuneforge.launch import secrets
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], capture_output=True, timeout=10)
+
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        sha = git("rev-parse", "HEAD")
         if sha.returncode:
             return None
-        diff = subprocess.run(["git", "diff", "HEAD"], capture_output=True, text=True, timeout=5).stdout
-        return {"commit": sha.stdout.strip(), "dirty": bool(diff), "diff": diff[:200_000]}
+        diff = git("diff", "HEAD", "--no-color", "--no-ext-diff").stdout
+        stat = git("diff", "HEAD", "--stat", "--no-color").stdout.decode(errors="replace")
+        state = {
+            "commit": sha.stdout.decode().strip(),
+            "dirty": bool(diff),
+            "diff_stat": secrets.redact(stat.strip(), escape=False),
+            "diff_sha256": hashlib.sha256(diff).hexdigest() if diff else None,
+        }
+        if full_diff and diff:
+            code = git("diff", "HEAD", "--no-color", "--no-ext-diff", "--", *CODE_FILES).stdout
+            state["diff"] = secrets.redact(code.decode(errors="replace"), escape=False)
+        return state
     except (OSError, subprocess.TimeoutExpired):
         return None

@@ -31,6 +31,7 @@ from tuneforge.conf.schema import (
     TrainConfig,
 )
 from tuneforge.data import records
+from tuneforge.launch import secrets
 from tuneforge.slurm import executors
 
 
@@ -447,6 +448,15 @@ def _model_type(model: ModelConfig) -> Optional[str]:
         return json.loads(path.read_text()).get("model_type")
     except (OSError, ValueError):
         return None
+
+
+# ------------------------------------------------------------------------------------- secrets
+@rule
+def _secrets(cfg: Config) -> Iterator[Problem]:
+    """No string of the config (setup and extra #SBATCH lines, paths, ids) carries a credential: they are
+    written into the sbatch script and the run's records. The message masks the value."""
+    for key, message in secrets.in_config(cfg):
+        yield Problem(key, message)
 
 
 # ------------------------------------------------------------------------------------- run
