@@ -3,19 +3,28 @@
 - every value that reaches the sbatch script is refused when it could end an #SBATCH line or run as a
   command, or is quoted so that it cannot: the script of every accepted hostile value is RUN by bash
   against a stand-in `srun` that records its argv, and every #SBATCH line must still be read;
+- a credential in any common spelling is refused, named by its key, never echoed;
+- a damaged checkpoint is skipped (said so, and why) and the run resumes from the previous complete one
+  with the loss curve of an uninterrupted run; export and status say the same; never from step 0 over them;
+- one run, one directory: a second submission into a run dir owned by a live job is refused naming it;
+  a finished run says so; a resume with another model changes nothing;
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
+from conftest import TINY, losses, metrics, tuneforge
 
 from tuneforge.launch.cli import main as cli
 from tuneforge.launch.compose import compose
@@ -323,3 +332,208 @@ def test_submit_json_records_the_diff_stat_and_hash_not_the_diff(tmp_path, monke
     state = __import__("json").loads((rundir.create(cfg, ["x"]) / "submit.json").read_text())["git"]
     assert "x = 2" in state["diff"] and "hf_****" not in state["diff"] and HF not in state["diff"]
     assert ".env" not in state["diff"]  # only code files, even when asked
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+RUN = [
+    *TINY,
+    "logger=none",
+    "train.max_steps=10",
+    "train.warmup_steps=2",
+    "train.checkpoint_every=3",
+    "train.micro_batch=2",
+    "train.global_batch=8",
+    "train.lr=3e-3",
+    "cluster.tasks_per_node=1",
+]
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> Tuple[List[float], Path]:
+    """(losses of an uninterrupted 10-step run, a run dir of the same run stopped after step 7: its
+    complete checkpoints are step_6 and step_7)."""
+    base = tmp_path_factory.mktemp("checkpoints")
+    tuneforge(*RUN, f"run.dir={base / 'reference'}")
+    tuneforge(*RUN, f"run.dir={base / 'stopped'}", "debug.stop_after=7")
+    assert sorted(p.name for p in (base / "stopped" / "checkpoints").glob("step_*")) == ["step_6", "step_7"]
+    return losses(base / "reference"), base / "stopped"
+
+
+def copy_run(source: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    return run
+
+
+def truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+DAMAGE = {
+    "truncated engine state": (lambda ck: truncate(ck / "step_7" / "engine" / "ddp_state.pt"), "truncated"),
+    "deleted rank state": (lambda ck: (ck / "step_7" / "rank" / "rank_0.json").unlink(), "rank/rank_0.json is missing"),
+    "changed trainer state": (
+        lambda ck: (ck / "step_7" / "trainer.json").write_text(
+            (ck / "step_7" / "trainer.json").read_text().replace("7", "9")
+        ),
+        "does not match its hash",
+    ),
+    "no manifest, latest names a step that does not exist": (
+        lambda ck: ((ck / "step_7" / "manifest.json").unlink(), (ck / "latest").write_text("step_99")),
+        "no manifest.json",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_checkpoint_is_skipped_and_the_run_resumes_from_the_previous_one(damage, interrupted, tmp_path, capsys):
+    reference, stopped = interrupted
+    run = copy_run(stopped, tmp_path)
+    hurt, reason = DAMAGE[damage]
+    hurt(run / "checkpoints")
+    code, out, err = run_cli(capsys, *RUN, f"run.dir={run}")
+    assert code == 0, err
+    assert "resuming from step_6 (" in out and "skipped step_7: " in out and reason in out, out
+    log = runinfo_log(run)
+    assert f"resumed from {run / 'checkpoints' / 'step_6'} at step 6" in log and reason in log
+    assert [m["step"] for m in metrics(run)] == list(range(1, 11))
+    assert losses(run) == pytest.approx(reference, abs=1e-6)  # the curve of the uninterrupted run
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+def submit_directly(run: Path, folder: Path):
+    """Start a job on a run dir's config without the launcher (no claim, no checks): submitit itself."""
+    from tuneforge.conf.schema import load
+    from tuneforge.slurm.job import TrainJob
+
+    cfg = load(run / "config.yaml")
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(run)))  # a copy's own dir
+    return executors.make_executor(cfg.cluster, folder).submit(TrainJob(), cfg)
+
+
+def runinfo_log(run: Path) -> str:
+    from tuneforge.commands import runinfo
+
+    return runinfo.latest_job(run).paths(0).stdout.read_text()
+
+
+@pytest.mark.slow
+def test_export_and_status_take_the_checkpoint_a_resume_would(interrupted, tmp_path, capsys):
+    _, stopped = interrupted
+    run = copy_run(stopped, tmp_path)
+    truncate(run / "checkpoints" / "step_7" / "engine" / "ddp_state.pt")
+    code, out, err = run_cli(capsys, "status", str(run))
+    assert code == 0 and "checkpoint run: step_6 (skipped step_7: engine/ddp_state.pt is" in out, out
+    code, out, err = run_cli(capsys, "export", str(run), "--step", "7")
+    assert code == 2 and "step_7" in err and "truncated" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
+    code, out, err = run_cli(capsys, "export", str(run))
+    assert code == 0 and "skipped step_7" in err and (run / "export" / "step_6" / "model.safetensors").is_file(), err
+
+
+@pytest.mark.slow
+def test_never_from_step_0_over_damaged_checkpoints_and_never_overwrite_them(interrupted, tmp_path, capsys):
+    _, stopped = interrupted
+    run = copy_run(stopped, tmp_path)
+    for step in (6, 7):
+        truncate(run / "checkpoints" / f"step_{step}" / "rng" / "rank_0.pt")
+    config = (run / "config.yaml").read_text()
+    jobs = json.loads((run / "submit.json").read_text())["jobs"]
+    code, out, err = run_cli(capsys, *RUN, f"run.dir={run}")
+    assert code == 2 and "run.dir" in err and "none is complete" in err and "step_6: rng/rank_0.pt" in err, err
+    assert (run / "config.yaml").read_text() == config and json.loads((run / "submit.json").read_text())["jobs"] == jobs
+    # the job refuses too, when it is started some other way (here: the run dir's own submission)
+    job = submit_directly(run, run / "slurm")
+    with pytest.raises(Exception, match="none is complete"):
+        job.result()
+    assert (run / "checkpoints" / "step_6").is_dir() and not (run / "final").exists()
+
+
+@pytest.mark.slow
+def test_resume_with_another_model_shape_changes_nothing(interrupted, tmp_path, capsys):
+    _, stopped = interrupted
+    run = copy_run(stopped, tmp_path)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, _, err = run_cli(capsys, *RUN, "model.hidden_size=64", "method.tokenizer_min_frequency=3", f"run.dir={run}")
+    assert code == 2 and "model.hidden_size: the checkpoints" in err and "32" in err and "64" in err, err
+    assert "method.tokenizer_min_frequency" in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_finished_run_says_so_and_continues_when_max_steps_is_raised(interrupted, tmp_path, capsys):
+    _, stopped = interrupted
+    run = copy_run(stopped, tmp_path)
+    tuneforge(*RUN, f"run.dir={run}")  # finishes the run
+    code, out, err = run_cli(capsys, *RUN, f"run.dir={run}")
+    assert code == 0 and "is finished: trained to step 10 (train.max_steps=10)" in out, out + err
+    code, out, err = run_cli(capsys, *RUN, "train.max_steps=12", f"run.dir={run}")
+    assert code == 0, err
+    assert [m["step"] for m in metrics(run)][-3:] == [10, 11, 12] and "resuming from step_10" in out
+
+
+# ------------------------------------------------------------------------------------------ one run, one dir
+def test_a_dead_owner_does_not_hold_the_run_dir(tmp_path, capsys):
+    from tuneforge.slurm import owner
+
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (run / "owner.json").write_text(
+        json.dumps({"job_id": str(dead.pid), "cluster": "local", "host": os.uname().nodename, "pid": dead.pid})
+    )
+    assert owner.busy(run) is None
+    # a live local process holds it; the same pid reused by another process later does not
+    (run / "owner.json").write_text(
+        json.dumps(
+            {
+                "job_id": str(os.getpid()),
+                "cluster": "local",
+                "host": os.uname().nodename,
+                "pid": os.getpid(),
+                "pid_start": owner.process_start(os.getpid()),
+            }
+        )
+    )
+    assert f"local job {os.getpid()}" in owner.busy(run)
+    code, _, err = run_cli(capsys, *RUN, f"run.dir={run}")
+    assert code == 2 and f"owned by local job {os.getpid()}" in err, err
+    record = json.loads((run / "owner.json").read_text())
+    (run / "owner.json").write_text(json.dumps({**record, "pid_start": record["pid_start"] - 1000}))
+    assert owner.busy(run) is None
+
+
+@pytest.mark.slow
+def test_second_submission_into_a_busy_run_dir_is_refused_naming_the_job(tmp_path, capsys):
+    run = tmp_path / "run"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    first = subprocess.Popen(
+        [sys.executable, "-m", "tuneforge.launch.cli", *RUN, "debug.step_sleep_s=1", f"run.dir={run}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while not (run / "metrics.jsonl").is_file():
+            assert time.time() < deadline and first.poll() is None, "the first run never started"
+            time.sleep(0.5)
+        job_id = json.loads((run / "owner.json").read_text())["job_id"]
+        code, _, err = run_cli(capsys, *RUN, f"run.dir={run}")
+        assert code == 2 and f"owned by local job {job_id}" in err and "running" in err, err
+        assert json.loads((run / "submit.json").read_text())["jobs"][-1]["job_id"] == job_id  # nothing submitted
+        # a job started into it some other way refuses to train, naming the owner
+        job = submit_directly(run, tmp_path / "other")
+        with pytest.raises(Exception, match=f"owned by local job {job_id}"):
+            job.result()
+    finally:
+        out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out
+    assert [m["step"] for m in metrics(run)] == list(range(1, 11))  # the first run was not disturbed
