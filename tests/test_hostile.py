@@ -537,3 +537,212 @@ def test_second_submission_into_a_busy_run_dir_is_refused_naming_the_job(tmp_pat
         out, _ = first.communicate(timeout=300)
     assert first.returncode == 0, out
     assert [m["step"] for m in metrics(run)] == list(range(1, 11))  # the first run was not disturbed
+
+
+# ------------------------------------------------------------------------------------------ files that lie
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def parquet_bytes(tmp_path: Path) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    whole = tmp_path.parent / "whole.parquet"
+    pq.write_table(pa.table({"text": [f"document number {i} " * 20 for i in range(200)]}), whole)
+    return whole.read_bytes()
+
+
+BAD_DATA = {
+    # name: (make(tmp) -> the path given as data.path, extra overrides, what the one line must say)
+    "latin-1 text": (
+        lambda t: write(t / "d.txt", b"hello\n\ncaf\xe9 au lait\n"),
+        [],
+        ["d.txt:3:", "not UTF-8", "byte 0xe9 at byte 10"],
+    ),
+    "latin-1 jsonl row": (
+        lambda t: write(t / "d.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n'),
+        [],
+        ["d.jsonl:2:", "not UTF-8", "at byte 28"],
+    ),
+    "UTF-16 jsonl": (lambda t: write(t / "d.jsonl", '{"text": "a"}\n'.encode("utf-16")), [], ["d.jsonl:1:", "UTF-16"]),
+    "a PNG called .txt": (
+        lambda t: write(t / "d.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"),
+        [],
+        ["d.txt:1:", "0x89"],
+    ),
+    "NUL bytes in a csv": (
+        lambda t: write(t / "d.csv", b"text\nfine\nbad\x00\x00\n"),
+        [],
+        ["d.csv:3:", "binary data (a NUL byte"],
+    ),
+    "not Parquet at all": (
+        lambda t: write(t / "d.parquet", b"PAR1 but not really" * 50),
+        [],
+        ["d.parquet", "not a readable Parquet"],
+    ),
+    "truncated Parquet": (
+        lambda t: write(t / "d.parquet", parquet_bytes(t)[:3000]),
+        [],
+        ["d.parquet", "not a readable Parquet"],
+    ),
+    "JSON nested 100000 deep": (
+        lambda t: write(t / "d.jsonl", b"[" * 100000 + b"\n"),
+        [],
+        ["d.jsonl:1:", "nested too deeply"],
+    ),
+    "JSON file nested deep": (lambda t: write(t / "d.json", b"[" * 100000), [], ["d.json:1:", "nested too deeply"]),
+    "a CSV cell past the csv module's limit": (
+        lambda t: write(t / "d.csv", b"text\n" + b"x" * 200_000 + b"\n"),
+        ["data.text_sample_by=line"],
+        None,  # read whole, as pandas reads it: accepted
+    ),
+    "a UTF-8 byte-order mark": (
+        lambda t: write(t / "d.jsonl", b"\xef\xbb\xbf" + b'{"text": "hello"}\n' * 20),
+        [],
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_DATA))
+def test_data_files_that_are_not_what_they_claim_are_named_in_one_line(name, tmp_path, capsys):
+    make, extra, expected = BAD_DATA[name]
+    path = make(tmp_path / "data")
+    code, _, err = run_cli(
+        capsys, f"data.path={path}", "train.micro_batch=1", "train.global_batch=2", *extra, "--dry-run"
+    )
+    if expected is None:
+        assert code == 0, err
+        return
+    assert code == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("  data.path: ")]
+    assert len(lines) == 1, err
+    assert all(part in lines[0] for part in expected), lines[0]
+
+
+def run_cli_subprocess(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The CLI in a child process with a time limit: what must not hang (a FIFO would block a reader)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.run(
+        [sys.executable, "-m", "tuneforge.launch.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_special_files_are_refused_before_they_are_opened(tmp_path):
+    fifo = tmp_path / "corpus.txt"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"text": "x"}\n')
+    os.mkfifo(folder / "b.jsonl")
+    model = tmp_path / "model"
+    model.mkdir()
+    os.mkfifo(model / "config.json")
+    for args, key, what in (
+        ([f"data.path={fifo}"], "data.path", f"{fifo}: is a FIFO"),
+        ([f"data.path={folder}", "data.format=text"], "data.path", f"{folder / 'b.jsonl'}: is a FIFO"),
+        (["model=hf", "method=full", f"model.name_or_path={model}"], "model.name_or_path", "config.json: is a FIFO"),
+        ([f"model.tokenizer={fifo}"], "model.tokenizer", "is a FIFO"),
+    ):
+        done = run_cli_subprocess(*args, "--dry-run")
+        assert done.returncode == 2 and f"{key}: " in done.stderr and what in done.stderr, done.stderr
+
+
+def test_unreadable_data_is_named(tmp_path, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    if os.geteuid() == 0:  # root reads any mode: a file whose read fails instead
+        (folder / "d.txt").symlink_to("/proc/self/mem")
+        expected = "cannot be read"
+    else:
+        write(folder / "d.txt", b"hello\n").chmod(0)
+        expected = "permission denied"
+    code, _, err = run_cli(capsys, f"data.path={folder}", "--dry-run")
+    assert code == 2 and "data.path: " in err and expected in err and "d.txt" in err, err
+
+
+def test_the_job_reads_a_byte_order_mark_as_the_precheck_does(tmp_path):
+    from tuneforge.data import sources
+
+    path = write(tmp_path / "d.txt", "\ufeffhello world\n\nsecond document\n".encode())
+    cfg = compose([f"data.path={path}"]).data
+    assert [row["text"] for row in sources.rows(sources.train_source(cfg), cfg)] == ["hello world", "second document"]
+
+
+LLAMA = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 256,
+}
+
+
+def model_dir(tmp_path: Path, config, weights: bool = True) -> Path:
+    path = tmp_path / "model"
+    path.mkdir(exist_ok=True)
+    (path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    if weights:
+        (path / "model.safetensors").write_bytes(b"\0" * 8)
+    return path
+
+
+BAD_MODELS = {
+    "a file": (lambda t: write(t / "model.bin", b"weights"), "model.name_or_path", "is a file"),
+    "an empty folder": (lambda t: (t / "empty").mkdir() or t / "empty", "model.name_or_path", "is an empty folder"),
+    "config.json not JSON": (
+        lambda t: model_dir(t, '{"hidden_size": 64,\n oops'),
+        "model.name_or_path",
+        "config.json:2: not JSON",
+    ),
+    "config.json a list": (lambda t: model_dir(t, "[1, 2]"), "model.name_or_path", "must hold a JSON object"),
+    "sizes as strings": (
+        lambda t: model_dir(t, {**LLAMA, "hidden_size": "64"}),
+        "model.name_or_path",
+        "'hidden_size' is '64' (str); sizes must be positive integers",
+    ),
+    "a negative size": (
+        lambda t: model_dir(t, {**LLAMA, "num_hidden_layers": -2}),
+        "model.name_or_path",
+        "'num_hidden_layers' is -2",
+    ),
+    "no weights": (lambda t: model_dir(t, LLAMA, weights=False), "model.name_or_path", "holds no weights"),
+    "longer than the model's positions": (
+        lambda t: model_dir(t, LLAMA),
+        "train.seq_len",
+        "max_position_embeddings=256",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_MODELS))
+def test_model_paths_that_are_not_models_are_named(name, tmp_path, capsys):
+    make, key, what = BAD_MODELS[name]
+    path = make(tmp_path)
+    code, _, err = run_cli(
+        capsys, "model=hf", "method=full", f"model.name_or_path={path}", "train.seq_len=512", "--dry-run"
+    )
+    assert code == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith(f"  {key}: ")]
+    assert len(lines) == 1 and what in lines[0], err
+
+
+@pytest.mark.parametrize(
+    "make,what",
+    [
+        (lambda t: write(t / "tok.json", b"{}"), "is a file"),
+        (lambda t: (t / "tok").mkdir() or t / "tok", "is an empty folder"),
+        (lambda t: write(t / "tok" / "README", b"x").parent, "holds no tokenizer"),
+        (lambda t: write(t / "tok" / "tokenizer.json", b"{not json").parent, "tokenizer.json:1: not JSON"),
+    ],
+)
+def test_tokenizer_paths_that_are_not_tokenizers_are_named(make, what, tmp_path, capsys):
+    code, _, err = run_cli(capsys, f"model.tokenizer={make(tmp_path)}", "--dry-run")
+    assert code == 2 and "model.tokenizer: " in err and what in err, err

@@ -113,7 +113,16 @@ def _model(cfg: Config) -> Iterator[Problem]:
                 "model.name_or_path", "model=hf needs a hub id or a local directory: model.name_or_path=<id or path>"
             )
         else:
-            yield from _model_path("model.name_or_path", m.name_or_path)
+            found = list(_model_path("model.name_or_path", m.name_or_path, not methods.method(method.name).builds))
+            yield from found
+            config = None if found else _local_config(m)
+            positions = _positions(config) if config else None
+            if positions is not None and cfg.train.seq_len > positions:
+                yield Problem(
+                    "train.seq_len",
+                    f"{cfg.train.seq_len} exceeds the model's max_position_embeddings={positions} "
+                    f"({Path(m.name_or_path).expanduser() / 'config.json'}); lower train.seq_len",
+                )
     if m.kind == "tiny" and not methods.method(method.name).builds:
         yield Problem(
             "method",
@@ -121,17 +130,130 @@ def _model(cfg: Config) -> Iterator[Problem]:
             "use method=pretrain, or model=hf model.name_or_path=<a trained model>",
         )
     if m.tokenizer:
-        yield from _model_path("model.tokenizer", m.tokenizer)
+        yield from _model_path("model.tokenizer", m.tokenizer, False)
 
 
-def _model_path(key: str, value: str) -> Iterator[Problem]:
-    """A local path must exist and look like a model; anything else is taken as a hub id ("org/name")."""
+#: what a tokenizer folder holds (one of these): transformers' fast, SentencePiece and BPE files
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+#: what holds a model's weights for from_pretrained
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+#: sizes in a config.json (and in its text_config): positive integers, or transformers builds nonsense
+CONFIG_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "head_dim",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_positions",
+)
+
+
+def _model_path(key: str, value: str, needs_weights: bool) -> Iterator[Problem]:
+    """A local path must be a directory that holds what the job will load (config.json that parses, with
+    integer sizes, and weights; or tokenizer files); anything else is taken as a hub id ("org/name")."""
     path = Path(value).expanduser()
     looks_local = value.startswith(("/", ".", "~")) or path.exists() or value.count("/") != 1
-    if looks_local and not path.exists():
+    if not looks_local:
+        return
+    if not path.exists():
         yield Problem(key, f"'{value}' does not exist; give an existing directory or a hub id like org/name")
-    elif looks_local and path.is_dir() and not (path / "config.json").is_file() and key == "model.name_or_path":
+        return
+    kind = records.special_file(path)
+    what = "a directory written by save_pretrained" if key == "model.name_or_path" else "the tokenizer's folder"
+    if kind or path.is_file():
+        yield Problem(key, f"'{value}' is {kind or 'a file'}; give {what}")
+        return
+    try:
+        names = {p.name for p in path.iterdir()}
+    except OSError as e:
+        yield Problem(key, f"'{value}' cannot be listed ({e.strerror or e})")
+        return
+    if not names:
+        yield Problem(key, f"'{value}' is an empty folder; give {what}")
+        return
+    if key == "model.tokenizer":
+        if not names & set(TOKENIZER_FILES):
+            yield Problem(key, f"'{value}' holds no tokenizer ({', '.join(TOKENIZER_FILES)})")
+        for name in sorted(names & {"tokenizer.json", "tokenizer_config.json"}):
+            problem = read_json_file(path / name)[1]
+            if problem:
+                yield Problem(key, problem)
+        return
+    if "config.json" not in names:
         yield Problem(key, f"'{value}' has no config.json; point at a directory written by save_pretrained")
+        return
+    config, problem = read_json_file(path / "config.json")
+    if problem:
+        yield Problem(key, problem)
+        return
+    for where, node in (("", config), ("text_config.", config.get("text_config"))):
+        for name in CONFIG_SIZES if isinstance(node, dict) else ():
+            size = node.get(name)
+            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+                yield Problem(
+                    key,
+                    f"{path / 'config.json'}: '{where}{name}' is {size!r} ({type(size).__name__}); "
+                    "sizes must be positive integers",
+                )
+    if needs_weights and not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
+        yield Problem(
+            key, f"'{value}' holds no weights (model.safetensors or pytorch_model.bin); the method loads them"
+        )
+
+
+def read_json_file(file: Path):
+    """(the JSON object in `file`, None) or (None, one line naming the file and the line, column or byte
+    of the problem). A special file is refused before it is opened; so is a byte-order mark, which
+    transformers' reader does not accept."""
+    kind = records.special_file(file)
+    if kind:
+        return None, f"{file}: is {kind}, not a regular file"
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        return None, f"{file}: cannot be read ({e.strerror or e})"
+    if data.startswith(records.BOM):
+        return None, f"{file}: starts with a UTF-8 byte-order mark, which transformers cannot read; remove it"
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return None, f"{file}: not UTF-8 (byte 0x{data[e.start]:02x} at byte {e.start})"
+    except json.JSONDecodeError as e:
+        return None, f"{file}:{e.lineno}: not JSON ({e.msg} at column {e.colno})"
+    except RecursionError:
+        return None, f"{file}: JSON nested too deeply to read"
+    if not isinstance(value, dict):
+        return None, f"{file}: must hold a JSON object, got {type(value).__name__}"
+    return value, None
+
+
+def _local_config(model: ModelConfig) -> Optional[dict]:
+    """The config.json of a local model directory, when there is one that reads; else None."""
+    if not model.name_or_path:
+        return None
+    file = Path(str(model.name_or_path)).expanduser() / "config.json"
+    return read_json_file(file)[0] if file.exists() else None
+
+
+def _positions(config: dict) -> Optional[int]:
+    for node in (config, config.get("text_config") or {}):
+        for name in ("max_position_embeddings", "n_positions"):
+            if isinstance(node, dict) and isinstance(node.get(name), int) and not isinstance(node.get(name), bool):
+                return node[name]
+    return None
 
 
 # ------------------------------------------------------------------------------------- data
@@ -174,7 +296,11 @@ def _data(cfg: Config) -> Iterator[Problem]:
 
 
 def _data_files(key: str, path: Path, d: DataConfig, t: TrainConfig) -> Iterator[Problem]:
-    files = records.data_files(path)
+    try:
+        files = records.data_files(path)
+    except records.DataError as e:  # a FIFO or another special file: refused before anything opens it
+        yield Problem(key, str(e))
+        return
     if not files:
         yield Problem(key, f"{path}: no data files ({', '.join(records.BUILDERS)})")
         return
@@ -443,11 +569,8 @@ def _model_type(model: ModelConfig) -> Optional[str]:
         return "llama"
     if model.model_type:
         return model.model_type
-    path = Path(str(model.name_or_path or "")).expanduser() / "config.json"
-    try:
-        return json.loads(path.read_text()).get("model_type")
-    except (OSError, ValueError):
-        return None
+    config = _local_config(model)
+    return config.get("model_type") if config else None
 
 
 # ------------------------------------------------------------------------------------- secrets
