@@ -746,3 +746,122 @@ def test_model_paths_that_are_not_models_are_named(name, tmp_path, capsys):
 def test_tokenizer_paths_that_are_not_tokenizers_are_named(make, what, tmp_path, capsys):
     code, _, err = run_cli(capsys, f"model.tokenizer={make(tmp_path)}", "--dry-run")
     assert code == 2 and "model.tokenizer: " in err and what in err, err
+
+
+# ------------------------------------------------------------------------------------------ numbers
+OPTIONS = {
+    "model": ["tiny", "llama3_8b"],
+    "method": ["pretrain", "full", "lora", "qlora", "adalora", "ia3", "loha", "lokr", "dora"],
+    "backend": ["ddp", "fsdp", "zero2", "zero3_offload"],
+    "cluster": ["local", "slurm"],
+}
+
+
+def numeric_fields(node, prefix: str = "") -> List[Tuple[str, type, dict]]:
+    """(dotted key, int or float, declared bounds) of every number of a composed config."""
+    import typing
+
+    hints = typing.get_type_hints(type(node))
+    out = []
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out += numeric_fields(value, key + ".")
+            continue
+        kind = next((t for t in (int, float) if t in (hints[f.name], *typing.get_args(hints[f.name]))), None)
+        if kind is not None and not isinstance(value, bool) and "choices" not in f.metadata:
+            out.append((key, kind, dict(f.metadata)))
+    return out
+
+
+def number_values(kind: type, rules: dict):
+    """Numbers for one field: mostly inside its declared range (so that runs reach the preflight), and
+    at, just past and far past its bounds, huge, NaN and infinite."""
+    from hypothesis import strategies as st
+
+    lo = rules.get("ge", rules.get("gt", -1e6 if kind is float else -(2**20)))
+    hi = rules.get("le", rules.get("lt", 1e6 if kind is float else 2**20))
+    edges = [v for r in ("ge", "gt", "le", "lt") if r in rules for v in (rules[r] - 1, rules[r], rules[r] + 1)]
+    if kind is int:
+        inside = st.one_of(st.integers(int(lo), int(min(hi, lo + 64))), st.integers(int(lo), int(hi)))
+        hostile = st.one_of(
+            st.integers(-(2**80), 2**80), st.sampled_from([-1, 0, 2**31, 2**63, 10**30] + [int(v) for v in edges])
+        )
+        return st.one_of(inside, inside, hostile).map(str)
+    inside = st.floats(lo, hi, exclude_min="gt" in rules, exclude_max="lt" in rules, allow_nan=False)
+    hostile = st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.sampled_from([0.0, -0.0, 1e-300, 5e-324, 1e300, 1.7e308] + [float(v) for v in edges]),
+    )
+    return st.one_of(inside, inside, hostile).map(lambda v: "nan" if v != v else repr(v))
+
+
+@pytest.mark.slow
+def test_any_numbers_are_refused_with_a_key_or_estimated_never_a_traceback(tmp_path):
+    """Property: for option groups and numbers drawn at random (in range, at and past the declared
+    bounds, huge, NaN, infinities), composing + `validate` refuse with a problem naming a key, or the
+    preflight prints an estimate (and the sbatch script renders); nothing raises anything else."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from tuneforge.launch import preflight, rundir
+    from tuneforge.launch.compose import ConfigError, validator
+
+    sections = {f.name for f in dataclasses.fields(compose([]))}
+
+    @st.composite
+    def overrides(draw):
+        options = dict(OPTIONS)
+        options["method"] = ["pretrain"] if draw(st.sampled_from(OPTIONS["model"])) == "tiny" else OPTIONS["method"]
+        options["model"] = ["tiny"] if options["method"] == ["pretrain"] else ["llama3_8b"]
+        chosen = [f"{group}={draw(st.sampled_from(choices))}" for group, choices in options.items()]
+        fields = numeric_fields(compose(chosen))
+        picked = draw(st.lists(st.sampled_from(fields), min_size=1, max_size=4, unique_by=lambda f: f[0]))
+        return chosen + [f"{key}={draw(number_values(kind, rules))}" for key, kind, rules in picked]
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(overrides())
+    def check(args):
+        args = [*args, f"run.root={tmp_path}"]
+        try:
+            cfg = compose(args)
+        except ConfigError as e:
+            assert str(e).split(":")[0].split(".")[0] in sections | set(OPTIONS), str(e)
+            return
+        problems = validate(cfg)
+        if problems:
+            for p in problems:
+                assert p.key.split(".")[0].split("[")[0].split("=")[0] in sections, str(p)
+            return
+        cfg = rundir.with_run_dir(cfg)
+        report = preflight.check(cfg, validator(args))
+        assert preflight.render(report).startswith("# preflight")
+        json.dumps(report.to_dict(), allow_nan=False)  # preflight.json: finite numbers only
+        if cfg.cluster.name == "slurm":
+            executors.sbatch_script(cfg.cluster, Path(cfg.run.dir) / "slurm")
+
+    check()
+
+
+# ------------------------------------------------------------------------------------------ contradictions
+def test_contradictions_are_refused_naming_the_key(tmp_path, capsys):
+    from tuneforge.launch.validate import local_gpus
+
+    more = local_gpus() + 1
+    val = write(tmp_path / "val.txt", b"some validation text\n")
+    for args, key in (
+        ([f"cluster.gpus_per_node={more}", f"cluster.tasks_per_node={more}"], "cluster.gpus_per_node"),
+        (["model.attn_implementation=flash_attention_2", "train.dtype=bf16"], "model.attn_implementation"),
+        (["train.dtype=fp16"], "train.dtype"),  # ddp: no loss scaling
+        (["backend=fsdp", "train.dtype=fp16"], "train.dtype"),
+        (["cluster.gpu_memory_gb=80"], "cluster.gpu_memory_gb"),  # and no GPU asked for
+        (["cluster=slurm", "cluster.gpu_type=h100_80g"], "cluster.gpu_type"),
+        ([f"data.validation_path={val}", "data.validation_fraction=0.1"], "data.validation_fraction"),
+        (["cluster=slurm", "cluster.extra_sbatch=['--time=10']"], "cluster.extra_sbatch[0]"),
+        (["cluster=slurm", "cluster.timeout_min=2", "cluster.signal_delay_s=120"], "cluster.signal_delay_s"),
+        (["cluster.assumed_mfu=5e-324"], "cluster.assumed_mfu"),  # a positive number that makes no time
+    ):
+        code, _, err = run_cli(capsys, *args, f"run.root={tmp_path}/runs", "--dry-run")
+        assert code == 2 and f"  {key}: " in err, (args, err)
+    # defaults adapt: an unset warm-up never makes a short run invalid
+    assert run_cli(capsys, "train.max_steps=3", "--dry-run")[0] == 0

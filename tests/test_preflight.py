@@ -329,8 +329,8 @@ RUNS = [
 @pytest.mark.parametrize("backend,method", RUNS)
 def test_model_states_match_a_real_run(tiny_hf, tmp_path, capsys, backend, method):
     """Per rank, params + grads + optimizer state bytes held after the first step (the trainer's
-    mem_*_bytes in summary.json) within 10% of the estimate. The ddp/full run also shows the refusal
-    and --force: its cluster declares 2 GPUs of 1 MiB (there is no GPU: the tasks train on CPU)."""
+    mem_*_bytes in summary.json) within 10% of the estimate. The ddp/full case also shows the refusal
+    and --force on a Slurm profile that declares 2 GPUs of 1 MiB."""
     missing = [
         f"{group}={name}"
         for group, name in (("backend", backend), ("method", method))
@@ -352,13 +352,12 @@ def test_model_states_match_a_real_run(tiny_hf, tmp_path, capsys, backend, metho
         f"run.dir={run_dir}",
     ]
     if (backend, method) == ("ddp", "full"):
-        overrides += ["cluster.gpus_per_node=2", "cluster.tasks_per_node=2", "cluster.gpu_memory_gb=0.001"]
-        assert main(overrides) == 2, "a job that does not fit is refused"
+        # declared on a Slurm profile: cluster=local refuses GPUs this machine does not have
+        gpus = ["cluster=slurm", "cluster.gpus_per_node=2", "cluster.tasks_per_node=2", "cluster.gpu_memory_gb=0.001"]
+        assert main(overrides + gpus + ["--dry-run"]) == 2, "a job that does not fit is refused"
         assert "--force" in capsys.readouterr().err and not run_dir.exists()
-        assert main(overrides + ["--force"]) == 0
-        assert json.loads((run_dir / "preflight.json").read_text())["fits"] is False
-    else:
-        assert main(overrides) == 0
+        assert main(overrides + gpus + ["--dry-run", "--force"]) == 0
+    assert main(overrides) == 0
     report = _check(overrides)
     summary = json.loads((run_dir / "summary.json").read_text())
     m = report.memory

@@ -273,7 +273,9 @@ def _flops_per_step(shape: ModelShape, method: MethodSpec, seq_len: int, recompu
 
 
 def _step_time(flops: float, world: int, peak: Optional[float], mfu: float) -> Optional[float]:
-    return flops / (world * peak * 1e12 * mfu) if peak else None
+    """Seconds per step; None without a peak, or when the figures give no finite time."""
+    step = flops / (world * peak * 1e12 * mfu) if peak else None
+    return step if step is not None and math.isfinite(step) else None
 
 
 def _warnings(report: Report, cfg) -> List[str]:

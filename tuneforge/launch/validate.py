@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,6 +270,11 @@ def _data(cfg: Config) -> Iterator[Problem]:
             "data.validation_fraction",
             "cannot carve a fraction off a stream; give data.validation_path=<file or folder> instead",
         )
+    if d.validation_path and d.validation_fraction:
+        yield Problem(
+            "data.validation_fraction",
+            "ignored when data.validation_path is given; set only one of them",
+        )
     if d.hub_id and d.path:
         yield Problem("data.path", "give either data.path (local files) or data.hub_id (a dataset id), not both")
     train = None
@@ -367,6 +373,61 @@ def _cluster(cfg: Config) -> Iterator[Problem]:
         )
     if isinstance(c, SlurmClusterConfig):
         yield from _slurm(c)
+    yield from _devices(cfg)
+
+
+def local_gpus() -> int:
+    """GPUs this machine shows (NVIDIA device nodes, or AMD's render nodes behind /dev/kfd), limited
+    by CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES; no torch import (the submit path stays light)."""
+    dev = Path("/dev")
+    count = len([p for p in dev.glob("nvidia*") if p.name[6:].isdigit()])
+    if not count and (dev / "kfd").exists():
+        count = len(list((dev / "dri").glob("renderD*")))
+    for name in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"):
+        visible = os.environ.get(name)
+        if visible is not None:
+            entries = [x for x in visible.split(",") if x.strip()]
+            count = 0 if not entries or entries[0].strip() == "-1" else min(count, len(entries))
+    return count
+
+
+def _devices(cfg: Config) -> Iterator[Problem]:
+    """Requests that contradict the devices: GPUs this machine lacks, GPU settings for a CPU job,
+    flash attention where it cannot run."""
+    c, m, t = cfg.cluster, cfg.model, cfg.train
+    if c.name == "local" and c.gpus_per_node:
+        have = local_gpus()
+        if c.gpus_per_node > have:
+            yield Problem(
+                "cluster.gpus_per_node",
+                f"{c.gpus_per_node} GPU(s) asked for, and this machine (cluster=local runs here) has "
+                f"{have or 'none'}; set cluster.gpus_per_node={have} (0: train on the CPU)",
+            )
+    if not c.gpus_per_node:
+        for key in ("gpu_memory_gb", "gpu_type"):
+            if getattr(c, key) is not None:
+                yield Problem(
+                    f"cluster.{key}",
+                    "describes a GPU, but the job asks for none (cluster.gpus_per_node=0); set "
+                    f"cluster.gpus_per_node, or cluster.{key}=null",
+                )
+    if m.attn_implementation.startswith("flash"):
+        if not c.gpus_per_node:
+            yield Problem(
+                "model.attn_implementation",
+                f"{m.attn_implementation} runs on GPUs only and the job asks for none (cluster.gpus_per_node=0); "
+                "use model.attn_implementation=sdpa",
+            )
+        elif importlib.util.find_spec("flash_attn") is None:
+            yield Problem(
+                "model.attn_implementation",
+                f"{m.attn_implementation} needs the flash-attn package: pip install flash-attn, or use sdpa",
+            )
+        if t.dtype == "fp32":
+            yield Problem(
+                "train.dtype",
+                f"model.attn_implementation={m.attn_implementation} computes in bf16 or fp16 only; set train.dtype=bf16",
+            )
 
 
 def _slurm(c: SlurmClusterConfig) -> Iterator[Problem]:
@@ -422,11 +483,11 @@ def _backend(cfg: Config) -> Iterator[Problem]:
         options = [n for n, spec in backends.BACKENDS.items() if isinstance(b, spec.schema)]
         yield Problem("backend.name", f"'{b.name}' is not a backend of this schema; one of {', '.join(options)}")
         return
-    if known.family == "fsdp" and t.dtype == "fp16":
+    if not known.loss_scaling and t.dtype == "fp16":
         yield Problem(
             "train.dtype",
-            "fp16 needs loss scaling, which backend=fsdp does not do; use train.dtype=bf16, "
-            "or a DeepSpeed backend (backend=zero2) for fp16",
+            f"fp16 needs loss scaling, which backend={b.name} does not do (its gradients would underflow); use "
+            "train.dtype=bf16, or a DeepSpeed backend (backend=zero2) for fp16",
         )
     if isinstance(b, DeepSpeedConfig):
         yield from _deepspeed(b, t, world_size(cfg.cluster))
