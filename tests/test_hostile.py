@@ -31,8 +31,11 @@ from tuneforge.launch.compose import compose
 from tuneforge.launch.validate import validate
 from tuneforge.slurm import executors
 
-
 # ------------------------------------------------------------------------------------------ helpers
+#: a Slurm profile whose script is looked at, not submitted: the partition beside the tests is not asked
+SLURM = ("cluster=slurm", "cluster.check_partition=false")
+
+
 def run_cli(capsys, *args: str) -> Tuple[int, str, str]:
     capsys.readouterr()
     code = cli(list(args))
@@ -157,7 +160,7 @@ def test_hostile_sbatch_values_are_refused_or_quoted_and_never_run(key, override
     marker = tmp_path / "PAYLOAD-RAN"
     accepted = 0
     for value in payloads(marker):
-        code, out, err = run_cli(capsys, "cluster=slurm", override(value), "--dry-run")
+        code, out, err = run_cli(capsys, *SLURM, override(value), "--dry-run")
         if code != 0:
             assert code == 2, err
             assert key in err or key.split("[")[0] in err, (value, err)
@@ -228,16 +231,14 @@ def test_validation_checks_the_whole_value_of_every_script_key():
     ],
 )
 def test_extra_sbatch_lines_may_not_override_what_tuneforge_sets(line, key, capsys):
-    code, _, err = run_cli(capsys, "cluster=slurm", f"cluster.extra_sbatch=[{hydra_quoted(line)}]", "--dry-run")
+    code, _, err = run_cli(capsys, *SLURM, f"cluster.extra_sbatch=[{hydra_quoted(line)}]", "--dry-run")
     assert code == 2 and "cluster.extra_sbatch[0]" in err and key in err, err
 
 
 def test_hostile_sweep_is_refused_per_element_or_its_array_script_is_safe(tmp_path, capsys):
     marker = tmp_path / "PAYLOAD-RAN"
     root = f"/tmp/tf hostile/x' ; touch {marker} ; '$(touch {marker})"
-    code, out, err = run_cli(
-        capsys, "-m", "cluster=slurm", f"run.root={hydra_quoted(root)}", "train.lr=1e-3,2e-3", "--dry-run"
-    )
+    code, out, err = run_cli(capsys, "-m", *SLURM, f"run.root={hydra_quoted(root)}", "train.lr=1e-3,2e-3", "--dry-run")
     assert code == 0, err
     script, sweep_dir = dry_run_script(out, "# sbatch script (one job array of 2)\n")
     options = sbatch_directives(script)
@@ -289,7 +290,7 @@ SPELLINGS = [
 
 @pytest.mark.parametrize("key,override,secret", SPELLINGS, ids=[o[:40] for _, o, _ in SPELLINGS])
 def test_credentials_in_any_spelling_are_refused_without_echoing_them(key, override, secret, tmp_path, capsys):
-    code, out, err = run_cli(capsys, "cluster=slurm", override, f"run.root={tmp_path}/runs", "--dry-run")
+    code, out, err = run_cli(capsys, *SLURM, override, f"run.root={tmp_path}/runs", "--dry-run")
     assert code == 2 and key in err, err
     assert secret not in err and secret not in out, err
     assert "****" in err and not (tmp_path / "runs").exists()
@@ -304,7 +305,7 @@ def test_references_to_credentials_and_lookalikes_pass(capsys):
         "git checkout " + WANDB,  # 40 hex characters that are a commit
         "wandb login $WANDB_API_KEY",
     ):
-        code, _, err = run_cli(capsys, "cluster=slurm", f"cluster.setup=[{hydra_quoted(line)}]", "--dry-run")
+        code, _, err = run_cli(capsys, *SLURM, f"cluster.setup=[{hydra_quoted(line)}]", "--dry-run")
         assert code == 0, (line, err)
     assert run_cli(capsys, "model.tokenizer=null", "--dry-run")[0] == 0
 
@@ -865,3 +866,104 @@ def test_contradictions_are_refused_naming_the_key(tmp_path, capsys):
         assert code == 2 and f"  {key}: " in err, (args, err)
     # defaults adapt: an unset warm-up never makes a short run invalid
     assert run_cli(capsys, "train.max_steps=3", "--dry-run")[0] == 0
+
+
+# ------------------------------------------------------------------------------------------ the cluster and the disk
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A mount point factory: tmpfs(size, *options) -> a fresh directory with its own small filesystem."""
+    mounted = []
+
+    def make(size: str, *options: str) -> Path:
+        point = tmp_path / f"fs{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(point)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield make
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def test_a_run_dir_without_room_for_a_checkpoint_or_read_only_is_refused(tmpfs, capsys):
+    small = tmpfs("1m")
+    code, _, err = run_cli(capsys, "model=llama3_8b", "method=lora", f"run.root={small}/runs", "--dry-run")
+    assert code == 2 and "run.dir: " in err and "one checkpoint of this run takes about" in err, err
+    read_only = tmpfs("1m", "ro")
+    code, _, err = run_cli(capsys, *RUN, f"run.dir={read_only}/run")
+    assert code == 2 and "run.dir: " in err and "read-only file system" in err, err
+    code, out, err = run_cli(capsys, *RUN, f"run.root={small}/runs", "--dry-run")
+    assert code == 0, err  # a tiny model's checkpoint fits in 1 MiB
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_up_fails_the_job_in_one_line_and_keeps_the_last_checkpoint(interrupted, tmpfs, capsys):
+    import threading
+
+    reference, _ = interrupted
+    disk = tmpfs("20m")
+    run = disk / "run"
+    args = [*RUN, "train.checkpoint_every=2", "debug.step_sleep_s=1", f"run.dir={run}"]
+    filler = disk / "filler"
+
+    def fill_after_step_2():
+        deadline = time.time() + 300
+        while not (run / "checkpoints" / "step_2" / "manifest.json").is_file() and time.time() < deadline:
+            time.sleep(0.1)
+        free = shutil.disk_usage(disk).free
+        with open(filler, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, max(0, free - 200 * 1024))  # leaves less than one checkpoint
+
+    thread = threading.Thread(target=fill_after_step_2)
+    thread.start()
+    code, out, err = run_cli(capsys, *args)
+    thread.join()
+    assert code == 1, out + err
+    failure = [line for line in err.splitlines() if "failed:" in line]
+    assert len(failure) == 1 and "no space left on the disk" in failure[0], err
+    assert "the last complete checkpoint, step_2, is kept" in failure[0], failure
+    assert [c.path.name for c in __import__("tuneforge.layout").layout.checkpoints(run) if c.complete] == ["step_2"]
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # the partial checkpoint is gone
+    filler.unlink()
+    code, out, err = run_cli(capsys, *args)  # the same command, once there is room: resumes from step 2
+    assert code == 0 and "resuming from step_2" in out, out + err
+    assert losses(run) == pytest.approx(reference, abs=1e-6)
+
+
+def test_the_partition_check_is_skipped_with_a_warning_where_slurm_cannot_be_asked(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sinfo, no scontrol: not a login node
+    code, out, _ = run_cli(capsys, "cluster=slurm", "--dry-run")
+    assert code == 0 and "warning: partition check skipped: scontrol not found" in out, out
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args,key,what",
+    [
+        ([], "cluster.cpus_per_task", "4 CPUs per node asked"),  # the default of cluster=slurm
+        (
+            ["cluster.cpus_per_task=1", "cluster.nodes=3", "train.global_batch=12"],
+            "cluster.nodes",
+            "partition debug has 2",
+        ),
+        (["cluster.cpus_per_task=1", "cluster.mem_gb=4096"], "cluster.mem_gb", "at most"),
+        (
+            ["cluster.cpus_per_task=1", "cluster.gpus_per_node=1", "cluster.gpu_type=h100_80g"],
+            "cluster.gpus_per_node",
+            "GPU",
+        ),
+        (["cluster.cpus_per_task=1", "cluster.partition=gpu"], "cluster.partition", "partitions: debug"),
+    ],
+)
+def test_a_request_the_partition_can_never_satisfy_is_refused(slurm_cluster, args, key, what, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "cluster=slurm", *args, f"run.root={tmp_path}/runs")
+    assert code == 2 and f"  {key}: " in err and what in err, err
+    assert not (tmp_path / "runs").exists()

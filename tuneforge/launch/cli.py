@@ -41,7 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     cfg = rundir.with_run_dir(cfg)
     report = preflight.check(cfg, validator(args.overrides, args.sources))
-    refused = report.fits is False and not args.force
+    refused = report.refused(force=args.force)  # does not fit, or the cluster or disk cannot take it
     if args.dry_run:
         return _show(cfg, report, refused)
     print(preflight.render(report), flush=True)

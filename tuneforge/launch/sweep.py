@@ -96,6 +96,7 @@ def plan(overrides: Sequence[str], now: Optional[float] = None, sources: Optiona
     group = composed[0].logger.group or f"{composed[0].run.name}-{directory.name}"
     configs = [_element_config(cfg, directory / str(i), group) for i, cfg in enumerate(composed)]
     reports = [preflight.check(cfg, validator(element, sources)) for cfg, element in zip(configs, elements)]
+    problems += [f"element {i} ({' '.join(labels[i])}): {p}" for i, r in enumerate(reports) for p in r.problems]
     return Sweep(directory, group, elements, labels, configs, problems, reports)
 
 

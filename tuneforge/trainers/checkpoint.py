@@ -20,6 +20,7 @@ any newer one; when step directories exist but none is complete it refuses to st
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import random
@@ -70,6 +71,8 @@ class Checkpoints:
         """Collective. `rank_state`: this rank's own trainer state (the data position); `write_extra(dir)`,
         called on every rank, adds files (a method's adapter) to the checkpoint before it is published."""
         final, tmp = layout.step_dir(self.run_dir, step), self.root / f".tmp-step_{step}"
+        # A failure is kept as its one-line description only: the exception's traceback would keep the
+        # half-written file open, and on a full disk its space, which the error report itself needs.
         failure = None
         if self.rank == 0:
             try:
@@ -77,8 +80,8 @@ class Checkpoints:
                 for sub in ("engine", "rng", "rank"):
                     (tmp / sub).mkdir(parents=True)
             except OSError as e:
-                failure = e
-        self._agree(step, tmp, failure)
+                failure = self._describe(step, e)
+        self._agree(tmp, failure)
         try:
             engine.save(tmp / "engine")
             torch.save(_rng_state(), tmp / "rng" / f"rank_{self.rank}.pt")
@@ -89,14 +92,14 @@ class Checkpoints:
             if self.rank == 0:
                 (tmp / layout.TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
         except Exception as e:  # noqa: BLE001 - every rank must learn of it, or the others wait forever
-            failure = e
-        self._agree(step, tmp, failure)
+            failure = self._describe(step, e)
+        self._agree(tmp, failure)
         if self.rank == 0:
             try:
                 self._publish(tmp, final)
             except Exception as e:  # noqa: BLE001
-                failure = e
-        self._agree(step, tmp, failure)
+                failure = self._describe(step, e)
+        self._agree(tmp, failure)
         if self.rank == 0:
             self._prune()
         dist.barrier()
@@ -113,14 +116,14 @@ class Checkpoints:
         _sync_dir(self.root)
         fsutil.write_text(self.root / layout.LATEST, final.name)
 
-    def _agree(self, step: int, tmp: Path, failure: Optional[BaseException]) -> None:
+    def _agree(self, tmp: Path, failure: Optional[str]) -> None:
         """Collective: raise CheckpointError on every rank when any rank failed (its own words, once)."""
-        mine = None if failure is None else self._describe(step, failure)
         every: List[Optional[str]] = [None] * dist.get_world_size()
-        dist.all_gather_object(every, mine)
+        dist.all_gather_object(every, failure)
         failed = [(r, m) for r, m in enumerate(every) if m is not None]
         if not failed:
             return
+        gc.collect()  # close what the failed write left open (its space is needed for the error report)
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial checkpoint took
         rank, message = failed[0]
@@ -129,10 +132,10 @@ class Checkpoints:
             f"{message} (rank {rank}); the last complete checkpoint, "
             + (f"{kept.name}, is kept" if kept else "none yet, is unchanged")
             + f"; submit again with run.dir={self.run_dir} to resume once fixed"
-        ) from failure
+        )
 
     def _describe(self, step: int, failure: BaseException) -> str:
-        if _disk_full(failure, self.root):
+        if _disk_full(failure, self.root, writing=True):
             try:
                 free = shutil.disk_usage(self.root).free
             except OSError:
@@ -158,15 +161,29 @@ class Checkpoints:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def disk_full(error: BaseException, run_dir: Path) -> Optional[CheckpointError]:
+    """For a write that failed for want of space anywhere in the task (metrics, logs, the final model):
+    the one-line error to end the job with, saying which checkpoint is kept; None for other errors."""
+    if not _disk_full(error, Path(run_dir)) or isinstance(error, CheckpointError):
+        return None
+    kept = layout.latest(run_dir)
+    return CheckpointError(
+        f"no space left on the disk of {run_dir} ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]}); "
+        + (f"the last complete checkpoint, {kept.name}, is kept" if kept else "no checkpoint was written yet")
+        + f"; free space and submit again with run.dir={run_dir} to resume"
+    )
+
+
 def _broadcast(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def _disk_full(failure: BaseException, where: Path) -> bool:
-    """A write failed for want of space: ENOSPC/EDQUOT anywhere in the chain (torch.save wraps it in a
-    RuntimeError without errno), or hardly any space left where it was writing."""
+def _disk_full(failure: BaseException, where: Path, writing: bool = False) -> bool:
+    """A write failed for want of space: ENOSPC/EDQUOT anywhere in the chain, or (torch.save's errors
+    carry no errno: "file write failed", "unexpected pos ...") hardly any space left where it was
+    writing; `writing`: the failure is known to come from a write."""
     e: Optional[BaseException] = failure
     while e is not None:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -174,6 +191,8 @@ def _disk_full(failure: BaseException, where: Path) -> bool:
         if "No space left" in str(e) or "Disk quota exceeded" in str(e):
             return True
         e = e.__cause__ or e.__context__
+    if not (writing or isinstance(failure, OSError) or "write" in str(failure).lower()):
+        return False  # not a write that failed
     try:
         return shutil.disk_usage(where).free < DISK_FULL_BYTES
     except OSError:
