@@ -967,3 +967,55 @@ def test_a_request_the_partition_can_never_satisfy_is_refused(slurm_cluster, arg
     code, _, err = run_cli(capsys, "cluster=slurm", *args, f"run.root={tmp_path}/runs")
     assert code == 2 and f"  {key}: " in err and what in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def wait_done(run: Path, timeout_s: float = 600):
+    from tuneforge.commands import runinfo
+
+    deadline = time.time() + timeout_s
+    info = runinfo.gather([run])[0]
+    while info.state not in runinfo.FINAL_STATES:
+        assert time.time() < deadline, f"{run}: still {info.state}"
+        time.sleep(2)
+        info = runinfo.gather([run])[0]
+    return info
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_on_slurm_a_hostile_run_dir_is_quoted_and_a_busy_one_is_refused(slurm_cluster, tmp_path, capsys):
+    """A real job whose run dir holds quotes, $(...) and backticks: it runs (nothing of the path is
+    executed, its logs land where submitit looks); a second submission while it runs is refused naming
+    the job (asked of squeue); once it has ended the same command says the run is finished."""
+    marker = tmp_path / "PAYLOAD-RAN"
+    run = tmp_path / f"it's a $(touch {marker}) `touch {marker}` run" / "run"
+    args = [
+        *RUN,
+        "train.max_steps=6",
+        "train.global_batch=2",
+        "train.checkpoint_every=3",
+        "debug.step_sleep_s=2",
+        "cluster=slurm",
+        f"cluster.partition={slurm_cluster}",
+        "cluster.cpus_per_task=1",
+        "cluster.mem_gb=2",
+        "cluster.timeout_min=10",
+        f"run.dir={hydra_quoted(str(run))}",
+    ]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    job_id = json.loads((run / "submit.json").read_text())["jobs"][-1]["job_id"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and f"owned by slurm job {job_id}" in err and "(squeue)" in err, err
+    info = wait_done(run)
+    assert info.state == "COMPLETED", (info.state, info.errors)
+    assert [m["step"] for m in metrics(run)] == list(range(1, 7))
+    assert (run / "slurm" / f"{job_id}_0_log.out").is_file() and not marker.exists()
+    from tuneforge.slurm import owner
+
+    deadline = time.time() + 120  # the result is written before Slurm has ended the job (srun, epilog)
+    while owner.busy(run) is not None:
+        assert time.time() < deadline, owner.busy(run)
+        time.sleep(2)
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0 and "is finished" in out, out + err
