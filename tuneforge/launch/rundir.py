@@ -188,7 +188,7 @@ def read_record(run_dir: Path) -> dict:
 def record_job(run_dir: Path, job_id: str, cluster: str, folder: Optional[Path] = None) -> None:
     """Append a submitted job, which now owns the run dir; `folder` is submitit's (logs, pickles, sbatch
     script), run_dir/slurm by default."""
-    owner.record(run_dir, job_id, cluster)
+    owner.record(run_dir, job_id, cluster, folder or run_dir / "slurm")
     path = run_dir / "submit.json"
     record = json.loads(path.read_text())
     record["jobs"].append(

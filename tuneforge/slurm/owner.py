@@ -1,7 +1,7 @@
 """One run, one directory: <run dir>/owner.json names the job that trains into it.
 
     {"job_id": "1234" | "1234_5" | null, "cluster": "slurm" | "local", "host": ..., "pid": ..., "pid_start": ...,
-     "state": "submitting" | "submitted", "claimed": <epoch s>}
+     "state": "submitting" | "submitted", "claimed": <epoch s>, "folder": submitit's folder of the job}
 
 The launcher claims the directory before it submits (state "submitting", its own pid) and records the
 job id once the scheduler has one; every rank of a job checks at its start that no other live job owns
@@ -13,7 +13,11 @@ counts only while its job lives, asked where the job runs:
 - a local job (submitit's LocalExecutor: the job id is its controller's pid) and a claim still being
   submitted: that process on that host, with the start time it had when claimed (a reused pid is not it).
 
-So a dead job never holds a directory, and when the owner cannot be asked (Slurm unreachable, a local
+A job that is done with the run dir no longer holds it, although Slurm may still be ending it (srun
+tearing the ranks down, the KillWait after a cancel): its rank 0 wrote its result (submitit's result
+file: it completed or failed), or the job's last event in events.jsonl says it completed, stopped,
+failed or may not requeue. (Should Slurm requeue a stopped job, its ranks find the new owner and
+refuse to train.) So a dead job never holds a directory, and when the owner cannot be asked (Slurm unreachable, a local
 job of another host) the refusal says so and names the file to remove. Standard library only.
 """
 
@@ -63,6 +67,7 @@ class Holder:
     pid_start: Optional[float]
     state: str
     claimed: float
+    folder: Optional[str] = None
 
     def describe(self) -> str:
         if self.job_id is None:
@@ -85,13 +90,16 @@ def read(run_dir: Path) -> Optional[Holder]:
             d.get("pid_start"),
             str(d.get("state", "submitted")),
             float(d.get("claimed", 0)),
+            d.get("folder"),
         )
     except (OSError, ValueError, TypeError, AttributeError):
         return None  # none, or torn by a killed writer: no claim
 
 
-def liveness(holder: Holder) -> Optional[str]:
+def liveness(holder: Holder, run_dir: Optional[Path] = None) -> Optional[str]:
     """None when the holder is gone; else why it still counts ("running", "cannot ask Slurm: ...")."""
+    if holder.job_id is not None and _ended(holder, run_dir):
+        return None
     if holder.job_id is None or holder.cluster == "local":
         if holder.host != socket.gethostname():
             return f"on another host ({holder.host}): cannot be checked from here"
@@ -103,6 +111,26 @@ def liveness(holder: Holder) -> Optional[str]:
             return None  # the pid now belongs to another process
         return "running"
     return _slurm_liveness(holder.job_id)
+
+
+#: a job's last event in events.jsonl after which it does nothing more to the run dir
+FINAL_EVENTS = {"completed", "stopped", "failed", "requeue_refused"}
+
+
+def _ended(holder: Holder, run_dir: Optional[Path]) -> bool:
+    """The job is done with the run dir: rank 0 wrote its result, or its last event says so."""
+    from tuneforge.compat import submitit as submitit_compat
+    from tuneforge.slurm import events
+
+    try:
+        if holder.folder and submitit_compat.job_paths(Path(holder.folder), holder.job_id, 0).result_pickle.is_file():
+            return True
+    except (OSError, ValueError):
+        pass
+    if run_dir is None:
+        return False
+    mine = [e["event"] for e in events.read(run_dir) if str(e.get("job_id")) == holder.job_id]
+    return bool(mine) and mine[-1] in FINAL_EVENTS
 
 
 def _slurm_liveness(job_id: str) -> Optional[str]:
@@ -168,7 +196,7 @@ def busy(run_dir: Path, job_id: Optional[str] = None) -> Optional[str]:
     holder = read(run_dir)
     if holder is None or (job_id is not None and holder.job_id in (job_id, None)):
         return None  # a job is never busy against itself, nor against the submission that started it
-    alive = liveness(holder)
+    alive = liveness(holder, Path(run_dir))
     if alive is None:
         return None
     fix = f"wait for it, `tuneforge cancel {run_dir}`, or use another run.dir"
@@ -187,11 +215,12 @@ def claim(run_dir: Path, cluster: str) -> None:
         _write(run_dir, None, cluster, pid, "submitting")
 
 
-def record(run_dir: Path, job_id: str, cluster: str) -> None:
-    """Launcher, once the scheduler gave the job its id (a local job: its controller's pid)."""
+def record(run_dir: Path, job_id: str, cluster: str, folder: Optional[Path] = None) -> None:
+    """Launcher, once the scheduler gave the job its id (a local job: its controller's pid); `folder`:
+    submitit's, where the job's result will be."""
     pid = _int(job_id) if cluster == "local" else None
     with _locked(run_dir):
-        _write(run_dir, job_id, cluster, pid, "submitted")
+        _write(run_dir, job_id, cluster, pid, "submitted", folder)
 
 
 def release(run_dir: Path) -> None:
@@ -210,10 +239,11 @@ def take(run_dir: Path, job_id: str, cluster: str, write: bool) -> None:
             raise Busy(f"not training: {why}")
         holder = read(run_dir)
         if write and (holder is None or holder.job_id != job_id):
-            _write(run_dir, job_id, cluster, _int(job_id) if cluster == "local" else None, "submitted")
+            folder = os.environ.get("SUBMITIT_FOLDER")  # (submitit's; None outside a submitit job)
+            _write(run_dir, job_id, cluster, _int(job_id) if cluster == "local" else None, "submitted", folder)
 
 
-def _write(run_dir: Path, job_id: Optional[str], cluster: str, pid: Optional[int], state: str) -> None:
+def _write(run_dir: Path, job_id: Optional[str], cluster: str, pid: Optional[int], state: str, folder=None) -> None:
     fsutil.write_json(
         path(run_dir),
         {
@@ -224,6 +254,7 @@ def _write(run_dir: Path, job_id: Optional[str], cluster: str, pid: Optional[int
             "pid_start": process_start(pid) if pid else None,
             "state": state,
             "claimed": round(time.time(), 3),
+            "folder": None if folder is None else str(folder),
         },
     )
 
