@@ -119,7 +119,7 @@ def test_a_site_profile_on_the_search_path_composes_like_a_shipped_option(tmp_pa
     monkeypatch.setenv("TUNEFORGE_CONFIG_PATH", str(SITE))
     capsys.readouterr()
     # (another site's partitions, not the test cluster's: not asked)
-    assert cli(["cluster=mysite", "cluster.check_partition=false", "train.global_batch=64", "--dry-run"]) == 0
+    assert cli(["cluster=mysite", "cluster.check_site=false", "train.global_batch=64", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "#SBATCH --partition=gpu" in out and "#SBATCH --account=myproject" in out
     monkeypatch.delenv("TUNEFORGE_CONFIG_PATH")

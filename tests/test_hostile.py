@@ -33,7 +33,7 @@ from tuneforge.slurm import executors
 
 # ------------------------------------------------------------------------------------------ helpers
 #: a Slurm profile whose script is looked at, not submitted: the partition beside the tests is not asked
-SLURM = ("cluster=slurm", "cluster.check_partition=false")
+SLURM = ("cluster=slurm", "cluster.check_site=false")
 
 
 def run_cli(capsys, *args: str) -> Tuple[int, str, str]:

@@ -49,7 +49,7 @@ REFUSED_8B = [
     "model=llama3_8b",
     "method=full",
     "cluster=slurm",
-    "cluster.check_partition=false",  # a GPU cluster, not the test cluster beside which the tests run
+    "cluster.check_site=false",  # a GPU cluster, not the test cluster beside which the tests run
     "cluster.gpu_type=a100_80g",
     "cluster.gpus_per_node=1",
     "cluster.tasks_per_node=1",
@@ -354,7 +354,7 @@ def test_model_states_match_a_real_run(tiny_hf, tmp_path, capsys, backend, metho
     ]
     if (backend, method) == ("ddp", "full"):
         # declared on a Slurm profile: cluster=local refuses GPUs this machine does not have
-        gpus = ["cluster=slurm", "cluster.check_partition=false", "cluster.gpus_per_node=2", "cluster.tasks_per_node=2"]
+        gpus = ["cluster=slurm", "cluster.check_site=false", "cluster.gpus_per_node=2", "cluster.tasks_per_node=2"]
         gpus += ["cluster.gpu_memory_gb=0.001"]
         assert main(overrides + gpus + ["--dry-run"]) == 2, "a job that does not fit is refused"
         assert "--force" in capsys.readouterr().err and not run_dir.exists()
@@ -463,7 +463,7 @@ def test_exit_codes(tmp_path, capsys):
         "model=llama3_8b",
         "method=full",
         "cluster=slurm",
-        "cluster.check_partition=false",
+        "cluster.check_site=false",
         "cluster.gpus_per_node=8",
         "cluster.tasks_per_node=8",
         "train.dtype=bf16",
@@ -517,7 +517,7 @@ def test_time_cost_and_requeue_warning():
         "method=full",
         "backend=ddp",
         "cluster=slurm",
-        "cluster.check_partition=false",
+        "cluster.check_site=false",
         "cluster.gpu_type=h100_80g",
         "cluster.gpus_per_node=8",
         "cluster.tasks_per_node=8",

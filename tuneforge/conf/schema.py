@@ -108,8 +108,9 @@ class SlurmClusterConfig(ClusterConfig):
     extra_sbatch: List[str] = knob(factory=list)  # extra lines "--key=value", each one #SBATCH line
     setup: List[str] = knob(factory=list)  # shell lines run before the task (module load, venv)
     # before submitting, ask the scheduler what the partition offers (nodes, CPUs, memory, GPUs, time limit)
-    # and refuse a job that could never start there; false: skip it (a profile written for another cluster)
-    check_partition: bool = True
+    # and check that the run dir's disk has room for a checkpoint, refusing a job that could never run
+    # there; false: skip both (a profile written for another cluster, looked at from here)
+    check_site: bool = True
 
 
 CLUSTERS: Dict[str, type] = {"local": LocalClusterConfig, "slurm": SlurmClusterConfig}

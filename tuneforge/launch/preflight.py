@@ -242,6 +242,9 @@ def check(cfg: Config, validator: Optional[Validator] = None, options: Optional[
     Then what the site says: the Slurm partition's limits (`partition_problems`) and the run dir's disk
     (`disk_problems`)."""
     report = _estimate(cfg, validator, options)
+    if not getattr(cfg.cluster, "check_site", True):  # a Slurm profile of another cluster
+        report.warnings.append("partition and disk checks off (cluster.check_site=false)")
+        return report
     for problems, warnings in (
         partition_problems(cfg.cluster),
         disk_problems(cfg.run.dir, checkpoint_bytes(report)),
@@ -489,8 +492,6 @@ def partition_problems(cluster: ClusterConfig) -> Tuple[List[str], List[str]]:
     limit can ever satisfy would pend forever. Skipped, with a warning, where Slurm cannot be asked."""
     if cluster.name != "slurm":
         return [], []
-    if not getattr(cluster, "check_partition", True):
-        return [], ["partition check off (cluster.check_partition=false)"]
     try:
         info = slurm_partitions()
     except SlurmUnavailable as e:
