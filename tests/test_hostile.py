@@ -647,6 +647,11 @@ def test_special_files_are_refused_before_they_are_opened(tmp_path):
         ([f"data.path={folder}", "data.format=text"], "data.path", f"{folder / 'b.jsonl'}: is a FIFO"),
         (["model=hf", "method=full", f"model.name_or_path={model}"], "model.name_or_path", "config.json: is a FIFO"),
         ([f"model.tokenizer={fifo}"], "model.tokenizer", "is a FIFO"),
+        (
+            [f"data.sources=[{{name:a,path:'{fifo}'}},{{name:b,path:'{folder / 'a.jsonl'}'}}]"],
+            "data.sources[0].path",
+            f"{fifo}: is a FIFO",
+        ),
     ):
         done = run_cli_subprocess(*args, "--dry-run")
         assert done.returncode == 2 and f"{key}: " in done.stderr and what in done.stderr, done.stderr

@@ -128,7 +128,7 @@ class SourceConfig:
 
     name: str = MISSING  # labels its metrics (tokens_seen/<name>, eval_loss/<name>); without path or hub_id,
     # the bundled dataset of that name (demo_corpus, general_corpus, ...)
-    weight: float = knob(1.0, gt=0)  # its share of the target tokens: weight / the sum of the weights
+    weight: float = knob(1.0, gt=0, le=1e6)  # its share of the target tokens: weight / the sum of the weights
     path: Optional[str] = None  # local file or folder, as data.path
     hub_id: Optional[str] = None  # a Hugging Face dataset id (or a dataset folder), as data.hub_id
     hub_config: Optional[str] = None
