@@ -39,7 +39,7 @@ class FullConfig(MethodConfig):
 @dataclass
 class PretrainConfig(MethodConfig):
     name: str = "pretrain"  # random init from the model's architecture; trains a tokenizer if none given
-    tokenizer_min_frequency: int = knob(2, ge=1)  # BPE merges need a pair seen at least this often
+    tokenizer_min_frequency: int = knob(2, ge=1, le=10**9)  # BPE merges need a pair seen at least this often
 
 
 # PEFT methods: peft trains a small adapter on a frozen base. Each has its own schema, so a knob of one
@@ -54,8 +54,8 @@ class PeftMethodConfig(MethodConfig):
 @dataclass
 class LoraMethodConfig(PeftMethodConfig):
     name: str = "lora"  # low-rank update B @ A added to each target weight
-    r: int = knob(8, ge=1)  # rank of the update
-    alpha: float = knob(16.0, gt=0)  # the update is scaled by alpha / r (alpha / sqrt(r) with rslora)
+    r: int = knob(8, ge=1, le=2**16)  # rank of the update
+    alpha: float = knob(16.0, gt=0, le=1e6)  # the update is scaled by alpha / r (alpha / sqrt(r) with rslora)
     dropout: float = knob(0.05, ge=0, lt=1)  # dropout on the adapter's input
     rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
 
@@ -81,16 +81,18 @@ class QLoraMethodConfig(LoraMethodConfig):
 @dataclass
 class AdaLoraMethodConfig(PeftMethodConfig):
     name: str = "adalora"  # LoRA whose ranks are reallocated between modules during training (SVD form)
-    init_r: int = knob(12, ge=1)  # starting rank of every module
-    target_r: int = knob(8, ge=1)  # average rank left at the end of the budget schedule
-    alpha: float = knob(16.0, gt=0)  # scaling of the update (alpha / rank)
+    init_r: int = knob(12, ge=1, le=2**16)  # starting rank of every module
+    target_r: int = knob(8, ge=1, le=2**16)  # average rank left at the end of the budget schedule
+    alpha: float = knob(16.0, gt=0, le=1e6)  # scaling of the update (alpha / rank)
     dropout: float = knob(0.05, ge=0, lt=1)
-    tinit: int = knob(0, ge=0)  # warmup steps before ranks start to be cut
-    tfinal: int = knob(0, ge=0)  # final steps with the ranks fixed
-    deltaT: int = knob(1, ge=1)  # steps between two rank allocations
+    tinit: int = knob(0, ge=0, le=10**10)  # warmup steps before ranks start to be cut
+    tfinal: int = knob(0, ge=0, le=10**10)  # final steps with the ranks fixed
+    deltaT: int = knob(1, ge=1, le=10**10)  # steps between two rank allocations
     beta1: float = knob(0.85, gt=0, lt=1)  # EMA of the importance scores
     beta2: float = knob(0.85, gt=0, lt=1)  # EMA of their uncertainty
-    orth_reg_weight: float = knob(0.5, ge=0)  # weight of the orthogonality penalty on A and B (logged as orth_loss)
+    orth_reg_weight: float = knob(
+        0.5, ge=0, le=1e6
+    )  # weight of the orthogonality penalty on A and B (logged as orth_loss)
 
 
 @dataclass
@@ -104,8 +106,8 @@ class IA3MethodConfig(PeftMethodConfig):
 @dataclass
 class LohaMethodConfig(PeftMethodConfig):
     name: str = "loha"  # low-rank Hadamard product update
-    r: int = knob(8, ge=1)
-    alpha: float = knob(8.0, gt=0)  # the update is scaled by alpha / r
+    r: int = knob(8, ge=1, le=2**16)
+    alpha: float = knob(8.0, gt=0, le=1e6)  # the update is scaled by alpha / r
     rank_dropout: float = knob(0.0, ge=0, lt=1)  # dropout on each rank of the update
     module_dropout: float = knob(0.0, ge=0, lt=1)  # probability of skipping a module's update in a step
 
@@ -113,7 +115,7 @@ class LohaMethodConfig(PeftMethodConfig):
 @dataclass
 class LokrMethodConfig(LohaMethodConfig):
     name: str = "lokr"  # low-rank Kronecker product update
-    factor: int = -1  # Kronecker factor size; -1: as square as possible
+    factor: int = knob(-1, ge=-1, le=2**16)  # Kronecker factor size; -1: as square as possible
     decompose_both: bool = False  # low-rank decompose the left Kronecker factor too
 
 

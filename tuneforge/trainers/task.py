@@ -120,6 +120,13 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
         logger.summary(result)
         finished = True
         return {**result, "rank": dist_env.rank, "world_size": dist_env.world_size}
+    except (OSError, RuntimeError) as e:  # a full disk: one line saying so, and which checkpoint is kept
+        from tuneforge.trainers.checkpoint import disk_full
+
+        full = disk_full(e, run_dir)
+        if full is None:
+            raise
+        raise full from None  # (the original traceback would hold the failed file, and its space, open)
     finally:
         if logger is not None:
             logger.close()
