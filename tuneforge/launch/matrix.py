@@ -71,7 +71,7 @@ def family_cells(families: Optional[Sequence[str]] = None) -> Dict[str, dict]:
 
     from tuneforge.arch import adapters, shape_from_config, support, tiny
     from tuneforge.launch.compose import compose
-    from tuneforge.launch.validate import validate
+    from tuneforge.launch.validate import NO_WEIGHTS, validate
 
     tested = set(tiny.MATRIX)
     columns = [(m, b) for b in tiny.BACKENDS for m in tiny.METHODS]
@@ -93,7 +93,9 @@ def family_cells(families: Optional[Sequence[str]] = None) -> Dict[str, dict]:
                 extra = tiny.required_overrides(family, method)
                 needs += [f"{e} ({method})" if e.startswith("method.") else e for e in extra if e not in needs]
                 cfg = _override(composed[(method, backend)], [f"model.name_or_path={model_dir}", *extra])
-                problems = [p for p in validate(cfg) if not p.key.startswith(("backend", "cluster"))]
+                # the family's cells: not the cluster's, nor the folder's (it holds a config.json only)
+                problems = [p for p in validate(cfg) if p.key.split(".")[0] not in ("backend", "cluster")]
+                problems = [p for p in problems if not (p.key == "model.name_or_path" and NO_WEIGHTS in p.message)]
                 cells[(method, backend)] = (
                     f"refused: {problems[0]}"
                     if problems

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
 from tuneforge import data as bundled_data
 from tuneforge.conf import backends, ds_config, methods
@@ -45,6 +45,7 @@ class Problem:
 
 
 Rule = Callable[[Config], Iterator[Problem]]
+NO_WEIGHTS = "holds no weights"  # the problem of a model folder with a config.json only (launch/matrix.py skips it)
 RULES: List[Rule] = []
 
 
@@ -115,13 +116,14 @@ def _model(cfg: Config) -> Iterator[Problem]:
         else:
             found = list(_model_path("model.name_or_path", m.name_or_path, not methods.method(method.name).builds))
             yield from found
-            config = None if found else _local_config(m)
-            positions = _positions(config) if config else None
+            config = None if found else families.local_config(m)  # found nothing wrong: it reads
+            name, positions = _positions(config) if config else (None, None)
             if positions is not None and cfg.train.seq_len > positions:
                 yield Problem(
                     "train.seq_len",
-                    f"{cfg.train.seq_len} exceeds the model's max_position_embeddings={positions} "
-                    f"({Path(m.name_or_path).expanduser() / 'config.json'}); lower train.seq_len",
+                    f"{cfg.train.seq_len} exceeds the model's {name}={positions} "
+                    f"({Path(m.name_or_path).expanduser() / 'config.json'}): it knows {positions} positions; "
+                    "lower train.seq_len",
                 )
     if m.kind == "tiny" and not methods.method(method.name).builds:
         yield Problem(
@@ -209,9 +211,7 @@ def _model_path(key: str, value: str, needs_weights: bool) -> Iterator[Problem]:
                     "sizes must be positive integers",
                 )
     if needs_weights and not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
-        yield Problem(
-            key, f"'{value}' holds no weights (model.safetensors or pytorch_model.bin); the method loads them"
-        )
+        yield Problem(key, f"'{value}' {NO_WEIGHTS} (model.safetensors or pytorch_model.bin); the method loads them")
 
 
 def read_json_file(file: Path):
@@ -240,20 +240,13 @@ def read_json_file(file: Path):
     return value, None
 
 
-def _local_config(model: ModelConfig) -> Optional[dict]:
-    """The config.json of a local model directory, when there is one that reads; else None."""
-    if not model.name_or_path:
-        return None
-    file = Path(str(model.name_or_path)).expanduser() / "config.json"
-    return read_json_file(file)[0] if file.exists() else None
-
-
-def _positions(config: dict) -> Optional[int]:
+def _positions(config: dict) -> Tuple[Optional[str], Optional[int]]:
+    """(the config key, the longest sequence the model was built for), or (None, None)."""
     for node in (config, config.get("text_config") or {}):
         for name in ("max_position_embeddings", "n_positions"):
             if isinstance(node, dict) and isinstance(node.get(name), int) and not isinstance(node.get(name), bool):
-                return node[name]
-    return None
+                return name, node[name]
+    return None, None
 
 
 # ------------------------------------------------------------------------------------- data
