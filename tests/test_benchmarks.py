@@ -122,3 +122,22 @@ def test_startup_quick_reports_the_phases_of_both_jobs(tmp_path):
         assert 0 < entry["first_step_start_s"] <= entry["time_to_first_step_s"]
         assert list(entry["phases_s"])[0] == "imports" and list(entry["phases_s"])[-1] == "first step"
     assert "method" in result["lora"]["phases_s"] and "method" not in result["default"]["phases_s"]
+
+
+@pytest.mark.slow
+def test_data_prep_quick_measures_both_sides_on_text_and_jsonl(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "data_prep.py"), "--quick", "--work-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result["sizes"]) == {"1MB_txt", "1MB_jsonl"}
+    for row in result["sizes"].values():
+        for side in ("tuneforge", "datasets"):
+            assert row[side]["mb_per_s"] > 0 and row[side]["peak_rss_mb"] > 0 and row[side]["rows"] > 0
+        # the same tokens end to end: tuneforge packs (rows padded at the end), datasets drops the remainder
+        assert abs(row["tuneforge"]["rows"] - row["datasets"]["rows"]) <= 0.05 * row["datasets"]["rows"] + 1
