@@ -77,3 +77,67 @@ def test_mixture_quick_reports_shares_and_the_cost_of_mixing(tmp_path):
             figures["weights"]
         )
     assert result["train_tokens_per_s"]["single"] > 0 and result["train_tokens_per_s"]["mixture"] > 0
+
+
+@pytest.mark.slow
+def test_adapters_quick_compares_lora_and_qlora_with_hf_peft_and_full_training(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "adapters.py"), "--quick", "--work-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for method in ("lora", "qlora"):
+        entry = result["methods"][method]
+        for key in ("tuneforge_tokens_per_s", "hf_peft_tokens_per_s", "ratio", "mfu_bf16_cpu_basis"):
+            assert entry[key] > 0, (method, key)
+        assert entry["ratio"] == pytest.approx(
+            entry["tuneforge_tokens_per_s"] / entry["hf_peft_tokens_per_s"], rel=1e-2
+        )
+        # the same adapter on the same rows: as many trainable weights, and the same loss curve up to
+        # bf16 rounding and the two sides' different dropout masks
+        assert entry["params_trainable"]["tuneforge"] == entry["params_trainable"]["hf"]
+        assert len(entry["loss_tuneforge"]) == len(entry["loss_hf"]) == result["steps"]
+        assert entry["loss_max_rel_diff"] < 0.02
+    assert result["lora_vs_full"] > 0 and result["full_tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_startup_quick_reports_the_phases_of_both_jobs(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "startup.py"), "--quick", "--work-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for job in ("default", "lora"):
+        entry = result[job]
+        assert entry["data_cache"] == ["hit"]  # the warm-up run filled it
+        assert 0 < entry["first_step_start_s"] <= entry["time_to_first_step_s"]
+        assert list(entry["phases_s"])[0] == "imports" and list(entry["phases_s"])[-1] == "first step"
+    assert "method" in result["lora"]["phases_s"] and "method" not in result["default"]["phases_s"]
+
+
+@pytest.mark.slow
+def test_data_prep_quick_measures_both_sides_on_text_and_jsonl(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "data_prep.py"), "--quick", "--work-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result["sizes"]) == {"1MB_txt", "1MB_jsonl"}
+    for row in result["sizes"].values():
+        for side in ("tuneforge", "datasets"):
+            assert row[side]["mb_per_s"] > 0 and row[side]["peak_rss_mb"] > 0 and row[side]["rows"] > 0
+        # the same tokens end to end: tuneforge packs (rows padded at the end), datasets drops the remainder
+        assert abs(row["tuneforge"]["rows"] - row["datasets"]["rows"]) <= 0.05 * row["datasets"]["rows"] + 1

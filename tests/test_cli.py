@@ -310,7 +310,17 @@ def test_progress_is_one_plain_line_per_step_batch_when_not_a_terminal(tmp_path)
     assert "\r" not in err
     lines = err.splitlines()
     phases = [line.split("] ", 1)[1].split(":")[0] for line in lines if line.startswith("[")]
-    assert phases == ["started (allocation 0)", "process group", "tokenizer", "data", "model", "backend", "first step"]
+    assert phases == [
+        "started (allocation 0)",
+        "process group",
+        "tokenizer",
+        "data",
+        "model",
+        "backend",
+        "logger",
+        "GEMM ceiling",
+        "first step",
+    ]
     progress = [line for line in lines if line.startswith("step ")]
     assert [line.split()[1] for line in progress] == [f"{i}/6" for i in range(1, 7)]
     assert all("loss " in line and "elapsed " in line for line in progress)

@@ -140,6 +140,25 @@ def test_label_masks_count_only_the_responses(tokenizer):
     assert DEFAULT_CHAT_TEMPLATE in Path(__file__).parents[1].joinpath("docs", "data.md").read_text()
 
 
+def test_whole_text_labels_take_the_fast_path_to_the_same_mask(tokenizer):
+    """format=text marks every token of the text a target without a per-token _inside call (data
+    preparation's hot loop); the labels are those of the general rule, special tokens included."""
+    from tuneforge.data.tokenize import _inside
+
+    docs = [row["text"] for _, row in records.read_rows(bundled_data.bundled("demo_corpus"), data_cfg())][:50]
+    docs += [" ", "x"]
+    encoder = Encoder(data_cfg(format="text"), tokenizer, 4096)
+    encoded = tokenizer(docs, return_offsets_mapping=True)
+    for doc, (ids, labels), want_ids, offsets in zip(
+        docs, encoder.encode([{"text": d} for d in docs]), encoded["input_ids"], encoded["offset_mapping"]
+    ):
+        general = [t if _inside(a, b, [(0, len(doc))]) else IGNORE_INDEX for t, (a, b) in zip(want_ids, offsets)]
+        if want_ids and want_ids[-1] == tokenizer.eos_token_id:
+            want_ids, general = want_ids[:-1], general[:-1]
+        assert ids == want_ids + [tokenizer.eos_token_id]
+        assert labels == general + [tokenizer.eos_token_id]
+
+
 def test_long_examples_are_truncated_and_those_left_without_targets_dropped(tokenizer):
     enc = Encoder(data_cfg(format="completion"), tokenizer, 16)
     long_prompt = {"prompt": "word " * 40, "completion": "answer"}

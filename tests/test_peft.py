@@ -367,6 +367,31 @@ def test_resume_equals_uninterrupted(method, runs, base, tmp_path):
     assert config(run_dir) == config(reference)
 
 
+@pytest.mark.slow
+def test_resume_with_adapter_dropout_equals_uninterrupted(runs, base, tmp_path):
+    """Dropout on: trainers/adapters.py's masks come from the generator each rank's checkpoint saves, so a
+    resumed LoRA run still equals the uninterrupted one bit for bit (and the dropout did change the run)."""
+    from safetensors.torch import load_file
+
+    def args(run_dir, *extra):
+        return [a for a in train_args(base, "lora", "ddp", run_dir, *extra) if a != "method.dropout=0"] + [
+            "method.dropout=0.1"
+        ]
+
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    assert cli.main(args(uninterrupted)) == 0
+    assert cli.main(args(resumed, "debug.stop_after=3")) == 0
+    assert len(metrics(resumed)) == 3
+    assert cli.main(args(resumed)) == 0
+    keys = ("loss", "grad_norm")
+    got, want = ([{k: r[k] for k in keys} for r in metrics(d)] for d in (resumed, uninterrupted))
+    assert got == want
+    without_dropout = [r["loss"] for r in metrics(runs.get("lora"))]
+    assert [r["loss"] for r in want][1:] != without_dropout[1:]
+    a, b = (load_file(d / "final" / "adapter_model.safetensors") for d in (resumed, uninterrupted))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ----------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "overrides,key,words",

@@ -136,10 +136,13 @@ class Encoder:
         )
         examples = []
         for (text, spans, add_eos), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
-            labels = [
-                tok if self.train_on_prompt or _inside(off[0], off[1], spans) else IGNORE_INDEX
-                for tok, off in zip(ids, offsets)
-            ]
+            if self.train_on_prompt:
+                labels = list(ids)
+            elif spans == [(0, len(text))]:  # the whole text (format=text): _inside without its per-token call
+                n = len(text)
+                labels = [tok if (a or b) and a < n else IGNORE_INDEX for tok, (a, b) in zip(ids, offsets)]
+            else:
+                labels = [tok if _inside(off[0], off[1], spans) else IGNORE_INDEX for tok, off in zip(ids, offsets)]
             if add_eos:  # the response ends with EOS, a target (also when the tokenizer appended one itself)
                 eos = self.tokenizer.eos_token_id
                 if ids and ids[-1] == eos:

@@ -1,7 +1,7 @@
 """What the launcher shows while it follows a job: start-up phases as they happen, then the steps.
 
 Everything comes from the run dir, as `tuneforge status` reads it: the tasks' `task` and `phase` events
-(events.jsonl: ranks started, process group, tokenizer, data, model, backend, first step) and the last
+(events.jsonl: ranks started, process group, tokenizer, data, model, ..., first step) and the last
 line of metrics.jsonl (step, loss). On a terminal the steps are a tqdm bar (rate, elapsed, ETA, loss);
 otherwise (a pipe, a file, CI) a plain line every `every` steps, and at least every
 `PLAIN_INTERVAL_S` while steps advance, each on its own line. Both go to stderr; stdout keeps the

@@ -4,8 +4,9 @@ The record that `tuneforge status` and `tuneforge logs` read, next to metrics.js
 
     allocation   rank 0, at every start: job id, restart count, nodes and the Slurm environment
     task         every rank, at every start: rank, host, pid (so a rank can be found and signalled)
-    phase        rank 0, as each start-up step begins: process group, tokenizer, data, model, backend,
-                 first step (what the launcher shows while it follows a run)
+    phase        rank 0, as each start-up step begins: process group, tokenizer, data, model, method
+                 (PEFT), compile (train.compile), backend, logger, GEMM ceiling, first step (what the launcher
+                 shows while it follows a run; trainers/startup.py times them)
     signal       a rank received SIGUSR2 (time limit / preemption warning), SIGTERM or SIGINT (Ctrl-C)
     launcher_gone  a local rank's launcher died: it stops as on SIGTERM
     checkpoint   rank 0: the checkpoint written because of a stop request (step, reason)

@@ -40,12 +40,14 @@ class Trainer:
         throughput: metrics.Throughput,
         eval_batches=None,
         hooks=None,
+        after_first_step=None,
     ):
         from tuneforge.trainers.methods import MethodHooks
 
         self.engine, self.batches, self.train_cfg, self.debug = engine, batches, train_cfg, debug_cfg
         self.eval_batches = eval_batches  # data.EvalBatches, or None: no validation loss
         self.hooks = hooks or MethodHooks()
+        self.after_first_step = after_first_step  # called once, after this process's first step (start-up times)
         self.dist_env, self.stop, self.checkpoints, self.logger = dist_env, stop, checkpoints, logger
         self.throughput = throughput
         self.loss_fn = loss_function(compiled=train_cfg.compile)  # optim.token_loss_sum
@@ -77,6 +79,9 @@ class Trainer:
         last: dict = {}
         while self.step < t.max_steps:
             last = self.train_step()
+            if self.after_first_step is not None:
+                self.after_first_step()
+                self.after_first_step = None
             if self.debug.step_sleep_s:
                 time.sleep(self.debug.step_sleep_s)
             evaluate = (

@@ -65,6 +65,9 @@ def apply_method(
         model.name_or_path = str(local_base.resolve())
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, peft_config(method_cfg, total_steps, targets))
+    from tuneforge.trainers.adapters import speed_up
+
+    speed_up(peft_model)  # the LoRA family's cheaper dropout and bf16 adapter compute: the same maths
     hooks = AdaLoraHooks(method_cfg.orth_reg_weight) if isinstance(method_cfg, AdaLoraMethodConfig) else AdapterHooks()
     return peft_model, hooks
 

@@ -19,9 +19,24 @@ __all__ = ["DistEnv", "StopFlag", "run"]
 Phase = Callable[..., None]  # phase(name, detail="")
 
 
+def _started(startup, logger, is_main: bool) -> None:
+    from tuneforge.trainers.startup import describe
+
+    values = startup.first_step_done()
+    if values:
+        logger.summary(values)
+        if is_main:
+            print(describe(values), flush=True)
+
+
 def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] = None) -> Dict[str, Any]:
-    """Train on this rank; `phase(name, detail)` is told each start-up step as it begins (the launcher shows them)."""
-    phase = phase or (lambda name, detail="": None)
+    """Train on this rank; `phase(name, detail)` is told each start-up step as it begins (the launcher shows them).
+
+    The same announcements time the start-up (trainers/startup.py): printed and written to summary.json
+    when the first step ends."""
+    from tuneforge.trainers.startup import StartUp
+
+    phase = StartUp(phase)  # before the imports below: they are part of the `imports` phase
     from tuneforge.conf import methods
     from tuneforge.conf.backends import model_dtype
     from tuneforge.conf.schema import source_views
@@ -54,6 +69,8 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
         flatten = cfg.model.attn_implementation.startswith("flash")
         phase("data", cfg.data.name)
         run_data = pipeline.build(cfg.data, t, tokenizer, dist_env, flatten_packed=flatten)
+        if "data_cache" in run_data.stats:
+            phase.note(f"cache {run_data.stats['data_cache']}")
         peft = methods.is_peft(cfg.method.name)
         phase("model", cfg.model.name_or_path or f"{cfg.model.kind}, built from its config")
         net = model.load_model(
@@ -64,6 +81,8 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
             if added and dist_env.is_main:
                 print(f"vocabulary: {added} new token(s), embeddings resized to {len(tokenizer)}", flush=True)
         model.check_packing(cfg.data, net.config)
+        if peft:
+            phase("method", cfg.method.name)
         net, method_hooks = apply_method(net, cfg.method, total_steps=t.max_steps, seed=t.seed)
         counts = model.count_parameters(net)
         if dist_env.is_main:
@@ -76,6 +95,7 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
         if t.compile:  # before the backend wraps the blocks: its hooks stay outside the compiled graphs
             from tuneforge.trainers.compile import compile_blocks
 
+            phase("compile", "wraps the blocks; their graphs are built in the first step")
             compile_blocks(net)
         phase("backend", cfg.backend.name)
         engine = backends.prepare(net, cfg.backend, t, dist_env)
@@ -83,6 +103,7 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
         run_config = to_container(cfg)
         if preflight.is_file():
             run_config["preflight"] = json.loads(preflight.read_text())
+        phase("logger", cfg.logger.name)
         logger = RunLogger(cfg.logger, run_dir, run_config, enabled=dist_env.is_main)
         logger.summary(
             {
@@ -94,6 +115,7 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
                 **run_data.stats,
             }
         )
+        phase("GEMM ceiling")  # measured by the ranks together, for the MFU
         speed = metrics.Throughput.of(
             net, counts["params_trainable"] if peft else None, cfg.cluster, t, dist_env, run_dir
         )
@@ -110,6 +132,7 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
             speed,
             eval_batches=run_data.validation,
             hooks=method_hooks,
+            after_first_step=lambda: _started(phase, logger, dist_env.is_main),
         )
         phase("first step")
         result = trainer.train()
