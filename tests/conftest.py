@@ -15,6 +15,7 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "offline")  # never reach for the network from tests
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("WANDB_API_KEY", None)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nor for the hub: a model not on disk or in its cache is not there
 # Token caches of test runs go to a temporary directory, not the user's ~/.cache.
 os.environ.setdefault("TUNEFORGE_DATA_CACHE", tempfile.mkdtemp(prefix="tuneforge-test-cache-"))
 
@@ -97,5 +98,7 @@ def pytest_terminal_summary(terminalreporter):
     read as "Slurm works" when the cluster was never asked."""
     skipped = [r for r in terminalreporter.stats.get("skipped", []) if "slurm" in getattr(r, "keywords", {})]
     if skipped:
-        terminalreporter.write_sep("!", f"{len(skipped)} Slurm test(s) SKIPPED: Slurm was NOT tested", red=True, bold=True)
+        terminalreporter.write_sep(
+            "!", f"{len(skipped)} Slurm test(s) SKIPPED: Slurm was NOT tested", red=True, bold=True
+        )
         terminalreporter.write_line("start the test cluster first: scripts/slurm-cluster.sh install start")

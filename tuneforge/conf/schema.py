@@ -49,6 +49,10 @@ class ModelConfig:
     rope_theta: float = knob(10000.0, gt=0)
     tie_word_embeddings: bool = False
     params_b: Optional[float] = knob(None, gt=0)  # declared size in billions, for presets (used by estimates only)
+    # A hub model's sizes under config.json's own names (hidden_size, num_hidden_layers, head_dim, ...),
+    # so that the preflight estimates it offline: the presets set them (conf/model/*.yaml). {}: read the
+    # local directory's config.json, else fetch it from the hub (launch/hubconfig.py).
+    architecture: Dict[str, Any] = knob(factory=dict)
     # Architecture family as in config.json's "model_type" (llama, mistral, qwen2, ...), so that
     # method.target_modules can be checked before launch; None: read from a local name_or_path.
     model_type: Optional[str] = None

@@ -2,7 +2,8 @@
 
     tuneforge [key=value ...] [--dry-run] [--wait] [--force]   # train (locally, or submit to Slurm)
     tuneforge -m key=a,b other=x,y [--dry-run] [--force]       # sweep: a run per combination, ONE Slurm job array
-    tuneforge status|logs|cancel|sync|export <run dir> ...      # follow and manage runs (tuneforge/commands/)
+    tuneforge status|logs|cancel|sync|export|compare <run dir>  # follow and manage runs (tuneforge/commands/)
+    tuneforge models|probe|generate ...                         # choose a base model, see what it answers
 (--force: submit although the preflight estimates that a job does not fit in GPU memory)
 """
 
@@ -11,13 +12,13 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
+from tuneforge.commands import COMMANDS
 from tuneforge.conf.schema import to_yaml
 from tuneforge.launch import preflight, rundir, sweep
 from tuneforge.launch.compose import ConfigError, compose, validator
 from tuneforge.launch.validate import validate
 
 FLAGS = {"--dry-run", "--wait", "--force", "--help", "-h", "-m", "--multirun"}
-COMMANDS = {"status", "logs", "cancel", "export", "sync"}
 USAGE = __doc__
 
 
