@@ -52,6 +52,11 @@ def tuneforge(*args: str, check: bool = True) -> int:
 
 
 def metrics(run_dir: Path) -> List[dict]:
+    """The records of the optimizer steps (step 0's evaluation, train.eval_on_start, left out)."""
+    return [r for r in all_metrics(run_dir) if r["step"] > 0]
+
+
+def all_metrics(run_dir: Path) -> List[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -202,11 +202,30 @@ class TrainConfig:
     )  # global batches of validation data per evaluation (fewer when there is less data)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward instead of
     # keeping them (less memory, ~1/3 more compute); works with every backend
+    # the validation loss (and the eval prompts' answers) at step 0 too, before any training: the "before"
+    # of every run (a resumed run does not repeat it); takes effect when there is validation data or prompts
+    eval_on_start: bool = True
 
 
 def warmup_steps(train: TrainConfig) -> int:
     """The warm-up in steps: as set, else a tenth of max_steps (so that no max_steps is ever too short for it)."""
     return train.max_steps // 10 if train.warmup_steps is None else train.warmup_steps
+
+
+# ---------------------------------------------------------------------------------------- eval
+@dataclass
+class EvalConfig:
+    """What the model answers, before and after: greedy answers to a few prompts at step 0 (with
+    train.eval_on_start), at every evaluation and at the end, in <run dir>/samples.jsonl and a W&B Table;
+    the run ends with the before/after table (`tuneforge compare <run dir>`)."""
+
+    # JSONL of {"prompt": ..., "reference": ... (optional), "system": ... (optional)}: a path, or the name
+    # of a bundled file (demo_prompts). A prompt is rendered as the training data is: a user turn with the
+    # chat template (format=chat), the Alpaca prompt (alpaca), as it is (completion, text).
+    # None: the first `num_prompts` held-out rows of instruction or chat data (none for text data).
+    prompts: Optional[str] = None
+    num_prompts: int = knob(3, ge=0)  # prompts used (the first of the file, or of the held-out rows); 0: none
+    max_new_tokens: int = knob(48, ge=1)  # tokens generated per answer (greedy; ends earlier at EOS)
 
 
 # ---------------------------------------------------------------------------------------- debug, run
@@ -238,6 +257,7 @@ class Config:
     data: DataConfig = MISSING
     logger: LoggerConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -284,6 +304,7 @@ def from_container(values: Dict[str, Any]) -> Config:
                 "data": DataConfig,
                 "logger": LoggerConfig,
                 "train": TrainConfig,
+                "eval": EvalConfig,
                 "debug": DebugConfig,
                 "run": RunConfig,
             }.get(group)

@@ -57,7 +57,18 @@ def follow(job, run_dir: Path, max_steps: int) -> int:
         f"done: step {main['step']}, loss {main['loss']:.4f}"
         + (f" (stopped: {main['stopped']})" if main["stopped"] else "")
     )
+    if not main["stopped"]:
+        _show_before_after(run_dir)
     return 0
+
+
+def _show_before_after(run_dir: Path) -> None:
+    """The run's answers and held-out loss before and after (what `tuneforge compare <run dir>` shows)."""
+    from tuneforge.commands.compare import before_after
+
+    text = before_after(run_dir)
+    if text:
+        print(text, flush=True)
 
 
 def task_error(text: str) -> str:
@@ -78,4 +89,6 @@ def _last_step(metrics: Path):
         record = json.loads(lines[-1]) if lines else None
     except (OSError, ValueError):
         return -1, 0.0
-    return (record["step"], record.get("loss", 0.0)) if record else (-1, 0.0)
+    if not record or "loss" not in record:  # step 0's evaluation: no training step yet
+        return -1, 0.0
+    return record["step"], record["loss"]

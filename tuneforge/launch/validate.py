@@ -30,6 +30,7 @@ from tuneforge.conf.schema import (
     SlurmClusterConfig,
     TrainConfig,
 )
+from tuneforge.data import prompts as eval_prompts
 from tuneforge.data import records
 
 
@@ -438,3 +439,14 @@ def _run(cfg: Config) -> Iterator[Problem]:
         yield Problem("run.name", f"{cfg.run.name!r}: use letters, digits and _ . = , + - only (it names a directory)")
     if cfg.run.dir and Path(cfg.run.dir).exists() and not Path(cfg.run.dir).is_dir():
         yield Problem("run.dir", f"'{cfg.run.dir}' exists and is not a directory")
+
+
+# ------------------------------------------------------------------------------------- eval
+@rule
+def _eval(cfg: Config) -> Iterator[Problem]:
+    """The eval.prompts file exists and every row has a prompt (data/prompts.py), before submission."""
+    if cfg.eval.prompts:
+        try:
+            eval_prompts.read(cfg.eval.prompts)
+        except records.DataError as e:
+            yield Problem("eval.prompts", str(e))

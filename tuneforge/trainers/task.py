@@ -21,11 +21,10 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag) -> Dict[str, Any]:
     from tuneforge.conf import methods
     from tuneforge.conf.backends import model_dtype
     from tuneforge.data import pipeline, sources
-    from tuneforge.data.tokenize import chat_template
     from tuneforge.trainers import backends, metrics, model
     from tuneforge.trainers.checkpoint import Checkpoints
     from tuneforge.trainers.distributed import close_process_group, init_process_group
-    from tuneforge.trainers.export import write_final
+    from tuneforge.trainers.export import run_tokenizer, write_final
     from tuneforge.trainers.logging import RunLogger
     from tuneforge.trainers.loop import Trainer
     from tuneforge.trainers.methods import apply_method
@@ -40,8 +39,7 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag) -> Dict[str, Any]:
     finished = False
     try:
         tokenizer = model.load_tokenizer(cfg.model, cfg.method, lambda: sources.texts(cfg.data), run_dir, dist_env)
-        if cfg.data.format == "chat":  # saved with final/: inference renders chats as training did
-            tokenizer.chat_template = chat_template(cfg.data, tokenizer)
+        run_tokenizer(tokenizer, cfg.data)  # a chat run's template, saved with final/ and every export
         # flash attention reads packed examples from the position ids of a single row only
         flatten = cfg.model.attn_implementation.startswith("flash")
         run_data = pipeline.build(cfg.data, t, tokenizer, dist_env, flatten_packed=flatten)
@@ -51,6 +49,7 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag) -> Dict[str, Any]:
         )
         net, method_hooks = apply_method(net, cfg.method, total_steps=t.max_steps, seed=t.seed)
         counts = model.count_parameters(net)
+        sampler = _sampler(cfg, tokenizer, net, dist_env)  # before the backend shards the model
         if dist_env.is_main:
             print(f"parameters: {counts['params_trainable']:,} trainable of {counts['params_total']:,}", flush=True)
         if t.compile:  # before the backend wraps the blocks: its hooks stay outside the compiled graphs
@@ -89,6 +88,7 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag) -> Dict[str, Any]:
             speed,
             eval_batches=run_data.validation,
             hooks=method_hooks,
+            sampler=sampler,
         )
         result = trainer.train()
         if result["stopped"] is None:
@@ -103,3 +103,14 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag) -> Dict[str, Any]:
             logger.close()
         engine = trainer = net = None  # noqa: F841 (their gloo work goes before the process group)
         close_process_group(finished)
+
+
+def _sampler(cfg: Config, tokenizer, net, dist_env):
+    """The prompts the run answers before, during and after training (trainers/generate.py), or None."""
+    from tuneforge.trainers.generate import Sampler, prompts_of
+
+    prompts = prompts_of(cfg.eval, cfg.data, cfg.train.seed, dist_env)
+    if not prompts:
+        return None
+    positions = getattr(net.config, "max_position_embeddings", None) or cfg.train.seq_len
+    return Sampler(prompts, cfg.data, tokenizer, cfg.train.seq_len, cfg.eval.max_new_tokens, positions)
