@@ -212,7 +212,7 @@ def warmup_steps(train: TrainConfig) -> int:
     return train.max_steps // 10 if train.warmup_steps is None else train.warmup_steps
 
 
-# ---------------------------------------------------------------------------------------- eval
+# ---------------------------------------------------------------------------------------- eval, probe
 @dataclass
 class EvalConfig:
     """What the model answers, before and after: greedy answers to a few prompts at step 0 (with
@@ -226,6 +226,19 @@ class EvalConfig:
     prompts: Optional[str] = None
     num_prompts: int = knob(3, ge=0)  # prompts used (the first of the file, or of the held-out rows); 0: none
     max_new_tokens: int = knob(48, ge=1)  # tokens generated per answer (greedy; ends earlier at EOS)
+
+
+@dataclass
+class ProbeConfig:
+    """`tuneforge probe`: which base model is closest to your data (bits per byte), before any training."""
+
+    examples: int = knob(256, ge=1)  # rows of the data scored per candidate (a seeded sample of train.seed)
+    # the general-text reference: a bundled name or a path (text, one document per paragraph); the gap
+    # between a model's bits per byte on your data and on it says how far your domain is from its training
+    general: str = "general_validation"
+    # a gap (bits per byte on your data minus on general text) above this recommends continued pretraining
+    # on your domain before finetuning; below it, finetuning (PEFT) directly. A rule of thumb, not a law.
+    large_gap: float = knob(0.3, gt=0)
 
 
 # ---------------------------------------------------------------------------------------- debug, run
@@ -258,6 +271,7 @@ class Config:
     logger: LoggerConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -305,6 +319,7 @@ def from_container(values: Dict[str, Any]) -> Config:
                 "logger": LoggerConfig,
                 "train": TrainConfig,
                 "eval": EvalConfig,
+                "probe": ProbeConfig,
                 "debug": DebugConfig,
                 "run": RunConfig,
             }.get(group)

@@ -125,8 +125,9 @@ def show(sweep: Sweep) -> int:
     return 2 if misfits(sweep) else 0
 
 
-def launch(sweep: Sweep, argv: Sequence[str]) -> int:
-    """Write the sweep dir and every run dir, then submit the array (Slurm) or run each (local)."""
+def launch(sweep: Sweep, argv: Sequence[str], job_class=None) -> int:
+    """Write the sweep dir and every run dir, then submit the array (Slurm) or run each (local).
+    `job_class`: what every element runs (launch/submit.py `submit`)."""
     sweep.directory.mkdir(parents=True, exist_ok=True)
     run_dirs = [rundir.create(cfg, element) for cfg, element in zip(sweep.configs, sweep.overrides)]
     for report, run_dir in zip(sweep.reports, run_dirs):
@@ -146,10 +147,10 @@ def launch(sweep: Sweep, argv: Sequence[str]) -> int:
     _write(sweep.directory, record)
     print(f"sweep {sweep.directory}: {len(run_dirs)} element(s), W&B group {sweep.group}", flush=True)
     if sweep.cluster.name == "local":
-        return _run_locally(sweep, run_dirs)
+        return _run_locally(sweep, run_dirs, job_class)
     from tuneforge.launch.submit import submit
 
-    jobs = submit(sweep.configs, run_dirs, sweep.directory / "slurm")
+    jobs = submit(sweep.configs, run_dirs, sweep.directory / "slurm", job_class)
     record["array_job_id"] = str(jobs[0].job_id).split("_")[0]
     _write(sweep.directory, record)
     print(
@@ -160,13 +161,13 @@ def launch(sweep: Sweep, argv: Sequence[str]) -> int:
     return 0
 
 
-def _run_locally(sweep: Sweep, run_dirs: List[Path]) -> int:
+def _run_locally(sweep: Sweep, run_dirs: List[Path], job_class=None) -> int:
     from tuneforge.launch.submit import follow, submit
 
     worst = 0
     for i, (cfg, run_dir) in enumerate(zip(sweep.configs, run_dirs)):
         print(f"[{i + 1}/{len(run_dirs)}] {' '.join(sweep.labels[i])} -> {run_dir}", flush=True)
-        (job,) = submit([cfg], [run_dir], run_dir / "slurm")
+        (job,) = submit([cfg], [run_dir], run_dir / "slurm", job_class)
         worst = max(worst, follow(job, run_dir, cfg.train.max_steps))
     return worst
 

@@ -14,7 +14,7 @@ from typing import Any, Dict
 from tuneforge.conf.schema import Config, to_container
 from tuneforge.trainers.distributed import DistEnv, StopFlag
 
-__all__ = ["DistEnv", "StopFlag", "run"]
+__all__ = ["DistEnv", "StopFlag", "probe", "run"]
 
 
 def run(cfg: Config, dist_env: DistEnv, stop: StopFlag) -> Dict[str, Any]:
@@ -114,3 +114,10 @@ def _sampler(cfg: Config, tokenizer, net, dist_env):
         return None
     positions = getattr(net.config, "max_position_embeddings", None) or cfg.train.seq_len
     return Sampler(prompts, cfg.data, tokenizer, cfg.train.seq_len, cfg.eval.max_new_tokens, positions)
+
+
+def probe(cfg: Config, dist_env: DistEnv, stop: StopFlag) -> Dict[str, Any]:
+    """What every rank of a `tuneforge probe` candidate runs: score the model on the data (trainers/probe.py)."""
+    from tuneforge.trainers.probe import run as run_probe
+
+    return {**run_probe(cfg, dist_env, stop), "rank": dist_env.rank, "world_size": dist_env.world_size}
