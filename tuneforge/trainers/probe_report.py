@@ -148,7 +148,7 @@ def rows(record: dict) -> List[tuple]:
                 _num((result.get("domain") or {}).get("tokens_per_word"), ".2f"),
                 units.count(params) if params else "?",
                 str(context or "?"),
-                cat.get("licence", "?"),
+                cat.get("licence", "-"),
                 fits,
                 _num(pre.get("gpu_hours"), ".2f"),
             )
