@@ -115,7 +115,9 @@ def test_samples_after_a_requeue_hold_each_step_once(tiny_base, tmp_path, capsys
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
     run = tmp_path / "run"
-    args = chat_lora(tiny_base, run, f"eval.prompts={prompts}", "train.eval_every=2", "cluster.tasks_per_node=1")
+    args = chat_lora(
+        tiny_base, run, f"eval.prompts={prompts}", "train.eval_every=2", "cluster.tasks_per_node=1", "logger=wandb"
+    )
     tuneforge(*args, "debug.stop_after=5")
     assert sorted({r["step"] for r in samples(run)}) == [0, 2, 4]
     # what an allocation killed after its checkpoint leaves: answers past the step it resumes from
@@ -127,6 +129,11 @@ def test_samples_after_a_requeue_hold_each_step_once(tiny_base, tmp_path, capsys
     assert all(r["prompt"] == PROMPTS[r["index"]]["prompt"] for r in rows)
     assert [r["reference_loss"] is None for r in rows[:2]] == [False, True]  # the second has no reference
     assert [m["step"] for m in all_metrics(run)].count(0) == 1  # eval_on_start once
+    # W&B (offline here): a Table of the answers at every evaluation, and the before/after table at the end
+    tables = sorted(p.name.split("_")[-2] for p in run.glob("wandb/offline-run-*/files/media/table/samples_*.json"))
+    assert sorted(map(int, tables)) == [0, 2, 4, 6, 8, 10]
+    (paired,) = run.glob("wandb/offline-run-*/files/media/table/before_after_*.table.json")
+    assert json.loads(paired.read_text())["columns"][:4] == ["prompt", "reference", "answer_before", "answer_after"]
     # `tuneforge generate` renders the prompt with the run's chat template and answers as the run did
     capsys.readouterr()
     tuneforge("generate", str(run), PROMPTS[0]["prompt"], "--max-new-tokens", "8")
@@ -188,6 +195,19 @@ def test_lora_on_zero3_generates_as_one_process(one_process, tiny_base, tmp_path
     assert mine == [(r["prompt"], r["answer"]) for r in one_process if r["step"] == 0]
 
 
+@pytest.mark.slow
+def test_qlora_on_fsdp_answers_from_its_4bit_base(one_process, tiny_base, tmp_path):
+    run = tmp_path / "qlora-fsdp"
+    tuneforge(*generation_run(tiny_base, run, "fsdp", 2, "method=qlora"))
+    rows = [r for r in samples(run) if r["step"] == 0]
+    full = [r for r in one_process if r["step"] == 0]
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in full] and all(
+        isinstance(r["answer"], str) for r in rows
+    )
+    # the same model in 4 bits (NF4 on a 64-wide model: within 20%) near the full-precision reference losses
+    assert [r["reference_loss"] for r in rows] == pytest.approx([r["reference_loss"] for r in full], rel=0.2)
+
+
 # ---------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "rows,words",
@@ -210,3 +230,32 @@ def test_a_bad_eval_prompts_row_is_refused_before_submission(rows, words, tmp_pa
 def test_a_missing_eval_prompts_file_is_refused(tmp_path, capsys):
     code = tuneforge("logger=none", f"eval.prompts={tmp_path / 'nope.jsonl'}", check=False)
     assert code == 2 and "eval.prompts: " in capsys.readouterr().err
+
+
+def test_the_reference_loss_counts_the_last_answer_only():
+    """A held-out conversation's earlier assistant turns are context: only its last answer is scored, and
+    the prompt is the conversation up to it, rendered with the chat template's generation prompt."""
+    from tuneforge.conf.schema import DataConfig
+    from tuneforge.data import prompts
+    from tuneforge.data.tokenize import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX
+    from tuneforge.trainers.generate import Sampler
+    from tuneforge.trainers.model import train_tokenizer
+
+    docs = [p for p in bundled("demo_corpus").read_text().split("\n\n") if p.strip()]
+    tok = train_tokenizer(docs[:200], 300, 2)
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    turns = [
+        {"role": "user", "content": "What is a yorker?"},
+        {"role": "assistant", "content": "A full ball at the toes."},
+        {"role": "user", "content": "How do I practise it?"},
+        {"role": "assistant", "content": "Bowl at a shoe on the crease."},
+    ]
+    data = DataConfig(format="chat")
+    (prompt,) = prompts.from_held_out([{"messages": turns}], data)
+    assert (prompt.prompt, prompt.reference) == ("How do I practise it?", "Bowl at a shoe on the crease.")
+    sampler = Sampler([prompt], data, tok, 256, 8, 512)
+    assert tok.decode(sampler.inputs[0]).endswith("How do I practise it?</s>\n<|assistant|>\n")
+    assert "A full ball at the toes." in tok.decode(sampler.inputs[0])
+    ids, labels = sampler.scored[0]
+    scored = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert tok.decode(scored) == "Bowl at a shoe on the crease.</s>\n"

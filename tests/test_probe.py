@@ -128,6 +128,21 @@ def test_a_stopped_probe_resumes_where_it_stopped(local_probe, bases, tmp_path):
     assert result["domain"] == expected["domain"] and result["general"] == expected["general"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["fsdp", "zero3"])
+def test_a_sharded_candidate_scores_as_one_process(backend, local_probe, bases, tmp_path):
+    """2 ranks with the model sharded (FSDP2, ZeRO-3: every forward collective, each rank its own batches)."""
+    run = tmp_path / backend
+    args = [a for a in probe_args(bases, run, "data=demo_corpus", "cluster.tasks_per_node=2") if "," not in a]
+    extra = ["backend.param_persistence_threshold=0"] if backend == "zero3" else []
+    tuneforge(*args, f"model.name_or_path={bases['cricket']}", f"backend={backend}", *extra)
+    result = json.loads((run / "0" / "probe_result.json").read_text())
+    expected = local_probe[0]["candidates"][0]["result"]
+    for which in ("domain", "general"):
+        assert result[which]["bits_per_byte"] == pytest.approx(expected[which]["bits_per_byte"], rel=1e-6)
+        assert result[which]["bytes"] == expected[which]["bytes"]
+
+
 def test_bits_per_byte_counts_the_bytes_of_the_scored_text():
     """The definition on one document and one chat turn, by hand with a tokenizer: the scored tokens
     produce the text after the first token (documents), the response span (chat)."""

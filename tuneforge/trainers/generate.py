@@ -60,6 +60,18 @@ def reference_loss(model: torch.nn.Module, ids: List[int], labels: List[int], de
     return float(loss) / counted
 
 
+def _last_response(encoder: Encoder, row: dict, start: int):
+    """(ids, labels) of a row with only its last response as targets (the reference answer: earlier
+    assistant turns of a conversation are context), or None when truncation left it no target."""
+    encoded = encoder.encode_with_offsets([row])
+    if not encoded:
+        return None
+    ids, labels, offsets, _ = encoded[0]
+    # tokens before the reference are context; added tokens (EOS, offsets (0, 0)) keep their label
+    labels = [IGNORE_INDEX if (end > 0 and begin < start) else label for label, (begin, end) in zip(labels, offsets)]
+    return (ids, labels) if any(label != IGNORE_INDEX for label in labels[1:]) else None
+
+
 class Sampler:
     """A run's prompts, tokenised once, answered by the model whenever the run evaluates."""
 
@@ -75,8 +87,7 @@ class Sampler:
             prompt_text = text[: spans[-1][0]]
             ids = tokenizer(prompt_text, add_special_tokens=encoder.format != "chat")["input_ids"]
             self.inputs.append(ids[-room:])
-            encoded = encoder.encode([p.row]) if p.reference else []
-            self.scored.append(encoded[0] if encoded else None)
+            self.scored.append(_last_response(encoder, p.row, spans[-1][0]) if p.reference else None)
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -59,11 +59,7 @@ def run(cfg: Config, dist_env, stop) -> dict:
         full = FullConfig()  # the probe reads the base's weights whatever method the training will use
         tokenizer = model.load_tokenizer(cfg.model, full, lambda: iter(()), run_dir, dist_env)
         run_tokenizer(tokenizer, cfg.data)
-        sets = {
-            "domain": (cfg.data, sample(cfg.data, cfg.probe.examples, t.seed)),
-            "general": (general_data(cfg.probe.general), None),
-        }
-        sets["general"] = (sets["general"][0], sample(sets["general"][0], cfg.probe.examples, t.seed))
+        sets = samples(cfg, dist_env)
         examples = {name: scored_examples(d, tokenizer, t.seq_len, rows) for name, (d, rows) in sets.items()}
         dtype = model_dtype(cfg.backend, t.dtype, peft=True)  # a frozen base: train.dtype on every backend
         net = model.load_model(cfg.model, full, tokenizer, dtype, dist_env.device, t.seed)
@@ -124,6 +120,27 @@ def general_data(general: str) -> DataConfig:
     """The general-text slice as a data config: a bundled name or a path of text documents."""
     is_path = "/" in general or Path(general).suffix or Path(general).expanduser().exists()
     return DataConfig(name=general, path=general if is_path else None, format="text", text_sample_by="paragraph")
+
+
+def samples(cfg: Config, dist_env) -> Dict[str, Tuple[DataConfig, List[dict]]]:
+    """{"domain": (cfg.data, its sample), "general": (probe.general, its sample)}: read by rank 0 and handed
+    to every rank (a rank 0 error is raised on every rank: none waits for the others)."""
+    from tuneforge.data.records import DataError
+
+    general = general_data(cfg.probe.general)
+    chosen, error = None, None
+    if dist_env.is_main:
+        try:
+            chosen = [sample(d, cfg.probe.examples, cfg.train.seed) for d in (cfg.data, general)]
+        except (DataError, OSError) as e:
+            error = f"{type(e).__name__}: {e}"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [chosen, error]
+        dist.broadcast_object_list(box, src=0)
+        chosen, error = box
+    if error:
+        raise DataError(error)
+    return {"domain": (cfg.data, chosen[0]), "general": (general, chosen[1])}
 
 
 def sample(data_cfg: DataConfig, n: int, seed: int) -> List[dict]:
