@@ -18,6 +18,10 @@ os.environ.pop("WANDB_API_KEY", None)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nor for the hub: a model not on disk or in its cache is not there
 # Token caches of test runs go to a temporary directory, not the user's ~/.cache.
 os.environ.setdefault("TUNEFORGE_DATA_CACHE", tempfile.mkdtemp(prefix="tuneforge-test-cache-"))
+# The index of runs (launch/index.py) and the user's config dir (~/.config/tuneforge) are the tests' own.
+os.environ["TUNEFORGE_HOME"] = tempfile.mkdtemp(prefix="tuneforge-test-home-")
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="tuneforge-test-config-")
+os.environ.pop("TUNEFORGE_CONFIG_PATH", None)
 
 # The smallest model that still shows the behaviour (2 layers, hidden 32, seq 32).
 TINY = [

@@ -53,3 +53,27 @@ def test_gpu_check_plan_composes_every_combination(tmp_path):
     }
     assert next(r for r in rows if (r["backend"], r["method"]) == ("ddp", "full"))["status"].startswith("ok")
     assert all(r["status"].startswith(("ok", "unavailable: ")) for r in rows)
+
+
+@pytest.mark.slow
+def test_mixture_quick_reports_shares_and_the_cost_of_mixing(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "mixture.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "TUNEFORGE_DATA_CACHE": str(tmp_path)},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result["shares"]) == {
+        f"{m}_{mode}"
+        for m in ("cricket75_general25", "cricket95_general5", "three_sources")
+        for mode in ("cached", "streaming")
+    }
+    for figures in result["shares"].values():
+        assert sum(figures["realised"]) == pytest.approx(1.0, abs=1e-4) and len(figures["realised"]) == len(
+            figures["weights"]
+        )
+    assert result["train_tokens_per_s"]["single"] > 0 and result["train_tokens_per_s"]["mixture"] > 0

@@ -25,7 +25,12 @@ NEEDS = {
     ],
     ("data", "text_files"): [f"data.path={DATA / 'demo_corpus.txt'}"],
     ("data", "hub"): ["data.hub_id=org/some-dataset"],
+    ("experiment", "llama3_8b_lora_chat"): [f"data.path={DATA / 'demo_instruct.jsonl'}"],
+    ("experiment", "continued_pretraining"): ["model.name_or_path=org/some-model"],
 }
+EXAMPLES = Path(__file__).parents[1] / "examples"
+#: examples/site/<group>/<option>.yaml: site profiles, composed through the search path ($TUNEFORGE_CONFIG_PATH)
+EXAMPLE_NEEDS = {("cluster", "mysite"): ["train.global_batch=64"]}
 
 
 def shipped_options():
@@ -46,9 +51,25 @@ def test_every_shipped_config_composes_and_validates(group, option):
     assert [str(p) for p in validate(cfg)] == []
 
 
+@pytest.mark.parametrize(
+    "path", sorted(p.relative_to(EXAMPLES) for p in EXAMPLES.rglob("*.yaml")), ids=lambda p: p.as_posix()
+)
+def test_every_example_composes_and_validates(path, monkeypatch):
+    """examples/site/: profiles on the config search path; examples/*.yaml: config files (--config)."""
+    from tuneforge.launch.sources import Sources
+
+    if path.parts[0] == "site":
+        monkeypatch.setenv("TUNEFORGE_CONFIG_PATH", str(EXAMPLES / "site"))
+        group, option = path.parts[1], path.stem
+        cfg = compose([f"{group}={option}", *EXAMPLE_NEEDS.get((group, option), [])])
+    else:
+        cfg = compose([], Sources(file=EXAMPLES / path))
+    assert [str(p) for p in validate(cfg)] == []
+
+
 def test_every_group_is_walked():
     groups = {g for g, _ in shipped_options()}
-    assert {"model", "method", "backend", "cluster", "data", "logger"} <= groups
+    assert {"model", "method", "backend", "cluster", "data", "logger", "experiment"} <= groups
     assert set(group_options("model")) >= {"tiny", "hf", "llama3_8b", "mistral_7b", "qwen2_5_7b"}
 
 

@@ -326,6 +326,8 @@ def test_local_sweep_runs_elements_in_turn_in_one_wandb_group(tmp_path, capsys):
     assert wandb_group(runs[0]) == wandb_group(runs[1]) == {record["group"]}
     out = command_output(capsys, "status", str(sweep_dir))
     assert out.count("COMPLETED") == 2 and f"W&B group {record['group']}" in out
+    rows = out.splitlines()[2:4]  # after the sweep line and the header: each element with its swept values
+    assert [row.split()[:2] for row in rows] == [["0", "train.lr=0.001"], ["1", "train.lr=0.003"]]
 
 
 # ------------------------------------------------------------------------------------------ Slurm

@@ -125,7 +125,7 @@ def partitioned(backend: str) -> List[str]:
 
     if (CONF / "backend" / f"{backend}.yaml").is_file():
         node = compose([f"backend={backend}", "model=llama3_8b"]).backend
-        if "param_persistence_threshold" in node and node.get("stage") == 3:
+        if getattr(node, "stage", None) == 3:
             return ["backend.param_persistence_threshold=0"]
     return []
 

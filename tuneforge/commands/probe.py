@@ -87,6 +87,11 @@ def _probe(overrides: List[str], argv: List[str], dry_run: bool, wait: bool) -> 
 def _candidate_problems(plan):
     """The probe scores trained weights: a candidate built at random (model=tiny) is refused."""
     for i, (cfg, label) in enumerate(zip(plan.configs, plan.labels)):
+        if cfg.data.sources:
+            yield (
+                f"element {i} ({' '.join(label)}): data.sources: the probe scores one dataset, not a mixture; "
+                "give it with data.path (or data.hub_id) and its format"
+            )
         if cfg.model.kind != "hf":
             yield (
                 f"element {i} ({' '.join(label)}): model: the probe scores a trained model, and model={cfg.model.kind} "

@@ -61,6 +61,11 @@ class RunInfo:
     requeues: int = 0
     wandb: str = "-"
     errors: List[str] = field(default_factory=list)
+    stop_reason: Optional[str] = None  # STOPPED: debug.stop_after, Ctrl-C, SIGTERM, launcher gone
+
+    @property
+    def shown_state(self) -> str:
+        return f"{self.state} ({self.stop_reason})" if self.state == "STOPPED" and self.stop_reason else self.state
 
 
 def run_dirs(path: Path) -> List[Path]:
@@ -73,8 +78,16 @@ def run_dirs(path: Path) -> List[Path]:
     raise FileNotFoundError(f"{path} is neither a run dir (no submit.json) nor a sweep dir (no sweep.json)")
 
 
-def newest(root: Path = Path("runs")) -> Path:
-    """The most recently submitted run or sweep under runs/<name>/<stamp> (sweep elements excluded)."""
+def newest(root: Optional[Path] = None) -> Path:
+    """The most recently submitted run or sweep: from the user's index of runs (launch/index.py), else
+    under `root` (default ./runs), as runs/<name>/<stamp> (sweep elements excluded)."""
+    if root is None:
+        from tuneforge.launch import index
+
+        found = index.newest()
+        if found is not None:
+            return found
+        root = Path("runs")
     candidates = [p.parent for p in Path(root).glob("*/*/submit.json")] + [
         p.parent for p in Path(root).glob("*/*/sweep.json")
     ]
@@ -125,6 +138,10 @@ def _fill(info: RunInfo, slurm: dict) -> None:
     else:
         info.state = local_state(job, run_dir)
     history = [e for e in events.read(run_dir) if e.get("job_id", job.job_id) == job.job_id]
+    # how the job's latest allocation ended (a requeued Slurm job keeps its id: an earlier stop does not count)
+    ends = [e for e in history if e["event"] in ("stopped", "completed")]
+    if ends and ends[-1]["event"] == "stopped" and info.state in ("COMPLETED", "STOPPED"):
+        info.state, info.stop_reason = "STOPPED", _stop_reason(ends[-1])  # a result, but not the end of the run
     starts = [e for e in history if e["event"] == "allocation" and e.get("job_id") == job.job_id]
     info.requeues = max(0, len(starts) - 1)
     if starts:
@@ -133,6 +150,14 @@ def _fill(info: RunInfo, slurm: dict) -> None:
         ) - starts[0]["ts"]
     if info.state not in ("COMPLETED", "RUNNING", "PENDING", "REQUEUED"):
         info.errors = errors(run_dir, job, history, starts[-1] if starts else None)
+
+
+def _stop_reason(stop: dict) -> str:
+    """What stopped a run before max_steps, in the words a user set or did."""
+    if stop.get("reason") == "stop_after":
+        return "debug.stop_after"
+    cause = stop.get("cause") or stop.get("signal") or stop.get("reason") or "?"
+    return {"SIGINT": "Ctrl-C"}.get(cause, cause)
 
 
 def local_state(job: Job, run_dir: Path) -> str:

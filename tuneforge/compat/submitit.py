@@ -19,6 +19,19 @@ def sbatch_text(executor) -> str:
     return executor._make_submission_file_text(executor._submitit_command_str, uid="%j")
 
 
+def script_only_slurm_executor():
+    """submitit's SlurmExecutor class, less its check that `srun` is on this machine: for writing the
+    sbatch text (--dry-run) anywhere, never for submitting."""
+    import submitit
+
+    class ScriptOnlySlurmExecutor(submitit.SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:
+            return 1
+
+    return ScriptOnlySlurmExecutor
+
+
 def usr_signal(job_env) -> signal.Signals:
     """The warning signal submitit asked Slurm for (sbatch --signal), USR2 by default."""
     return job_env._usr_sig()

@@ -47,6 +47,11 @@ def field_problems(node: Any, prefix: str = "") -> Iterator[Tuple[str, str]]:
         if dataclasses.is_dataclass(value):
             yield from field_problems(value, key + ".")
             continue
+        if isinstance(value, (list, tuple)):  # a list of schemas (data.sources): each element by its index
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    yield from field_problems(item, f"{key}[{i}].")
+            continue
         problem = _problem(value, f.metadata)
         if problem:
             yield key, problem

@@ -15,7 +15,7 @@ This module imports only the standard library, omegaconf and hydra: the submit p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
@@ -56,6 +56,10 @@ class ModelConfig:
     # Architecture family as in config.json's "model_type" (llama, mistral, qwen2, ...), so that
     # method.target_modules can be checked before launch; None: read from a local name_or_path.
     model_type: Optional[str] = None
+    # Vocabulary extension for domain terms (trainers/vocab.py): each term added to the tokenizer as one token;
+    # a loaded model's embeddings (and untied head) grow to fit, the new rows starting as the mean of the old ones
+    new_tokens: List[str] = knob(factory=list)
+    new_tokens_file: Optional[str] = None  # a text file of terms, one per line (# comments), after new_tokens
 
 
 # ---------------------------------------------------------------------------------------- cluster
@@ -110,6 +114,49 @@ CLUSTERS: Dict[str, type] = {"local": LocalClusterConfig, "slurm": SlurmClusterC
 
 # ---------------------------------------------------------------------------------------- data
 FORMATS = ("text", "alpaca", "chat", "completion")
+TEXT_SAMPLE_BY = ("paragraph", "line", "document")
+
+
+@dataclass
+class SourceConfig:
+    """One source of a weighted mixture (`data.sources`, docs/data.md "Mixtures"): where its rows are,
+    how they read, and its weight. A field left unset (None) takes the value of the same field of `data`."""
+
+    name: str = MISSING  # labels its metrics (tokens_seen/<name>, eval_loss/<name>); without path or hub_id,
+    # the bundled dataset of that name (demo_corpus, general_corpus, ...)
+    weight: float = knob(1.0, gt=0)  # its share of the target tokens: weight / the sum of the weights
+    path: Optional[str] = None  # local file or folder, as data.path
+    hub_id: Optional[str] = None  # a Hugging Face dataset id (or a dataset folder), as data.hub_id
+    hub_config: Optional[str] = None
+    hub_split: Optional[str] = None  # None: data.hub_split
+    hub_revision: Optional[str] = None
+    format: Optional[str] = knob(None, choices=FORMATS)  # None: data.format
+    text_field: Optional[str] = None  # None: data.text_field; likewise the other field names
+    instruction_field: Optional[str] = None
+    input_field: Optional[str] = None
+    output_field: Optional[str] = None
+    prompt_field: Optional[str] = None
+    completion_field: Optional[str] = None
+    messages_field: Optional[str] = None
+    text_sample_by: Optional[str] = knob(None, choices=TEXT_SAMPLE_BY)
+    validation_path: Optional[str] = None  # its validation file or folder, or a bundled name (general_validation)
+    validation_fraction: Optional[float] = knob(None, ge=0, lt=1)  # None: data.validation_fraction
+
+
+#: fields of a source that default to the same field of `data`
+SOURCE_INHERITS = (
+    "hub_split",
+    "format",
+    "text_field",
+    "instruction_field",
+    "input_field",
+    "output_field",
+    "prompt_field",
+    "completion_field",
+    "messages_field",
+    "text_sample_by",
+    "validation_fraction",
+)
 
 
 @dataclass
@@ -133,7 +180,7 @@ class DataConfig:
     completion_field: str = "completion"  # format=completion: the response
     messages_field: str = "messages"  # format=chat: a list of {role: system|user|assistant, content}
     # .txt files: one document per "paragraph" (blank line) | "line" | "document"
-    text_sample_by: str = knob("paragraph", choices=("paragraph", "line", "document"))
+    text_sample_by: str = knob("paragraph", choices=TEXT_SAMPLE_BY)
     chat_template: Optional[str] = None  # Jinja chat template; None: the tokenizer's, else the default in docs/data.md
     train_on_prompt: bool = False  # False: only response tokens count in the loss (alpaca, chat, completion)
     packing: bool = True  # pack examples into full rows (attention stays within each one); False: one per row, padded
@@ -151,6 +198,38 @@ class DataConfig:
     precheck_max_mb: int = knob(
         256, ge=0
     )  # scan at most this much before submitting; the job checks the rest at its start
+    # A weighted mixture: two or more sources, each read, checked, tokenised and packed as a dataset of its own;
+    # the training rows follow their weights by target tokens. Empty: the one source named by the fields above.
+    #   data.sources='[{name:cricket,path:/data/cricket.txt,weight:0.8},{name:general_corpus,weight:0.2}]'
+    sources: List[SourceConfig] = knob(factory=list)
+
+
+def source_views(data: DataConfig) -> List[DataConfig]:
+    """Each source of `data` as a data config of its own (its fields, the unset ones taken from `data`):
+    what the single-source code reads. No sources: `data` itself."""
+    if not data.sources:
+        return [data]
+    views = []
+    for s in data.sources:
+        inherited = {k: getattr(data, k) if getattr(s, k) is None else getattr(s, k) for k in SOURCE_INHERITS}
+        views.append(
+            replace(
+                data,
+                sources=[],
+                name=s.name,
+                path=s.path,
+                hub_id=s.hub_id,
+                hub_config=s.hub_config,
+                hub_revision=s.hub_revision,
+                validation_path=s.validation_path,
+                **inherited,
+            )
+        )
+    return views
+
+
+def source_weights(data: DataConfig) -> List[float]:
+    return [s.weight for s in data.sources] or [1.0]
 
 
 # ---------------------------------------------------------------------------------------- logger

@@ -18,6 +18,15 @@ def bundled(name: str) -> Optional[Path]:
     return None
 
 
+def resolve_path(path: str) -> Path:
+    """A path as given (expanded, absolute); a bare name that is no such path but a bundled file's
+    name (general_validation) is that file."""
+    given = Path(path).expanduser()
+    if not given.exists() and "/" not in path and bundled(path) is not None:
+        return bundled(path)
+    return given.resolve()
+
+
 def resolve(path: Optional[str], name: str) -> Optional[Path]:
     """The data a config points at: its explicit path, else the bundled file of that name."""
     if path:

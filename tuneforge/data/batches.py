@@ -8,7 +8,7 @@ batch is a dict of tensors passed to the model as keyword arguments, `labels` po
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -116,6 +116,8 @@ class EvalBatches:
     number of micro batches (a rank short of rows gets rows without targets), since a forward
     pass may be collective (FSDP, ZeRO-3)."""
 
+    names: tuple = ()  # one dataset: no per-source losses (a mixture's are data/mixture.py MixtureEval)
+
     def __init__(
         self, rows: Rows, max_rows: int, micro_batch: int, rank: int, world_size: int, collate: Collate, pad_id: int
     ):
@@ -132,6 +134,11 @@ class EvalBatches:
             np.ones(1, np.int32),
         )
         self.num_rows = n
+
+    def by_source(self) -> Iterator[Tuple[Optional[int], Dict[str, torch.Tensor]]]:
+        """(source index, micro batch): None, one dataset."""
+        for batch in self.micro_batches():
+            yield None, batch
 
     def micro_batches(self) -> Iterator[Dict[str, torch.Tensor]]:
         picked = [self.rows.take(np.array([i])) for i in self.indices] + [self.blank] * self.blanks

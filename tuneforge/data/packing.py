@@ -26,6 +26,7 @@ from tuneforge.data.records import DataError
 from tuneforge.data.tokenize import IGNORE_INDEX, Encoder, Example
 
 ENCODE_CHUNK = 1024  # rows tokenised per call (the tokenizers library batches them in Rust)
+ROW_FIELDS = ("input_ids", "labels", "position_ids", "lengths")
 
 
 @dataclass
@@ -45,6 +46,19 @@ class Rows:
 
     def take(self, index) -> "Rows":
         return Rows(self.input_ids[index], self.labels[index], self.position_ids[index], self.lengths[index])
+
+
+def concatenate(parts: Sequence[Rows]) -> Rows:
+    """Rows of several arrays, one after the other."""
+    return Rows(*(np.concatenate([getattr(r, f) for r in parts]) for f in ROW_FIELDS))
+
+
+def row_targets(rows: Rows, chunk: int = 4096) -> np.ndarray:
+    """Target tokens (labels that count in the loss) of each row, read in chunks (rows may be memory-mapped)."""
+    out = np.empty(len(rows), np.int64)
+    for start in range(0, len(rows), chunk):
+        out[start : start + chunk] = (np.asarray(rows.labels[start : start + chunk]) != IGNORE_INDEX).sum(1)
+    return out
 
 
 def pack(examples: Sequence[Example], seq_len: int, pad_id: int, split_long: bool) -> Rows:

@@ -2,6 +2,8 @@
 
     build(cfg.data, cfg.train, tokenizer, dist_env) -> Data(train, validation, stats)
 
+A weighted mixture of several sources (data.sources) is built by data/mixture.py from the same parts.
+
 Not streaming (the default): rank 0 checks every row, tokenises and packs the whole dataset once,
 and writes the rows to a cache directory keyed by the data (files' sizes and times, or the
 dataset id), the tokenizer (a hash of it and of the chat template), the format settings and
@@ -30,10 +32,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from tuneforge.compat.torch import default_store
-from tuneforge.conf.schema import DataConfig, TrainConfig
+from tuneforge.conf.schema import DataConfig, TrainConfig, source_views
 from tuneforge.data import sources
 from tuneforge.data.batches import Collate, EvalBatches, GlobalBatches
-from tuneforge.data.packing import Rows, rows_from_records
+from tuneforge.data.packing import ROW_FIELDS, Rows, rows_from_records
 from tuneforge.data.records import DataError
 from tuneforge.data.tokenize import Encoder, tokenizer_fingerprint
 
@@ -66,8 +68,14 @@ class Data:
 
 def build(data_cfg: DataConfig, train_cfg: TrainConfig, tokenizer, dist_env, flatten_packed: bool = False) -> Data:
     """The run's training batches and validation batches. `flatten_packed`: give packed micro
-    batches as one row (flash attention finds the examples from the position ids only then)."""
-    t = train_cfg
+    batches as one row (flash attention finds the examples from the position ids only then).
+    Two or more `data.sources`: a weighted mixture (data/mixture.py); one: that source, as data.path."""
+    views = source_views(data_cfg)
+    if len(views) > 1:
+        from tuneforge.data import mixture
+
+        return mixture.build(data_cfg, train_cfg, tokenizer, dist_env, flatten_packed)
+    data_cfg, t = views[0], train_cfg
     encoder = Encoder(data_cfg, tokenizer, t.seq_len)
     collate = Collate(packed=data_cfg.packing, flatten=flatten_packed)
     train_src = sources.train_source(data_cfg)
@@ -76,10 +84,10 @@ def build(data_cfg: DataConfig, train_cfg: TrainConfig, tokenizer, dist_env, fla
     if data_cfg.streaming:
         from tuneforge.data.streaming import StreamingBatches
 
-        val_rows, stats = (
+        _, val_rows, stats = (
             cached_rows(None, val_src, encoder, data_cfg, t, pad_id, dist_env)
             if val_src
-            else (None, {"data_cache": "off (streaming)"})
+            else (None, None, {"data_cache": "off (streaming)"})
         )
         train = StreamingBatches(train_src, encoder, data_cfg, t, pad_id, dist_env, collate)
     else:
@@ -199,7 +207,7 @@ def _read(source, data_cfg) -> List[dict]:
     return list(sources.rows(source, data_cfg))
 
 
-ROW_ARRAYS = ("input_ids", "labels", "position_ids", "lengths")
+ROW_ARRAYS = ROW_FIELDS
 
 
 def _save_rows(rows: Rows, directory: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from tuneforge import data as bundled_data
+from tuneforge.conf.schema import source_views
 from tuneforge.data import records
 from tuneforge.data.records import DataError
 
@@ -52,7 +53,7 @@ def train_source(data_cfg) -> Source:
 def validation_source(data_cfg) -> Optional[Source]:
     if not data_cfg.validation_path:
         return None
-    path = Path(data_cfg.validation_path).expanduser().resolve()
+    path = bundled_data.resolve_path(data_cfg.validation_path)
     if not path.exists():
         raise DataError(f"data.validation_path: '{data_cfg.validation_path}' does not exist")
     return _local(path)
@@ -134,15 +135,17 @@ def clean(row: Dict[str, Any], data_cfg) -> Optional[Dict[str, Any]]:
 
 
 def texts(data_cfg) -> Iterator[str]:
-    """The training text, for training a tokenizer: documents, or the fields of instruction rows."""
-    source = train_source(data_cfg)
-    if source.is_local:
-        check_local(source, data_cfg)
-    for row in rows(source, data_cfg):
-        if data_cfg.format == "chat":
-            yield "\n".join(m["content"] for m in row[data_cfg.messages_field])
-        else:
-            yield "\n".join(str(row[name]) for name in _fields(data_cfg) if row.get(name))
+    """The training text, for training a tokenizer: documents, or the fields of instruction rows (of
+    every source of a mixture, in order)."""
+    for view in source_views(data_cfg):
+        source = train_source(view)
+        if source.is_local:
+            check_local(source, view)
+        for row in rows(source, view):
+            if view.format == "chat":
+                yield "\n".join(m["content"] for m in row[view.messages_field])
+            else:
+                yield "\n".join(str(row[name]) for name in _fields(view) if row.get(name))
 
 
 def _fields(data_cfg) -> List[str]:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from tuneforge.data import records, sources
-from tuneforge.data.packing import Rows, rows_from_records
+from tuneforge.data.packing import Rows, concatenate, row_targets, rows_from_records
 from tuneforge.data.records import DataError
 
 
@@ -50,6 +50,7 @@ class StreamingBatches:
             "position": 0,
         }
         self._rows: Optional[Rows] = None  # the current window's rows, in their permuted order
+        self._targets = np.zeros(0, np.int64)  # target tokens of each of them
         self._stream = self._iterator = None
         self._next_start: Optional[dict] = None  # stream state after the current window
         self._ended = False  # the current window reached the end of the shard
@@ -64,23 +65,26 @@ class StreamingBatches:
             raise RuntimeError(
                 f"streaming batches are read in order: asked for step {step}, at step {self.state['position']}"
             )
-        picked: List[Rows] = []
-        wanted = self.per_rank
-        while wanted:
-            rows = self._window()
-            take = min(wanted, len(rows) - self.state["used"])
-            picked.append(rows.take(slice(self.state["used"], self.state["used"] + take)))
-            self.state["used"] += take
-            wanted -= take
+        mine = self.next_rows(self.per_rank)
         self.state["position"] += 1
-        mine = Rows(
-            *(
-                np.concatenate([getattr(r, f) for r in picked])
-                for f in ("input_ids", "labels", "position_ids", "lengths")
-            )
-        )
         for start in range(0, self.per_rank, self.micro_batch):
             yield self.collate(mine.take(slice(start, start + self.micro_batch)))
+
+    def next_rows(self, n: int) -> Rows:
+        """The next `n` rows of this rank's stream (windows read as needed)."""
+        picked: List[Rows] = []
+        while n:
+            rows = self._window()
+            take = min(n, len(rows) - self.state["used"])
+            picked.append(rows.take(slice(self.state["used"], self.state["used"] + take)))
+            self.state["used"] += take
+            n -= take
+        return picked[0] if len(picked) == 1 else concatenate(picked)
+
+    def peek_targets(self) -> int:
+        """Target tokens of the next row (a mixture's choice of source reads it before taking the row)."""
+        self._window()
+        return int(self._targets[self.state["used"]])
 
     def state_dict(self, step: int) -> dict:
         return {**self.state, "position": step}
@@ -150,7 +154,9 @@ class StreamingBatches:
             if self.state["window"] == 0:
                 raise DataError(f"{self.source.label}: rank {self.rank}'s shard of the stream is empty")
             self._rows = Rows(*(np.zeros((0,) + s, np.int32) for s in ((self.encoder.seq_len,),) * 3 + ((),)))
+            self._targets = np.zeros(0, np.int64)
             return
         rows = rows_from_records(recs, self.encoder, self.cfg, self.pad_id)
         order = np.random.default_rng([self.seed, self.state["epoch"], self.state["window"]]).permutation(len(rows))
         self._rows = rows.take(order)
+        self._targets = row_targets(self._rows)

@@ -1,88 +1,87 @@
 """tuneforge: compose -> validate -> show -> submit. One direction; the task side is trainers/task.py.
 
-    tuneforge [key=value ...] [--dry-run] [--wait] [--force]   # train (locally, or submit to Slurm)
-    tuneforge -m key=a,b other=x,y [--dry-run] [--force]       # sweep: a run per combination, ONE Slurm job array
-    tuneforge status|logs|cancel|sync|export|compare <run dir>  # follow and manage runs (tuneforge/commands/)
-    tuneforge models|probe|generate ...                         # choose a base model, see what it answers
-(--force: submit although the preflight estimates that a job does not fit in GPU memory)
+tuneforge [--config FILE] [key=value ...] [--dry-run | --print-config] [--wait] [--force]
+tuneforge -m key=a,b other=x,y [--dry-run] [--force]       # sweep: a run per combination, ONE Slurm job array
+tuneforge status|logs|cancel|sync|export <run dir> ...      # follow and manage runs (tuneforge/commands/)
+tuneforge --help [GROUP] | --completion bash|zsh    # launch/args.py: flags, help; follow.py: a local run
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import List, Optional
 
-from tuneforge.commands import COMMANDS
 from tuneforge.conf.schema import to_yaml
 from tuneforge.launch import preflight, rundir, sweep
-from tuneforge.launch.compose import ConfigError, compose, validator
-from tuneforge.launch.validate import validate
-
-FLAGS = {"--dry-run", "--wait", "--force", "--help", "-h", "-m", "--multirun"}
-USAGE = __doc__
+from tuneforge.launch.args import Args, parse
+from tuneforge.launch.compose import checked, validator
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in COMMANDS:
+    args = parse(argv)
+    if args.problems:
+        return _refuse(args.problems, "on the command line")
+    if args.command:
         from tuneforge import commands
 
-        return commands.main(argv[0], argv[1:])
-    flags = {a for a in argv if a.startswith("-")}
-    overrides = [a for a in argv if not a.startswith("-")]
-    if flags & {"--help", "-h"} or flags - FLAGS:
-        unknown = sorted(flags - FLAGS)
-        print((f"unknown option {', '.join(unknown)}\n" if unknown else "") + USAGE, file=sys.stderr)
-        return 2 if unknown else 0
-    if flags & {"-m", "--multirun"}:
-        return _sweep(overrides, argv, dry_run="--dry-run" in flags, force="--force" in flags)
-    try:
-        cfg = compose(overrides)
-    except ConfigError as e:
-        return _refuse([str(e)])
-    problems = validate(cfg)
+        return commands.main(args.command, args.rest)
+    if args.help is not None or args.version or args.completion:
+        return _inform(args)
+    if args.multirun:
+        return _sweep(args, argv)
+    cfg, problems = checked(args.overrides, args.sources)  # compose, then validate: every problem at once
     if problems:
-        return _refuse([str(p) for p in problems])
+        return _refuse(problems)
+    if args.print_config:
+        print(to_yaml(cfg), end="", flush=True)
+        return 0
     cfg = rundir.with_run_dir(cfg)
-    report = preflight.check(cfg, validator(overrides))
-    refused = report.fits is False and "--force" not in flags
-    if "--dry-run" in flags:
+    report = preflight.check(cfg, validator(args.overrides, args.sources))
+    refused = report.fits is False and not args.force
+    if args.dry_run:
         return _show(cfg, report, refused)
     print(preflight.render(report), flush=True)
     if refused:
         print(preflight.refusal(report), file=sys.stderr)
         return 2
-    from tuneforge.launch.submit import follow, submit
+    from tuneforge.launch.submit import launch
 
-    run_dir = rundir.create(cfg, argv)
-    preflight.save(report, run_dir)
-    (job,) = submit([cfg], [run_dir], run_dir / "slurm")
-    print(f"job {job.job_id} ({cfg.cluster.name})\nrun dir {run_dir}\nlogs {job.paths.stdout}", flush=True)
-    if cfg.cluster.name == "local" or "--wait" in flags:
-        return follow(job, run_dir, cfg.train.max_steps)
-    return 0
+    return launch(cfg, report, argv, wait=args.wait)
 
 
-def _sweep(overrides: List[str], argv: List[str], dry_run: bool, force: bool) -> int:
-    try:
-        plan = sweep.plan(overrides)
-    except ConfigError as e:
-        return _refuse([str(e)])
-    if plan.problems or (sweep.misfits(plan) and not force and not dry_run):
+def _sweep(args: Args, argv: List[str]) -> int:
+    plan = sweep.plan(args.overrides, sources=args.sources)
+    if plan.problems or (sweep.misfits(plan) and not args.force and not args.dry_run):
         return _refuse(plan.problems or sweep.misfits(plan))
-    return sweep.show(plan) if dry_run else sweep.launch(plan, argv)
+    return sweep.show(plan) if args.dry_run else sweep.launch(plan, argv)
 
 
-def _refuse(problems: List[str]) -> int:
-    print(f"tuneforge: {len(problems)} problem(s) in the config, nothing submitted:", file=sys.stderr)
+def _refuse(problems: List[str], where: str = "in the config") -> int:
+    print(f"tuneforge: {len(problems)} problem(s) {where}, nothing submitted:", file=sys.stderr)
     for problem in problems:
         print(f"  {problem}", file=sys.stderr)
     return 2
 
 
-def _show(cfg, report, refused: bool) -> int:
-    from pathlib import Path
+def _inform(args: Args) -> int:
+    if args.completion:
+        from tuneforge.launch.completion import script
 
+        print(script(args.completion), end="")
+    elif args.version:
+        from importlib.metadata import version
+
+        print(f"tuneforge {version('tuneforge')}")
+    else:
+        from tuneforge.launch.args import help_text
+
+        print(help_text(args.help))
+    return 0
+
+
+def _show(cfg, report, refused: bool) -> int:
     print("# resolved config\n" + to_yaml(cfg) + "# validation: ok")
     if cfg.cluster.name == "slurm":
         from tuneforge.slurm.executors import sbatch_script

@@ -1,16 +1,35 @@
-"""Hand runs to submitit (one run, or a sweep's runs as one Slurm job array), and follow a job to its end."""
+"""Hand runs to submitit (one run, or a sweep's runs as one Slurm job array); `launch` does it for one
+run from its validated config: run dir, submission, the user's index of runs, and following it."""
 
 from __future__ import annotations
 
-import json
+import contextlib
+import os
 import re
-import sys
-import time
+import signal
+import threading
 from pathlib import Path
 from typing import List, Sequence
 
 from tuneforge.conf.schema import Config
-from tuneforge.launch import rundir
+from tuneforge.launch import index, preflight, rundir
+
+#: set in a local job's environment: its ranks stop when this process is gone (slurm/requeue.py)
+LAUNCHER_PID = "TUNEFORGE_LAUNCHER_PID"
+
+
+def launch(cfg: Config, report, argv: Sequence[str], wait: bool) -> int:
+    """Create the run dir, submit, print where everything is; follow a local run (or `wait`)."""
+    from tuneforge.launch.follow import follow
+
+    run_dir = rundir.create(cfg, argv)
+    preflight.save(report, run_dir)
+    (job,) = submit([cfg], [run_dir], run_dir / "slurm")
+    index.add(run_dir, "run", argv)
+    print(f"job {job.job_id} ({cfg.cluster.name})\nrun dir {run_dir}\nlogs {job.paths.stdout}", flush=True)
+    if cfg.cluster.name == "local" or wait:
+        return follow(job, run_dir, cfg.train.max_steps, cfg.cluster.name)
+    return 0
 
 
 def submit(cfgs: Sequence[Config], run_dirs: Sequence[Path], folder: Path, job_class=None) -> List:
@@ -24,53 +43,38 @@ def submit(cfgs: Sequence[Config], run_dirs: Sequence[Path], folder: Path, job_c
     job_class = job_class or TrainJob
     cluster = cfgs[0].cluster
     executor = make_executor(cluster, folder)
-    if len(cfgs) == 1:
-        jobs = [executor.submit(job_class(), cfgs[0])]
-    else:
-        with executor.batch():
-            jobs = [executor.submit(job_class(), cfg) for cfg in cfgs]
+    with _owned_by_this_process(cluster.name == "local"):
+        if len(cfgs) == 1:
+            jobs = [executor.submit(job_class(), cfgs[0])]
+        else:
+            with executor.batch():
+                jobs = [executor.submit(job_class(), cfg) for cfg in cfgs]
     for job, run_dir in zip(jobs, run_dirs):
         rundir.record_job(Path(run_dir), str(job.job_id), cluster.name, Path(folder))
     return jobs
 
 
-def follow(job, run_dir: Path, max_steps: int) -> int:
-    """Wait for the job, showing progress from metrics.jsonl; 0 when every task succeeded."""
-    metrics = run_dir / "metrics.jsonl"
-    shown = -1
-    while not job.done():
-        time.sleep(1.0)
-        step, loss = _last_step(metrics)
-        if step != shown and step >= 0:
-            shown = step
-            width = 30
-            filled = int(width * step / max(1, max_steps))
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] step {step}/{max_steps} loss {loss:.4f}")
-            sys.stderr.flush()
-    sys.stderr.write("\n")
+@contextlib.contextmanager
+def _owned_by_this_process(local: bool):
+    """A local job's controller starts with SIGINT ignored (the terminal's Ctrl-C reaches the whole
+    process group, and submitit's controller would kill its tasks on it: launch/follow.py stops them
+    instead), and its ranks learn this process's pid, to stop when it is gone."""
+    if not local:
+        yield
+        return
+    previous_pid = os.environ.get(LAUNCHER_PID)
+    os.environ[LAUNCHER_PID] = str(os.getpid())
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
     try:
-        results = job.results()
-    except Exception as e:  # the task's traceback is in its log; show its last line
-        print(f"job {job.job_id} failed: {task_error(str(e))}", file=sys.stderr)
-        print(f"logs: {job.paths.stdout.parent}", file=sys.stderr)
-        return 1
-    main = results[0]
-    print(
-        f"done: step {main['step']}, loss {main['loss']:.4f}"
-        + (f" (stopped: {main['stopped']})" if main["stopped"] else "")
-    )
-    if not main["stopped"]:
-        _show_before_after(run_dir)
-    return 0
-
-
-def _show_before_after(run_dir: Path) -> None:
-    """The run's answers and held-out loss before and after (what `tuneforge compare <run dir>` shows)."""
-    from tuneforge.commands.compare import before_after
-
-    text = before_after(run_dir)
-    if text:
-        print(text, flush=True)
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+        if previous_pid is None:
+            os.environ.pop(LAUNCHER_PID, None)
+        else:
+            os.environ[LAUNCHER_PID] = previous_pid
 
 
 def task_error(text: str) -> str:
@@ -83,14 +87,3 @@ def task_error(text: str) -> str:
         return found[-1].group(1) + ": " + body[found[-1].end() :]
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "unknown error"
-
-
-def _last_step(metrics: Path):
-    try:
-        lines = metrics.read_text().strip().splitlines()
-        record = json.loads(lines[-1]) if lines else None
-    except (OSError, ValueError):
-        return -1, 0.0
-    if not record or "loss" not in record:  # step 0's evaluation: no training step yet
-        return -1, 0.0
-    return record["step"], record["loss"]

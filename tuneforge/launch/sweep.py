@@ -27,9 +27,10 @@ from typing import List, Optional, Sequence, Tuple
 
 from tuneforge import fsutil
 from tuneforge.conf.schema import Config
-from tuneforge.launch import preflight, rundir
-from tuneforge.launch.compose import ConfigError, compose, validator
-from tuneforge.launch.validate import validate
+from tuneforge.launch import index, preflight, rundir
+from tuneforge.launch import overrides as overrides_mod
+from tuneforge.launch.compose import ConfigError, checked, validator
+from tuneforge.launch.sources import Sources
 
 
 @dataclass
@@ -47,34 +48,43 @@ class Sweep:
         return self.configs[0].cluster
 
 
-def expand(overrides: Sequence[str]) -> Tuple[List[List[str]], List[List[str]]]:
+def expand(overrides: Sequence[str], sources: Optional[Sources] = None) -> Tuple[List[List[str]], List[List[str]]]:
     """Every element's full override list (the cartesian product of the sweep overrides, in Hydra's
-    order), and its label: only the overrides that vary across the sweep."""
+    order), and its label: only the overrides that vary across the sweep. `glob()` over a group is
+    expanded to the group's options first (Hydra's basic sweeper needs an app's config loader for it)."""
     from hydra.errors import HydraException
 
     from tuneforge.compat import hydra as hydra_compat
 
+    problems = overrides_mod.problems(overrides, multirun=True)
+    if problems:
+        raise ConfigError(problems)
     try:
-        parsed, elements = hydra_compat.sweep_elements(overrides)
+        parsed, elements = hydra_compat.sweep_elements(overrides_mod.expand_globs(overrides, sources))
     except HydraException as e:
-        raise ConfigError(f"sweep: {str(e).strip().splitlines()[0]}") from None
+        raise ConfigError([f"sweep: {str(e).strip().splitlines()[0]}"]) from None
     swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
     labels = [[o for o in element if o.split("=", 1)[0] in swept] for element in elements]
     return elements, labels
 
 
-def plan(overrides: Sequence[str], now: Optional[float] = None) -> Sweep:
-    """Compose and validate every element; `problems` lists them all, each prefixed with its element."""
-    elements, labels = expand(overrides)
-    composed, problems = [], []
-    for i, (element, label) in enumerate(zip(elements, labels)):
-        try:
-            cfg = compose(element)
-        except ConfigError as e:
-            problems.append(f"element {i} ({' '.join(label)}): {e}")
-            continue
-        problems += [f"element {i} ({' '.join(label)}): {p}" for p in validate(cfg)]
-        composed.append(cfg)
+def plan(overrides: Sequence[str], now: Optional[float] = None, sources: Optional[Sources] = None) -> Sweep:
+    """Compose and validate every element; `problems` lists them all, each prefixed with its element
+    (a problem that every element has is listed once, without a prefix)."""
+    try:
+        elements, labels = expand(overrides, sources)
+    except ConfigError as e:
+        return Sweep(Path(), "", [], [], [], e.problems)
+    composed, per_element = [], []
+    for element in elements:
+        cfg, found = checked(element, sources)
+        per_element.append(found)
+        if cfg is not None:
+            composed.append(cfg)
+    shared = set.intersection(*(set(p) for p in per_element)) if len(per_element) > 1 else set()
+    problems = [p for p in per_element[0] if p in shared] if per_element else []
+    for i, (label, found) in enumerate(zip(labels, per_element)):
+        problems += [f"element {i} ({' '.join(label)}): {p}" for p in found if p not in shared]
     if problems:
         return Sweep(Path(), "", elements, labels, [], problems)
     if any(c.cluster != composed[0].cluster for c in composed):
@@ -85,7 +95,7 @@ def plan(overrides: Sequence[str], now: Optional[float] = None) -> Sweep:
     directory = Path(rundir.with_run_dir(composed[0], now).run.dir)
     group = composed[0].logger.group or f"{composed[0].run.name}-{directory.name}"
     configs = [_element_config(cfg, directory / str(i), group) for i, cfg in enumerate(composed)]
-    reports = [preflight.check(cfg, validator(element)) for cfg, element in zip(configs, elements)]
+    reports = [preflight.check(cfg, validator(element, sources)) for cfg, element in zip(configs, elements)]
     return Sweep(directory, group, elements, labels, configs, problems, reports)
 
 
@@ -145,6 +155,7 @@ def launch(sweep: Sweep, argv: Sequence[str], job_class=None) -> int:
         ],
     }
     _write(sweep.directory, record)
+    index.add(sweep.directory, "sweep", argv)
     print(f"sweep {sweep.directory}: {len(run_dirs)} element(s), W&B group {sweep.group}", flush=True)
     if sweep.cluster.name == "local":
         return _run_locally(sweep, run_dirs, job_class)
@@ -162,13 +173,21 @@ def launch(sweep: Sweep, argv: Sequence[str], job_class=None) -> int:
 
 
 def _run_locally(sweep: Sweep, run_dirs: List[Path], job_class=None) -> int:
-    from tuneforge.launch.submit import follow, submit
+    from tuneforge.launch.follow import EXIT_INTERRUPTED, follow
+    from tuneforge.launch.submit import submit
 
     worst = 0
     for i, (cfg, run_dir) in enumerate(zip(sweep.configs, run_dirs)):
         print(f"[{i + 1}/{len(run_dirs)}] {' '.join(sweep.labels[i])} -> {run_dir}", flush=True)
         (job,) = submit([cfg], [run_dir], run_dir / "slurm", job_class)
-        worst = max(worst, follow(job, run_dir, cfg.train.max_steps))
+        code = follow(job, run_dir, cfg.train.max_steps, cfg.cluster.name)
+        if code == EXIT_INTERRUPTED:
+            left = len(run_dirs) - i - 1
+            print(
+                f"sweep stopped, {left} element(s) not run; to continue: the same command with run.dir={sweep.directory}"
+            )
+            return code
+        worst = max(worst, code)
     return worst
 
 

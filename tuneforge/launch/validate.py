@@ -139,6 +139,8 @@ def _data(cfg: Config) -> Iterator[Problem]:
     """Settings, then the files themselves: every bad row named by file, row and field, and too few
     examples for one global batch, before anything is submitted (data/records.py; no torch)."""
     d = cfg.data
+    if d.sources:  # a mixture: each source is checked by launch/data_rules.py
+        return
     if d.streaming and d.validation_fraction:
         yield Problem(
             "data.validation_fraction",
@@ -161,7 +163,7 @@ def _data(cfg: Config) -> Iterator[Problem]:
             train = ("data.path", path)
     val = None
     if d.validation_path:
-        path = Path(d.validation_path).expanduser()
+        path = bundled_data.resolve_path(d.validation_path)
         if not path.exists():
             yield Problem("data.validation_path", f"'{d.validation_path}' does not exist")
         else:
@@ -450,3 +452,6 @@ def _eval(cfg: Config) -> Iterator[Problem]:
             eval_prompts.read(cfg.eval.prompts)
         except records.DataError as e:
             yield Problem("eval.prompts", str(e))
+
+
+from tuneforge.launch import data_rules  # noqa: E402,F401 - registers the rules of data.sources and model.new_tokens

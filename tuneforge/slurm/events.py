@@ -4,11 +4,15 @@ The record that `tuneforge status` and `tuneforge logs` read, next to metrics.js
 
     allocation   rank 0, at every start: job id, restart count, nodes and the Slurm environment
     task         every rank, at every start: rank, host, pid (so a rank can be found and signalled)
-    signal       a rank received SIGUSR2 (time limit / preemption warning) or SIGTERM
+    phase        rank 0, as each start-up step begins: process group, tokenizer, data, model, backend,
+                 first step (what the launcher shows while it follows a run)
+    signal       a rank received SIGUSR2 (time limit / preemption warning), SIGTERM or SIGINT (Ctrl-C)
+    launcher_gone  a local rank's launcher died: it stops as on SIGTERM
     checkpoint   rank 0: the checkpoint written because of a stop request (step, reason)
     requeue      rank 0: the job requeued itself (kind: timeout | preemption, requeues left)
     requeue_refused   rank 0: max_requeues reached or the checkpoint function declined
-    stopped      rank 0: stopped on SIGTERM after saving (scancel, `scontrol requeue`, hard time limit)
+    stopped      rank 0: stopped after saving: on SIGTERM (scancel, `scontrol requeue`, hard time limit,
+                 `tuneforge cancel`), Ctrl-C (cause SIGINT), a vanished launcher, or debug.stop_after (reason)
     completed    rank 0: training reached max_steps
     failed       any rank: the exception that ended it (type and message)
 

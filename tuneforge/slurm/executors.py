@@ -51,8 +51,9 @@ def _extra_sbatch(lines) -> Dict[str, Any]:
     return extra
 
 
-def make_executor(cluster: ClusterConfig, folder: Path):
-    """The submitit executor for `cluster` (local or slurm), writing its files under `folder`."""
+def make_executor(cluster: ClusterConfig, folder: Path, script_only: bool = False):
+    """The submitit executor for `cluster` (local or slurm), writing its files under `folder`
+    (`script_only`: one that only writes sbatch text, also where Slurm is not installed)."""
     import submitit
 
     if cluster.name == "local":
@@ -65,7 +66,8 @@ def make_executor(cluster: ClusterConfig, folder: Path):
             nodes=1,
         )
         return executor
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cluster.max_requeues)
+    slurm_executor = submitit_compat.script_only_slurm_executor() if script_only else submitit.SlurmExecutor
+    executor = slurm_executor(folder=folder, max_num_timeout=cluster.max_requeues)
     executor.update_parameters(**slurm_parameters(cluster))
     return executor
 
@@ -73,7 +75,7 @@ def make_executor(cluster: ClusterConfig, folder: Path):
 def sbatch_script(cluster: SlurmClusterConfig, folder: Path, array_size: Optional[int] = None) -> str:
     """The exact sbatch script that `make_executor(cluster, folder)` would submit (job id left as %j);
     with `array_size`, the script of a job array of that many elements (what a sweep submits)."""
-    executor = make_executor(cluster, folder)
+    executor = make_executor(cluster, folder, script_only=True)
     if array_size is not None:
         executor.parameters["map_count"] = array_size  # what submitit sets for the copy it submits
     return submitit_compat.sbatch_text(executor)

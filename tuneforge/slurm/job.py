@@ -41,8 +41,13 @@ class TrainJob(submitit.helpers.Checkpointable):
         stop = StopFlag()
         allocation = Allocation(run_dir, cfg.cluster, stop)
         allocation.start()
+
+        def phase(name: str, detail: str = "") -> None:  # start-up phases, shown by the launcher
+            if allocation.rank == 0:
+                events.record(run_dir, "phase", phase=name, detail=detail, job_id=allocation.env.job_id)
+
         try:
-            result = self.task()(cfg, dist_env(cfg.cluster), stop)
+            result = self.task()(cfg, dist_env(cfg.cluster), stop, phase)
         except Exception as e:  # recorded for `tuneforge status`, then raised to submitit (result pickle)
             message = (str(e).strip().splitlines() or [""])[0][:300]
             events.record(
@@ -54,12 +59,12 @@ class TrainJob(submitit.helpers.Checkpointable):
                 error=f"{type(e).__name__}: {message}",
             )
             raise
-        if result["stopped"] in ("requeue", "terminate") and allocation.rank == 0:
+        if result["stopped"] in ("requeue", "terminate", "interrupt") and allocation.rank == 0:
             events.record(run_dir, "checkpoint", step=result["step"], reason=result["stopped"])
         if result["stopped"] == "requeue":
             allocation.requeue(result["step"])  # does not return
-        if result["stopped"] == "terminate":
-            allocation.stop(result["step"])  # does not return
+        if result["stopped"] in ("terminate", "interrupt"):
+            allocation.stop(result["step"], result["stopped"])  # does not return
         if allocation.rank == 0:
             events.record(
                 run_dir,
@@ -67,6 +72,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                 step=result["step"],
                 loss=result.get("loss"),
                 reason=result["stopped"],
+                job_id=allocation.env.job_id,
             )
         return result
 

@@ -13,7 +13,9 @@ and every rank exits without writing a result, so the job counts as unfinished.
 
 SIGTERM alone (scancel, `scontrol requeue` from outside, the hard time limit) stops the same way but
 does not requeue: Slurm decides whether the job comes back, and if it does, the task resumes from
-the run dir's latest checkpoint by itself, as every start does.
+the run dir's latest checkpoint by itself, as every start does. SIGINT (Ctrl-C on a local run: the
+launcher forwards it, launch/follow.py) stops the same way too, with the reason "interrupt". A local
+rank whose launcher is gone (killed without a chance to forward anything) stops like on SIGTERM.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -36,6 +39,8 @@ WAIT_FOR_RANK0_S = 60.0
 #: submitit's preemption sends SIGTERM, then USR2 with a second scancel: a USR2 this soon after the
 #: SIGTERM stop still turns it into a requeue
 WARNING_AFTER_TERM_S = 3.0
+#: a local rank checks this often whether its launcher still lives
+LAUNCHER_CHECK_S = 1.0
 
 
 class Allocation:
@@ -52,6 +57,7 @@ class Allocation:
         self.attempt = 0  # set by start()
         self.terminated = False  # a SIGTERM came: preemption (scancel --signal, `_interrupt`) or a kill
         self.warned = False  # the requeue warning (USR2) came
+        self.cause = "SIGTERM"  # what a terminate/interrupt stop came from: SIGTERM | SIGINT | launcher gone
 
     def start(self) -> None:
         """Record the allocation and take over the warning signals (after submitit installed its own)."""
@@ -80,17 +86,33 @@ class Allocation:
                 num_tasks=self.env.num_tasks,
                 environment=events.slurm_environment(),
             )
-        for signum in (self.usr_signal, signal.SIGTERM):
+        for signum in (self.usr_signal, signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
             # restart interrupted system calls: a signal must never break a collective in flight
             signal.siginterrupt(signum, False)
+        launcher = os.environ.get("TUNEFORGE_LAUNCHER_PID", "")  # launch/submit.py sets it for local jobs
+        if self.env.cluster == "local" and launcher.isdigit():
+            threading.Thread(target=self._watch_launcher, args=(int(launcher),), daemon=True).start()
 
     def _on_signal(self, signum: int, frame=None) -> None:
         # Only a flag (and one appended line): collectives and saving happen at the step boundary.
+        if signum == signal.SIGINT and self.stop_flag.reason == "interrupt":
+            return  # Ctrl-C reaches a local rank twice (the terminal's and the launcher's): one stop
         self.terminated = self.terminated or signum == signal.SIGTERM
         self.warned = self.warned or signum == self.usr_signal
-        self.stop_flag.request("requeue" if signum == self.usr_signal else "terminate")
+        reason = {self.usr_signal: "requeue", signal.SIGINT: "interrupt"}.get(signum, "terminate")
+        if reason != "requeue":
+            self.cause = signal.Signals(signum).name
+        self.stop_flag.request(reason)
         events.record(self.run_dir, "signal", rank=self.rank, signal=signal.Signals(signum).name)
+
+    def _watch_launcher(self, pid: int) -> None:
+        """Stop (as on SIGTERM) once the local launcher that follows this job is gone."""
+        while _alive(pid):
+            time.sleep(LAUNCHER_CHECK_S)
+        self.cause = "launcher gone"
+        self.stop_flag.request("terminate")
+        events.record(self.run_dir, "launcher_gone", rank=self.rank, pid=pid)
 
     # ------------------------------------------------------------------ after training returned
     def requeue(self, step: int) -> None:
@@ -124,21 +146,25 @@ class Allocation:
         submitit_compat.requeue(self.env, left)  # Slurm: scontrol requeue; local: exit 144, the controller restarts us
         sys.exit(-1)
 
-    def stop(self, step: int) -> None:
-        """Every rank, after the collective save of a SIGTERM stop: exit without a result, unless the
-        requeue warning follows at once (submitit's preemption), in which case rank 0 requeues."""
+    def stop(self, step: int, reason: str = "terminate") -> None:
+        """Every rank, after the collective save of a SIGTERM (or Ctrl-C) stop: exit without a result,
+        unless the requeue warning follows a SIGTERM at once (submitit's preemption), in which case
+        rank 0 requeues."""
         if self.rank != 0:
             self._wait_for_rank0()
             sys.exit(0)  # the checkpoint is complete; see requeue() for why 0
-        if not self.warned and self._signalled_only():
+        interrupted = reason == "interrupt"
+        if not interrupted and not self.warned and self._signalled_only():
             deadline = time.time() + WARNING_AFTER_TERM_S
             while not self.warned and time.time() < deadline:
                 time.sleep(0.1)
-        if self.warned:
+        if self.warned and not interrupted:
             self.requeue(step)  # does not return
-        events.record(self.run_dir, "stopped", step=step, signal="SIGTERM", job_id=self.env.job_id)
-        print(f"tuneforge: SIGTERM at step {step}: checkpoint saved, exiting", file=sys.stderr, flush=True)
-        sys.exit(128 + signal.SIGTERM)
+        cause = "SIGINT" if interrupted else self.cause
+        signal_name = "SIGINT" if interrupted else "SIGTERM"
+        events.record(self.run_dir, "stopped", step=step, signal=signal_name, cause=cause, job_id=self.env.job_id)
+        print(f"tuneforge: {cause} at step {step}: checkpoint saved, exiting", file=sys.stderr, flush=True)
+        sys.exit(128 + (signal.SIGINT if interrupted else signal.SIGTERM))
 
     def _signalled_only(self) -> bool:
         """Whether the job still runs as far as Slurm knows: a SIGTERM sent with `scancel --signal` (as
@@ -177,6 +203,19 @@ class Allocation:
             ):
                 return
             time.sleep(0.5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by someone else
+        return True
+    try:  # a zombie (killed, not yet reaped) is gone
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _slurm_time_left(job_id: str) -> Optional[float]:

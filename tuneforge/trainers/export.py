@@ -48,9 +48,10 @@ def run_tokenizer(tokenizer, data_cfg):
     """The tokenizer as the run used it: a chat run's carries the chat template it rendered its data with
     (data.chat_template, the tokenizer's own, or the default), so that every model dir it writes (final/,
     exports of any checkpoint) renders chats as training did (`apply_chat_template`, lm_eval)."""
+    from tuneforge.conf.schema import source_views
     from tuneforge.data.tokenize import chat_template
 
-    if data_cfg.format == "chat":
+    if any(view.format == "chat" for view in source_views(data_cfg)):  # a mixture with a chat source too
         tokenizer.chat_template = chat_template(data_cfg, tokenizer)
     return tokenizer
 
@@ -111,7 +112,7 @@ def export_checkpoint(cfg: Config, step_dir: Path, out_dir: Path) -> None:
 
     from tuneforge.conf.backends import model_dtype
     from tuneforge.conf.methods import is_peft
-    from tuneforge.trainers import backends, model
+    from tuneforge.trainers import backends, model, vocab
     from tuneforge.trainers.methods import apply_method
 
     run_dir = Path(step_dir).parent.parent
@@ -121,13 +122,12 @@ def export_checkpoint(cfg: Config, step_dir: Path, out_dir: Path) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     run_tokenizer(tokenizer, cfg.data)
+    old_vocab = vocab.extend_tokenizer(tokenizer, cfg.model)  # the run's model.new_tokens, as the task added them
     dtype = model_dtype(cfg.backend, cfg.train.dtype, peft=is_peft(cfg.method.name))
-    net, _ = apply_method(
-        model.load_model(cfg.model, cfg.method, tokenizer, dtype, "cpu", cfg.train.seed),
-        cfg.method,
-        total_steps=cfg.train.max_steps,
-        seed=cfg.train.seed,
-    )
+    net = model.load_model(cfg.model, cfg.method, tokenizer, dtype, "cpu", cfg.train.seed)
+    if not model.builds_from_config(cfg.model, cfg.method):
+        vocab.resize_model(net, tokenizer, old_vocab)
+    net, _ = apply_method(net, cfg.method, total_steps=cfg.train.max_steps, seed=cfg.train.seed)
     state = backends.read_full_state_dict(cfg.backend, Path(step_dir) / "engine", net)
     with torch.no_grad():
         result = net.load_state_dict(state, strict=False)

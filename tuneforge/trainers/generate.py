@@ -113,10 +113,20 @@ def answer(model, tokenizer, data_cfg, prompt: str, system: Optional[str], max_n
     """One prompt's greedy answer, rendered as a run with `data_cfg` renders its eval prompts."""
     from tuneforge.data import prompts
 
+    data_cfg = prompt_view(data_cfg)
     row = {"prompt": prompt, **({"system": system} if system else {})}
     positions = getattr(model.config, "max_position_embeddings", None) or 2048
     sampler = Sampler(prompts.from_file([row], data_cfg), data_cfg, tokenizer, positions, max_new_tokens, positions)
     return sampler.answer(model, device)[0]["answer"]
+
+
+def prompt_view(data_cfg):
+    """The data config prompts are rendered with: the data's own, or in a mixture (data.sources) its first
+    chat or instruction source (else its first source)."""
+    from tuneforge.conf.schema import source_views
+
+    views = source_views(data_cfg)
+    return next((v for v in views if v.format != "text"), views[0])
 
 
 def prompts_of(eval_cfg, data_cfg, seed: int, dist_env) -> list:
@@ -140,6 +150,7 @@ def prompts_of(eval_cfg, data_cfg, seed: int, dist_env) -> list:
 def _read_prompts(eval_cfg, data_cfg, seed: int) -> list:
     from tuneforge.data import pipeline, prompts
 
+    data_cfg = prompt_view(data_cfg)
     if eval_cfg.num_prompts == 0:
         return []
     if eval_cfg.prompts:

@@ -55,6 +55,7 @@ class Trainer:
         self.loss_fn = loss_function(compiled=train_cfg.compile)  # optim.token_loss_sum
         self.step = 0
         self.tokens_seen = 0
+        self.tokens_by_source: dict = {}  # target tokens seen of each source of a mixture
         self.memory_measured = False  # model-state bytes are measured once per process (preflight check)
 
     def resume(self) -> None:
@@ -63,6 +64,7 @@ class Trainer:
         if latest is not None:
             state = self.checkpoints.load(latest, self.engine)
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self.tokens_by_source = dict(state.get("tokens_by_source", {}))
             if "data" in state:  # the sampler position (and the data it belongs to) of this rank
                 self.batches.load_state_dict(state["data"], self.step)
             self.hooks.load(self.engine.module, latest)  # the method's own state (AdaLoRA's allocator)
@@ -108,8 +110,16 @@ class Trainer:
         start, cpu_start = time.perf_counter(), time.process_time()
         device = self.dist_env.device
         micro_batches = list(self.batches.micro_batches(self.step))
-        local_tokens = torch.tensor(float(sum(counted_tokens(batch["labels"]) for batch in micro_batches)))
-        global_tokens = _all_reduce(local_tokens.clone()).item()
+        # target tokens of the global batch (and of each source of a mixture: one all-reduce for both)
+        names = getattr(self.batches, "source_names", ())
+        local_tokens = torch.tensor(
+            [float(sum(counted_tokens(batch["labels"]) for batch in micro_batches))]
+            + [float(n) for n in getattr(self.batches, "source_tokens", ())]
+        )
+        counts = _all_reduce(local_tokens.clone()).tolist()
+        global_tokens = counts[0]
+        for name, n in zip(names, counts[1:]):
+            self.tokens_by_source[name] = self.tokens_by_source.get(name, 0) + int(n)
         local_inputs = sum(batch["input_ids"].numel() for batch in micro_batches)  # what the FLOPs are spent on
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no sync per micro batch
         # A method's extra terms (same value on every rank) count once per optimizer step: each micro
@@ -151,6 +161,7 @@ class Trainer:
             # the cost of a step that neighbours' load does not inflate the way it inflates step_time_s
             "cpu_time_s": time.process_time() - cpu_start,
             "tokens_seen": self.tokens_seen,
+            **{f"tokens_seen/{name}": n for name, n in self.tokens_by_source.items()},
             **self.throughput.figures(local_inputs, elapsed),
             "peak_memory_mb": metrics.peak_memory_mb(device),
             **extra_values,
@@ -166,18 +177,26 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss: summed token losses over every rank's validation rows / their target tokens."""
+        """Validation loss: summed token losses over every rank's validation rows / their target tokens;
+        a mixture's sources each the same way over their own rows (eval_loss/<name>)."""
         model, device = self.engine.model, self.dist_env.device
+        names = self.eval_batches.names
         model.eval()
-        totals = torch.zeros(2, dtype=torch.float64)  # loss sum, target tokens
-        for batch in self.eval_batches.micro_batches():
+        totals = torch.zeros(1 + len(names), 2, dtype=torch.float64)  # loss sum, target tokens: all, each source
+        for source, batch in self.eval_batches.by_source():
             inputs = {k: v.to(device) for k, v in batch.items()}
             labels = inputs.pop("labels")
-            totals[0] += token_loss_sum(model(**inputs).logits, labels).double().cpu()
-            totals[1] += counted_tokens(labels)
+            loss_sum = token_loss_sum(model(**inputs).logits, labels).double().cpu()
+            part = torch.stack([loss_sum, torch.tensor(float(counted_tokens(labels)), dtype=torch.float64)])
+            totals[0] += part
+            if source is not None:
+                totals[1 + source] += part
         model.train()
-        loss_sum, tokens = _all_reduce(totals).tolist()
-        return {"eval_loss": loss_sum / max(tokens, 1.0), "eval_tokens": int(tokens)}
+        totals = _all_reduce(totals).tolist()
+        out = {"eval_loss": totals[0][0] / max(totals[0][1], 1.0), "eval_tokens": int(totals[0][1])}
+        for name, (loss_sum, tokens) in zip(names, totals[1:]):
+            out.update({f"eval_loss/{name}": loss_sum / max(tokens, 1.0), f"eval_tokens/{name}": int(tokens)})
+        return out
 
     # ------------------------------------------------------------------ before and after
     def evaluate_at_start(self) -> None:
@@ -210,7 +229,7 @@ class Trainer:
         self.checkpoints.save(
             self.step,
             self.engine,
-            {"step": self.step, "tokens_seen": self.tokens_seen},
+            {"step": self.step, "tokens_seen": self.tokens_seen, "tokens_by_source": self.tokens_by_source},
             rank_state={"data": self.batches.state_dict(self.step)},
             write_extra=lambda directory: self.hooks.save(self.engine, directory, self.dist_env.is_main),
         )

@@ -42,7 +42,8 @@ from tuneforge.trainers.probe_report import PROGRESS, RESULT
 Scored = Tuple[int, float, int, int, int, int]
 
 
-def run(cfg: Config, dist_env, stop) -> dict:
+def run(cfg: Config, dist_env, stop, phase) -> dict:
+    """Score one candidate on this rank; `phase(name, detail)` is told each start-up step (the launcher shows them)."""
     from tuneforge.conf.backends import model_dtype
     from tuneforge.conf.methods import FullConfig
     from tuneforge.conf.schema import to_container
@@ -57,19 +58,24 @@ def run(cfg: Config, dist_env, stop) -> dict:
     finished = False
     try:
         full = FullConfig()  # the probe reads the base's weights whatever method the training will use
+        phase("tokenizer")
         tokenizer = model.load_tokenizer(cfg.model, full, lambda: iter(()), run_dir, dist_env)
         run_tokenizer(tokenizer, cfg.data)
+        phase("data", cfg.data.name)
         sets = samples(cfg, dist_env)
         examples = {name: scored_examples(d, tokenizer, t.seq_len, rows) for name, (d, rows) in sets.items()}
         dtype = model_dtype(cfg.backend, t.dtype, peft=True)  # a frozen base: train.dtype on every backend
+        phase("model", cfg.model.name_or_path)
         net = model.load_model(cfg.model, full, tokenizer, dtype, dist_env.device, t.seed)
         counts = model.count_parameters(net)
         context = getattr(net.config, "max_position_embeddings", None)
+        phase("backend", cfg.backend.name)
         engine = backends.prepare(net, cfg.backend, t, dist_env)
         logger = RunLogger(cfg.logger, run_dir, to_container(cfg), enabled=dist_env.is_main)
         progress = _load_progress(run_dir)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         done_batches = 0
+        phase("scoring", ", ".join(f"{len(items)} {name} examples" for name, items in examples.items()))
         for name, items in examples.items():
             batches = _batches(items, t.micro_batch)
             mine = list(range(dist_env.rank, len(batches), dist_env.world_size))

@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional
 
 from tuneforge.conf.schema import Config, to_container
 from tuneforge.trainers.distributed import DistEnv, StopFlag
 
 __all__ = ["DistEnv", "StopFlag", "probe", "run"]
 
+Phase = Callable[..., None]  # phase(name, detail="")
 
-def run(cfg: Config, dist_env: DistEnv, stop: StopFlag) -> Dict[str, Any]:
+
+def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] = None) -> Dict[str, Any]:
+    """Train on this rank; `phase(name, detail)` is told each start-up step as it begins (the launcher shows them)."""
+    phase = phase or (lambda name, detail="": None)
     from tuneforge.conf import methods
     from tuneforge.conf.backends import model_dtype
     from tuneforge.data import pipeline, sources
-    from tuneforge.trainers import backends, metrics, model
+    from tuneforge.trainers import backends, metrics, model, vocab
     from tuneforge.trainers.checkpoint import Checkpoints
     from tuneforge.trainers.distributed import close_process_group, init_process_group
     from tuneforge.trainers.export import run_tokenizer, write_final
@@ -30,6 +34,7 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag) -> Dict[str, Any]:
     from tuneforge.trainers.methods import apply_method
 
     run_dir, t = Path(cfg.run.dir), cfg.train
+    phase("process group", f"{dist_env.world_size} rank(s)")
     init_process_group(dist_env, cfg.cluster.collective_timeout_s)
     if dist_env.device == "cpu":
         from tuneforge.trainers.allocator import keep_freed_memory
@@ -38,15 +43,23 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag) -> Dict[str, Any]:
     logger = trainer = engine = net = None
     finished = False
     try:
+        phase("tokenizer")
         tokenizer = model.load_tokenizer(cfg.model, cfg.method, lambda: sources.texts(cfg.data), run_dir, dist_env)
+        old_vocab = vocab.extend_tokenizer(tokenizer, cfg.model)  # model.new_tokens: before any text is tokenised
         run_tokenizer(tokenizer, cfg.data)  # a chat run's template, saved with final/ and every export
         # flash attention reads packed examples from the position ids of a single row only
         flatten = cfg.model.attn_implementation.startswith("flash")
+        phase("data", cfg.data.name)
         run_data = pipeline.build(cfg.data, t, tokenizer, dist_env, flatten_packed=flatten)
         peft = methods.is_peft(cfg.method.name)
+        phase("model", cfg.model.name_or_path or f"{cfg.model.kind}, built from its config")
         net = model.load_model(
             cfg.model, cfg.method, tokenizer, model_dtype(cfg.backend, t.dtype, peft), dist_env.device, t.seed
         )
+        if not model.builds_from_config(cfg.model, cfg.method):  # a built model has the new rows already
+            added = vocab.resize_model(net, tokenizer, old_vocab)
+            if added and dist_env.is_main:
+                print(f"vocabulary: {added} new token(s), embeddings resized to {len(tokenizer)}", flush=True)
         net, method_hooks = apply_method(net, cfg.method, total_steps=t.max_steps, seed=t.seed)
         counts = model.count_parameters(net)
         sampler = _sampler(cfg, tokenizer, net, dist_env)  # before the backend shards the model
@@ -56,6 +69,7 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag) -> Dict[str, Any]:
             from tuneforge.trainers.compile import compile_blocks
 
             compile_blocks(net)
+        phase("backend", cfg.backend.name)
         engine = backends.prepare(net, cfg.backend, t, dist_env)
         preflight = run_dir / "preflight.json"  # the launcher's estimate, logged with the config (W&B)
         run_config = to_container(cfg)
@@ -90,6 +104,7 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag) -> Dict[str, Any]:
             hooks=method_hooks,
             sampler=sampler,
         )
+        phase("first step")
         result = trainer.train()
         if result["stopped"] is None:
             write_final(engine, tokenizer, run_dir / "final", dist_env.is_main)
@@ -107,17 +122,18 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag) -> Dict[str, Any]:
 
 def _sampler(cfg: Config, tokenizer, net, dist_env):
     """The prompts the run answers before, during and after training (trainers/generate.py), or None."""
-    from tuneforge.trainers.generate import Sampler, prompts_of
+    from tuneforge.trainers.generate import Sampler, prompt_view, prompts_of
 
     prompts = prompts_of(cfg.eval, cfg.data, cfg.train.seed, dist_env)
     if not prompts:
         return None
     positions = getattr(net.config, "max_position_embeddings", None) or cfg.train.seq_len
-    return Sampler(prompts, cfg.data, tokenizer, cfg.train.seq_len, cfg.eval.max_new_tokens, positions)
+    return Sampler(prompts, prompt_view(cfg.data), tokenizer, cfg.train.seq_len, cfg.eval.max_new_tokens, positions)
 
 
-def probe(cfg: Config, dist_env: DistEnv, stop: StopFlag) -> Dict[str, Any]:
+def probe(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] = None) -> Dict[str, Any]:
     """What every rank of a `tuneforge probe` candidate runs: score the model on the data (trainers/probe.py)."""
     from tuneforge.trainers.probe import run as run_probe
 
-    return {**run_probe(cfg, dist_env, stop), "rank": dist_env.rank, "world_size": dist_env.world_size}
+    result = run_probe(cfg, dist_env, stop, phase or (lambda name, detail="": None))
+    return {**result, "rank": dist_env.rank, "world_size": dist_env.world_size}
