@@ -94,8 +94,17 @@ def estimates(entries: list, overrides: List[str]) -> List[Row]:
 
 # ------------------------------------------------------------------------------------------ output
 def _params(entry, model) -> str:
+    """The declared size; a mixture of experts also its parameters used per token, counted from the
+    preset's sizes by tuneforge/arch (the preflight's reading; families it reads, so that listing the
+    catalog never builds a model on the meta device)."""
+    from tuneforge.arch.families import FAMILIES
+    from tuneforge.launch import preflight
+
     total = f"{model.params_b:g}B" if model.params_b else "?"
-    return total + (f" ({entry.active_params_b:g}B active)" if entry.moe else "")
+    if model.model_type not in FAMILIES:
+        return total
+    shape, _ = preflight.model_shape(model)
+    return total + (f" ({shape.active_params() / 1e9:.1f}B active)" if shape is not None and shape.is_moe else "")
 
 
 def _context(n: int) -> str:

@@ -30,12 +30,7 @@ class Entry:
     kind: str  # "base" | "instruct"
     domains: List[str]
     released: str  # "YYYY-MM"
-    active_params_b: Optional[float] = None  # a mixture of experts: parameters used per token
     unverified: List[str] = field(default_factory=list)
-
-    @property
-    def moe(self) -> bool:
-        return self.active_params_b is not None
 
 
 def entries() -> Dict[str, Entry]:

@@ -1,31 +1,31 @@
 """A hub model's config.json, for the preflight of a model given only by its hub id.
 
-From the local Hugging Face cache when it is there (also offline), else downloaded with
-huggingface_hub when the hub answers within a few seconds (a login node with internet); otherwise
-None and why, so that the preflight can say which sizes to give instead. Never waits on retries: a
+`fetch_config(repo_id)` gives the path of its config.json: from the local Hugging Face cache when it
+is there (also offline), else downloaded with huggingface_hub when the hub answers within a few seconds
+(a login node with internet); otherwise None and why, so that the preflight can say which sizes to give instead. Never waits on retries: a
 compute node or laptop without a route to the hub gets its answer in about `timeout_s`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
+from pathlib import Path
 from typing import Optional, Tuple
 from urllib.parse import urlparse
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
-def fetch_config(repo_id: str, timeout_s: float = 3.0) -> Tuple[Optional[dict], str]:
-    """(config.json as a dict, where it came from) or (None, why it could not be had)."""
+def fetch_config(repo_id: str, timeout_s: float = 3.0) -> Tuple[Optional[Path], str]:
+    """(path of config.json, where it came from) or (None, why it could not be had)."""
     try:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
     except ImportError:
         return None, "huggingface_hub is not installed"
     cached = try_to_load_from_cache(repo_id, "config.json")
     if isinstance(cached, str):
-        return _read(cached, f"config.json of {repo_id} in the local hub cache")
+        return Path(cached), f"config.json of {repo_id} in the local hub cache"
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return None, "HF_HUB_OFFLINE is set and it is not in the local hub cache"
     endpoint = os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
@@ -35,14 +35,7 @@ def fetch_config(repo_id: str, timeout_s: float = 3.0) -> Tuple[Optional[dict], 
         path = hf_hub_download(repo_id, "config.json", etag_timeout=timeout_s)
     except Exception as e:  # noqa: BLE001 - unknown repo, gated without a token, network: all mean "no sizes"
         return None, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-    return _read(path, f"config.json of {repo_id} from the hub")
-
-
-def _read(path: str, where: str) -> Tuple[Optional[dict], str]:
-    try:
-        return json.loads(open(path, encoding="utf-8").read()), where
-    except (OSError, ValueError) as e:
-        return None, f"cannot read {path}: {e}"
+    return Path(path), f"config.json of {repo_id} from the hub"
 
 
 def _reachable(endpoint: str, timeout_s: float) -> bool:
