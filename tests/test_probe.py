@@ -5,6 +5,8 @@ refused before anything is submitted."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 from pathlib import Path
@@ -52,14 +54,20 @@ def probe_args(bases: dict, run_dir: Path, *extra: str) -> list:
 @pytest.fixture(scope="module")
 def local_probe(bases, tmp_path_factory):
     run = tmp_path_factory.mktemp("probe") / "cricket"
-    tuneforge(*probe_args(bases, run, "data=demo_corpus", "cluster.tasks_per_node=1"))
-    return json.loads((run / "probe.json").read_text()), run
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        tuneforge(*probe_args(bases, run, "data=demo_corpus", "cluster.tasks_per_node=1"))
+    return json.loads((run / "probe.json").read_text()), run, printed.getvalue()
 
 
 @pytest.mark.slow
 def test_the_cricket_base_ranks_first_on_cricket_data(local_probe, bases, capsys):
-    record, run = local_probe
+    record, run, printed = local_probe
     cricket, general = record["candidates"]
+    # each candidate's end line says what it scored, not a training step
+    ends = [line for line in printed.splitlines() if line.startswith("done: ")]
+    assert len(ends) == 2 and all(" batch(es) per rank scored, domain " in line for line in ends), ends
+    assert f"domain {cricket['result']['domain']['bits_per_byte']:.3f} bits/byte" in ends[0]
     assert record["ranking"] == [0, 1]
     assert cricket["result"]["domain"]["bits_per_byte"] < general["result"]["domain"]["bits_per_byte"]
     # and the general base is the closer one to the general slice

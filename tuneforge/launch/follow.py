@@ -103,6 +103,9 @@ def outcome(job, run_dir: Path) -> int:
     if result is not None and result[0] == "success":
         main = result[1]
         stopped = f" (stopped: {main['stopped']})" if main.get("stopped") else ""
+        if main.get("probe"):  # a probe candidate (trainers/probe.py): batches scored, not steps trained
+            print(f"done: {main['step']} batch(es) per rank scored{stopped}{_bits_per_byte(main)}", flush=True)
+            return 0
         print(f"done: step {main['step']}, loss {main['loss']:.4f}{stopped}", flush=True)
         if not stopped:
             _show_before_after(run_dir)
@@ -127,6 +130,11 @@ def outcome(job, run_dir: Path) -> int:
     step, loss = last_step(run_dir / "metrics.jsonl")
     print(f"done: step {step}" + (f", loss {loss:.4f}" if loss is not None else ""), flush=True)
     return 0
+
+
+def _bits_per_byte(result: dict) -> str:
+    sets = [(name, (result.get(name) or {}).get("bits_per_byte")) for name in ("domain", "general")]
+    return "".join(f", {name} {bpb:.3f} bits/byte" for name, bpb in sets if bpb is not None)
 
 
 def _show_before_after(run_dir: Path) -> None:

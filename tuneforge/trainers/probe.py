@@ -92,7 +92,7 @@ def run(cfg: Config, dist_env, stop, phase) -> dict:
                 reason = agreed_stop(stop)
                 if reason:
                     _save_progress(run_dir, progress, name, scored, dist_env.is_main)
-                    return {"step": done_batches, "stopped": reason, "loss": float("nan")}
+                    return {"step": done_batches, "stopped": reason, "loss": float("nan"), "probe": True}
             progress = _merge(progress, name, _gather(scored))
         result = {
             "model": cfg.model.name_or_path,
@@ -113,7 +113,13 @@ def run(cfg: Config, dist_env, stop, phase) -> dict:
             probe_report.update(run_dir.parent)  # the probe dir's probe.json, with what is done so far
             print(f"probe: {json.dumps(result)}", flush=True)
         finished = True
-        return {"step": done_batches, "stopped": None, "loss": result["domain"]["bits_per_byte"], **result}
+        return {
+            "step": done_batches,
+            "stopped": None,
+            "loss": result["domain"]["bits_per_byte"],
+            "probe": True,
+            **result,
+        }
     finally:
         if logger is not None:
             logger.close()
