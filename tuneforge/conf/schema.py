@@ -312,21 +312,21 @@ class EvalConfig:
     # chat template (format=chat), the Alpaca prompt (alpaca), as it is (completion, text).
     # None: the first `num_prompts` held-out rows of instruction or chat data (none for text data).
     prompts: Optional[str] = None
-    num_prompts: int = knob(3, ge=0)  # prompts used (the first of the file, or of the held-out rows); 0: none
-    max_new_tokens: int = knob(48, ge=1)  # tokens generated per answer (greedy; ends earlier at EOS)
+    num_prompts: int = knob(3, ge=0, le=10**4)  # prompts used (the first of the file, or of the held-out rows); 0: none
+    max_new_tokens: int = knob(48, ge=1, le=2**16)  # tokens generated per answer (greedy; ends earlier at EOS)
 
 
 @dataclass
 class ProbeConfig:
     """`tuneforge probe`: which base model is closest to your data (bits per byte), before any training."""
 
-    examples: int = knob(256, ge=1)  # rows of the data scored per candidate (a seeded sample of train.seed)
+    examples: int = knob(256, ge=1, le=10**8)  # rows of the data scored per candidate (a seeded sample of train.seed)
     # the general-text reference: a bundled name or a path (text, one document per paragraph); the gap
     # between a model's bits per byte on your data and on it says how far your domain is from its training
     general: str = "general_validation"
     # a gap (bits per byte on your data minus on general text) above this recommends continued pretraining
     # on your domain before finetuning; below it, finetuning (PEFT) directly. A rule of thumb, not a law.
-    large_gap: float = knob(0.3, gt=0)
+    large_gap: float = knob(0.3, gt=0, le=100)
 
 
 # ---------------------------------------------------------------------------------------- debug, run
