@@ -379,3 +379,18 @@ def test_status_finds_a_run_written_anywhere_and_tells_stopped_from_completed(tm
     tuneforge("status")
     out = capsys.readouterr().out
     assert "COMPLETED" in out and "STOPPED" not in out and "4/4" in out
+
+
+def test_ctrl_c_before_submission_is_one_line_and_exit_130(tmp_path):
+    """Ctrl-C while the config composes (before anything is submitted): no traceback, nothing created."""
+    run = tmp_path / "run"
+    code = (
+        "import os, signal, sys, threading; from tuneforge.launch.cli import main; "
+        "threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start(); "  # composing takes > 0.2 s
+        f"sys.exit(main(['--dry-run', 'logger=none', 'run.dir={run}']))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 130, out.stderr
+    assert "Traceback" not in out.stderr and "interrupted (Ctrl-C); nothing was submitted" in out.stderr, out.stderr
+    assert not run.exists()

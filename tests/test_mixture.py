@@ -234,6 +234,10 @@ def bad_cases(tmp: Path):
             f"[{good},{{name:general_corpus,weight:-1}}]",
             "data.sources[1].weight: must be in (0, 1000000.0]",
         ),
+        "a typo'd key": (
+            f"[{good},{{name:general_corpus,wieght:2}}]",
+            "data.sources[1].wieght: unknown key; did you mean 'weight'?",
+        ),
         "NaN weight": (f"[{good},{{name:general_corpus,weight:nan}}]", "data.sources[1].weight: must be a finite"),
         "missing file": (
             f"[{good},{{name:mine,path:{tmp}/nowhere.txt}}]",

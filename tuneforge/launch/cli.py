@@ -19,7 +19,24 @@ from tuneforge.launch.compose import checked, validator
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # a followed run handles its own Ctrl-C (launch/follow.py); this is the rest
+        said = "check `tuneforge status`" if _submitting else "nothing was submitted"
+        print(f"\ntuneforge: interrupted (Ctrl-C); {said}", file=sys.stderr)
+        return 130
+
+
+_submitting = False  # set once a submission may have begun: Ctrl-C after it cannot say "nothing"
+
+
+def _submit(launch, *args, **kwargs) -> int:
+    global _submitting
+    _submitting = True
+    return launch(*args, **kwargs)
+
+
+def _main(argv: List[str]) -> int:
     args = parse(argv)
     if args.problems:
         return _refuse(args.problems, "on the command line")
@@ -50,14 +67,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     from tuneforge.launch.submit import launch
 
-    return launch(cfg, report, argv, wait=args.wait)
+    return _submit(launch, cfg, report, argv, wait=args.wait)
 
 
 def _sweep(args: Args, argv: List[str]) -> int:
     plan = sweep.plan(args.overrides, sources=args.sources)
     if plan.problems or (sweep.misfits(plan) and not args.force and not args.dry_run):
         return _refuse(plan.problems or sweep.misfits(plan))
-    return sweep.show(plan) if args.dry_run else sweep.launch(plan, argv)
+    return sweep.show(plan) if args.dry_run else _submit(sweep.launch, plan, argv)
 
 
 def _refuse(problems: List[str], where: str = "in the config") -> int:

@@ -225,7 +225,7 @@ def _one_line(e: Exception) -> _Failure:
 
     m = re.search(r"Key '([^']+)' not in '(\w+)'", text)
     if m:
-        key = full_key or m.group(1)
+        key = _within_override(text, full_key or m.group(1))
         return _Failure(f"{key}: unknown key{_did_you_mean(m.group(1), m.group(2))}", key, in_file)
     m = re.search(r"Could not find '([^/']+)/([^']+)'", text)
     if m:
@@ -244,6 +244,25 @@ def _one_line(e: Exception) -> _Failure:
     last = chain[-1].strip().splitlines()[0] if chain else "invalid config"
     last = re.sub(rf"^In '{FILE_GROUP}/\w+': ", "", last)
     return _Failure(f"{full_key}: {last}" if full_key else last, full_key, in_file)
+
+
+def _within_override(text: str, key: str) -> str:
+    """A key of a value given whole on the command line (data.sources=[{...}, {...}]) is named by OmegaConf
+    relative to that value: named here from the config's root, the list element's index included."""
+    m = re.search(r"Could not override '([\w.]+)'\.\nTo append to your config use \+(.*)$", text, re.MULTILINE)
+    if not m or key.split(".")[0].split("[")[0] == m.group(1).split(".")[0]:  # named from the root already
+        return key
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        value = OverridesParser.create().parse_override(m.group(2)).value()
+    except Exception:  # noqa: BLE001 (the key as OmegaConf named it, then)
+        return f"{m.group(1)}.{key}"
+    first = key.split(".")[0]
+    if isinstance(value, list):
+        index = next((i for i, v in enumerate(value) if isinstance(v, dict) and first in v), None)
+        return f"{m.group(1)}[{index}].{key}" if index is not None else f"{m.group(1)}.{key}"
+    return f"{m.group(1)}.{key}"
 
 
 def _field(text: str, name: str) -> str:
