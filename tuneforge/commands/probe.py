@@ -52,7 +52,7 @@ def main(args: List[str]) -> int:
 
 def _probe(overrides: List[str], argv: List[str], dry_run: bool, wait: bool) -> int:
     from tuneforge.launch import sweep
-    from tuneforge.launch.cli import _refuse
+    from tuneforge.launch.cli import _refuse, _submit
     from tuneforge.launch.compose import ConfigError
     from tuneforge.slurm.job import ProbeJob
     from tuneforge.trainers import probe_report
@@ -71,7 +71,7 @@ def _probe(overrides: List[str], argv: List[str], dry_run: bool, wait: bool) -> 
         sweep.show(plan)
         return 0
     _write_record(plan, argv)  # before the jobs start: each updates it when it ends
-    code = sweep.launch(plan, ["probe", *argv], job_class=ProbeJob)
+    code = _submit(sweep.launch, plan, ["probe", *argv], job_class=ProbeJob)  # Ctrl-C from here: "check status"
     record = probe_report.update(plan.directory)
     if plan.cluster.name == "local" or wait:
         if plan.cluster.name != "local":
