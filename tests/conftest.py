@@ -15,6 +15,7 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "offline")  # never reach for the network from tests
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("WANDB_API_KEY", None)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nor for the hub: a model not on disk or in its cache is not there
 # Token caches of test runs go to a temporary directory, not the user's ~/.cache.
 os.environ.setdefault("TUNEFORGE_DATA_CACHE", tempfile.mkdtemp(prefix="tuneforge-test-cache-"))
 # The index of runs (launch/index.py) and the user's config dir (~/.config/tuneforge) are the tests' own.
@@ -66,6 +67,11 @@ def saved_model(out: Path, config: dict) -> Path:
 
 
 def metrics(run_dir: Path) -> List[dict]:
+    """The records of the optimizer steps (step 0's evaluation, train.eval_on_start, left out)."""
+    return [r for r in all_metrics(run_dir) if r["step"] > 0]
+
+
+def all_metrics(run_dir: Path) -> List[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -48,7 +48,7 @@ EXPORT_TOL = 1e-5
 
 def losses(run_dir: Path) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records}
+    return {r["step"]: r["loss"] for r in records if r["step"] > 0}  # step 0: the evaluation before training
 
 
 def logits(model_dir: Path):

@@ -285,8 +285,10 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
 
 
 def steps(run: Path) -> list:
+    """The optimizer steps logged (step 0's evaluation, train.eval_on_start, left out)."""
     path = run / "metrics.jsonl"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.is_file() else []
+    logged = [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.is_file() else []
+    return [step for step in logged if step > 0]
 
 
 def rank_pids(run: Path) -> list:

@@ -564,7 +564,7 @@ def test_chat_finetune_on_demo_instruct_through_the_cli(tiny_base, tmp_path, cap
     assert json.loads((run / "summary.json").read_text())["data_cache"] == "built"
     tuneforge(*common)  # resumes at step 8: the cache is found, not rebuilt
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["data_cache"] == "hit" and summary["train_fill"] > 0.85 and summary["validation_examples"] == 30
+    assert summary["data_cache"] == "hit" and summary["train_fill"] > 0.85 and summary["validation_examples"] == 31
     logs = "".join(p.read_text() for p in (run / "slurm").glob("*_0_log.out"))
     assert "data: cache built" in logs and "data: cache hit" in logs
     curve = losses(run)

@@ -34,7 +34,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "commands": {"commands", "launch", "slurm", "conf", "trainers"} | LEAVES,
 }
 #: launch/ may dispatch to commands/ (the CLI entry) and read data's row checks, nothing heavier
-LAUNCH_DATA = {"data", "data.records"}
+LAUNCH_DATA = {"data", "data.records", "data.prompts"}
 
 
 def imports_of(path: Path) -> Set[str]:

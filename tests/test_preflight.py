@@ -97,7 +97,7 @@ def test_preset_sizes_match_their_declared_params():
     for preset in PRESETS:
         model = compose([f"model={preset}"]).model
         shape, source = preflight.model_shape(model)
-        assert source == "sizes from the model config"
+        assert source == "sizes of the preset (model.architecture)"
         assert shape.params() == pytest.approx(model.params_b * 1e9, rel=0.005), preset
 
 
@@ -566,14 +566,7 @@ def test_flops_are_one_count_for_the_preflight_and_the_trainer():
     from tuneforge import arch
 
     preset = compose(["model=llama3_8b"]).model
-    config = LlamaConfig(
-        vocab_size=preset.vocab_size,
-        hidden_size=preset.hidden_size,
-        intermediate_size=preset.intermediate_size,
-        num_hidden_layers=preset.num_layers,
-        num_attention_heads=preset.num_heads,
-        num_key_value_heads=preset.num_kv_heads,
-    )
+    config = LlamaConfig(**preset.architecture)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     trainer_shape = arch.shape_from_config(model.config.to_dict())

@@ -7,6 +7,10 @@ reads the run dir's records (commands/runinfo.py), asks the scheduler through su
     tuneforge logs <run dir> [--follow] [--rank N]
     tuneforge cancel <run or sweep dir>
     tuneforge sync <run or sweep dir> [--print] [--timeout S]
+    tuneforge models [--domain D] [--fits "<overrides>"]  # the model catalog; what fits a cluster and method
+    tuneforge probe <overrides, candidates swept: model=a,b>  # bits per byte of each candidate on your data
+    tuneforge generate <run or model dir> "prompt"       # a greedy answer, rendered as the run trained
+    tuneforge compare <run dir> [<run dir> ...]          # answers and losses before and after training
 
 One module per command, each with a `main(args) -> exit code`; this module only dispatches. Exit
 codes: 0 done, 1 failed while working, 2 bad arguments (nothing written).
@@ -21,6 +25,7 @@ from typing import List
 
 #: command name -> its module under tuneforge/commands/ (imported only when run)
 COMMANDS = {"export": "export", "status": "status", "logs": "logs", "cancel": "cancel", "sync": "sync"}
+COMMANDS.update(models="models", probe="probe", generate="generate", compare="compare")  # issue 13
 
 
 def main(name: str, args: List[str]) -> int:

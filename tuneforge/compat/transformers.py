@@ -14,3 +14,11 @@ def block_class_names(model) -> List[str]:
         if names:
             return list(names)
     return []
+
+
+def kv_cache_key() -> str:
+    """The name of the KV cache in a causal LM's forward and output: `cache` in transformers 5.2x, where
+    `past_key_values` is deprecated (removed in 5.40), `past_key_values` before."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"

@@ -52,6 +52,10 @@ class ModelConfig:
     params_b: Optional[float] = knob(
         None, gt=0, le=1e5
     )  # declared size in billions, for presets (used by estimates only)
+    # A hub model's sizes under config.json's own names (hidden_size, num_hidden_layers, head_dim, ...),
+    # so that the preflight estimates it offline: the presets set them (conf/model/*.yaml). {}: read the
+    # local directory's config.json, else fetch it from the hub (launch/hubconfig.py).
+    architecture: Dict[str, Any] = knob(factory=dict)
     # Architecture family as in config.json's "model_type" (llama, mistral, qwen2, ...), so that
     # method.target_modules can be checked before launch; None: read from a local name_or_path.
     model_type: Optional[str] = None
@@ -286,11 +290,43 @@ class TrainConfig:
     )  # global batches of validation data per evaluation (fewer when there is less data)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward instead of
     # keeping them (less memory, ~1/3 more compute); works with every backend
+    # the validation loss (and the eval prompts' answers) at step 0 too, before any training: the "before"
+    # of every run (a resumed run does not repeat it); takes effect when there is validation data or prompts
+    eval_on_start: bool = True
 
 
 def warmup_steps(train: TrainConfig) -> int:
     """The warm-up in steps: as set, else a tenth of max_steps (so that no max_steps is ever too short for it)."""
     return train.max_steps // 10 if train.warmup_steps is None else train.warmup_steps
+
+
+# ---------------------------------------------------------------------------------------- eval, probe
+@dataclass
+class EvalConfig:
+    """What the model answers, before and after: greedy answers to a few prompts at step 0 (with
+    train.eval_on_start), at every evaluation and at the end, in <run dir>/samples.jsonl and a W&B Table;
+    the run ends with the before/after table (`tuneforge compare <run dir>`)."""
+
+    # JSONL of {"prompt": ..., "reference": ... (optional), "system": ... (optional)}: a path, or the name
+    # of a bundled file (demo_prompts). A prompt is rendered as the training data is: a user turn with the
+    # chat template (format=chat), the Alpaca prompt (alpaca), as it is (completion, text).
+    # None: the first `num_prompts` held-out rows of instruction or chat data (none for text data).
+    prompts: Optional[str] = None
+    num_prompts: int = knob(3, ge=0, le=10**4)  # prompts used (the first of the file, or of the held-out rows); 0: none
+    max_new_tokens: int = knob(48, ge=1, le=2**16)  # tokens generated per answer (greedy; ends earlier at EOS)
+
+
+@dataclass
+class ProbeConfig:
+    """`tuneforge probe`: which base model is closest to your data (bits per byte), before any training."""
+
+    examples: int = knob(256, ge=1, le=10**8)  # rows of the data scored per candidate (a seeded sample of train.seed)
+    # the general-text reference: a bundled name or a path (text, one document per paragraph); the gap
+    # between a model's bits per byte on your data and on it says how far your domain is from its training
+    general: str = "general_validation"
+    # a gap (bits per byte on your data minus on general text) above this recommends continued pretraining
+    # on your domain before finetuning; below it, finetuning (PEFT) directly. A rule of thumb, not a law.
+    large_gap: float = knob(0.3, gt=0, le=100)
 
 
 # ---------------------------------------------------------------------------------------- debug, run
@@ -325,6 +361,8 @@ class Config:
     data: DataConfig = MISSING
     logger: LoggerConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -371,6 +409,8 @@ def from_container(values: Dict[str, Any]) -> Config:
                 "data": DataConfig,
                 "logger": LoggerConfig,
                 "train": TrainConfig,
+                "eval": EvalConfig,
+                "probe": ProbeConfig,
                 "debug": DebugConfig,
                 "run": RunConfig,
             }.get(group)

@@ -158,15 +158,8 @@ def _build(train_src, val_src, encoder: Encoder, data_cfg, seed: int, pad_id: in
     train_records = _read(train_src, data_cfg) if train_src else []
     if val_src:
         val_records = _read(val_src, data_cfg)
-    elif data_cfg.validation_fraction > 0 and train_records:
-        n_val = max(1, round(len(train_records) * data_cfg.validation_fraction))
-        chosen = np.random.default_rng(seed).permutation(len(train_records))[:n_val]
-        held = np.zeros(len(train_records), dtype=bool)
-        held[chosen] = True
-        val_records = [r for r, h in zip(train_records, held) if h]
-        train_records = [r for r, h in zip(train_records, held) if not h]  # in order: documents stay in sequence
     else:
-        val_records = []
+        train_records, val_records = split_validation(train_records, data_cfg.validation_fraction, seed)
     stats: Dict[str, Any] = {}
     for split, recs in (("train", train_records), ("validation", val_records)):
         if not recs and (split == "validation" or train_src is None):
@@ -178,6 +171,34 @@ def _build(train_src, val_src, encoder: Encoder, data_cfg, seed: int, pad_id: in
         stats.update({f"{split}_examples": len(recs), f"{split}_rows": len(rows), f"{split}_fill": round(rows.fill, 4)})
     stats.update(truncated=encoder.truncated, dropped_without_targets=encoder.dropped)
     return {"stats": stats}
+
+
+def split_validation(records: List[dict], fraction: float, seed: int) -> Tuple[List[dict], List[dict]]:
+    """(train, validation): a seeded `fraction` of the records held out, both in their original order
+    (documents stay in sequence)."""
+    if fraction <= 0 or not records:
+        return records, []
+    n_val = max(1, round(len(records) * fraction))
+    chosen = np.random.default_rng(seed).permutation(len(records))[:n_val]
+    held = np.zeros(len(records), dtype=bool)
+    held[chosen] = True
+    return [r for r, h in zip(records, held) if not h], [r for r, h in zip(records, held) if h]
+
+
+def held_out_records(data_cfg: DataConfig, seed: int, limit: int) -> List[dict]:
+    """The first `limit` validation rows, as the run holds them out (data.validation_path, else the
+    data.validation_fraction carved off with `seed`): the default prompts of eval.prompts."""
+    import itertools
+
+    val_src = sources.validation_source(data_cfg)
+    if val_src is not None:
+        if val_src.is_local:
+            sources.check_local(val_src, data_cfg)
+        return list(itertools.islice(sources.rows(val_src, data_cfg), limit))
+    if not data_cfg.validation_fraction:
+        return []
+    _, held = split_validation(_read(sources.train_source(data_cfg), data_cfg), data_cfg.validation_fraction, seed)
+    return held[:limit]
 
 
 def _read(source, data_cfg) -> List[dict]:

@@ -128,6 +128,13 @@ class Encoder:
 
     def encode(self, records: Sequence[Dict[str, Any]]) -> List[Example]:
         """Examples for `records` (well-formed rows); those without any target token are dropped."""
+        return [(ids, labels) for ids, labels, _, _ in self.encode_with_offsets(records)]
+
+    def encode_with_offsets(
+        self, records: Sequence[Dict[str, Any]]
+    ) -> List[Tuple[List[int], List[int], List[Span], str]]:
+        """`encode`, with each token's character span in the rendered text ((0, 0): an added token
+        such as EOS) and the text: what the probe counts the bytes of the scored text with."""
         rendered = [self.render(r) for r in records]
         encoded = self.tokenizer(
             [text for text, _, _ in rendered],
@@ -136,6 +143,7 @@ class Encoder:
         )
         examples = []
         for (text, spans, add_eos), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
+            offsets = [tuple(off) for off in offsets]  # + [(0, 0)] below, and probe's byte counts
             if self.train_on_prompt:
                 labels = list(ids)
             elif spans == [(0, len(text))]:  # the whole text (format=text): _inside without its per-token call
@@ -146,15 +154,15 @@ class Encoder:
             if add_eos:  # the response ends with EOS, a target (also when the tokenizer appended one itself)
                 eos = self.tokenizer.eos_token_id
                 if ids and ids[-1] == eos:
-                    ids, labels = ids[:-1], labels[:-1]
-                ids, labels = ids + [eos], labels + [eos]
+                    ids, labels, offsets = ids[:-1], labels[:-1], offsets[:-1]
+                ids, labels, offsets = ids + [eos], labels + [eos], offsets + [(0, 0)]
             if self.format != "text" and len(ids) > self.seq_len:  # documents are split by the packer instead
-                ids, labels = ids[: self.seq_len], labels[: self.seq_len]
+                ids, labels, offsets = ids[: self.seq_len], labels[: self.seq_len], offsets[: self.seq_len]
                 self.truncated += 1
             if all(label == IGNORE_INDEX for label in labels[1:]):  # the first token is never a target
                 self.dropped += 1
                 continue
-            examples.append((ids, labels))
+            examples.append((ids, labels, offsets, text))
         return examples
 
 

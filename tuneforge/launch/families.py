@@ -3,6 +3,8 @@
 - `checkpoint_shape(path, trust_remote_code)`: the shape of a local checkpoint's config.json, read by
   its family's spelling (arch/families.py), or, for an unfamiliar family, counted on the model built on
   the meta device (arch/meta.py: imports torch; the preflight's source line says so). Cached.
+  `config_shape(json text, where)`: the same for a config that is no file (a preset's model.architecture,
+  a hub model's config.json).
 - `attention(model_cfg)`: what model.attn_implementation becomes ("auto": sdpa where the model class
   has an SDPA path, else eager) and a note for the dry run, or None and the refusal.
 - `problems(cfg)`: (key, message) for what cannot train, before submission: not a causal LM or custom
@@ -60,25 +62,30 @@ def checkpoint_shape(path: Path, trust_remote_code: bool = False) -> Tuple[Optio
         config = _read(str(path), path.stat().st_mtime_ns)
     except (OSError, ValueError) as e:
         return None, f"cannot read {path}: {e}"
+    return config_shape(json.dumps(config, sort_keys=True), str(path), trust_remote_code)
+
+
+@lru_cache(maxsize=16)
+def config_shape(
+    config_text: str, where: str, trust_remote_code: bool = False
+) -> Tuple[Optional[arch.ModelShape], str]:
+    """(shape, where) of a config.json given as JSON text (a checkpoint's, a preset's model.architecture, a
+    hub model's): by its family's spelling, or, for a family tuneforge does not know, counted on the meta
+    device; (None, why no estimate)."""
+    config = json.loads(config_text)
     try:
-        return arch.shape_from_config(config), str(path)
+        return arch.shape_from_config(config), where
     except arch.UnknownArchitecture as e:
         if arch.language_config(config).get("model_type") in FAMILIES:
-            return None, f"{path}: {e}, no estimate"  # a known family with a size missing
-    return _on_meta(str(path), path.stat().st_mtime_ns, trust_remote_code)
-
-
-@lru_cache(maxsize=8)
-def _on_meta(path: str, mtime: int, trust_remote_code: bool) -> Tuple[Optional[arch.ModelShape], str]:
+            return None, f"{where}: {e}, no estimate"  # a known family with a size missing
     from tuneforge.arch import meta  # torch and transformers: only for a family tuneforge does not know
 
-    config = _read(path, mtime)
     model_type = arch.language_config(config).get("model_type")
     try:
         shape = meta.shape_on_meta(config, trust_remote_code)
     except Exception as e:  # noqa: BLE001 (whatever stops transformers building it: no estimate, said why)
-        return None, f"{path}: unfamiliar model_type {model_type!r}, and building it on the meta device failed: {e}"
-    return shape, f"{path}; model_type {model_type!r} counted on the meta device (torch imported)"
+        return None, f"{where}: unfamiliar model_type {model_type!r}, and building it on the meta device failed: {e}"
+    return shape, f"{where}; model_type {model_type!r} counted on the meta device (torch imported)"
 
 
 def attention(model_cfg: ModelConfig) -> Tuple[Optional[str], str]:

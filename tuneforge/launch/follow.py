@@ -103,7 +103,12 @@ def outcome(job, run_dir: Path) -> int:
     if result is not None and result[0] == "success":
         main = result[1]
         stopped = f" (stopped: {main['stopped']})" if main.get("stopped") else ""
+        if main.get("probe"):  # a probe candidate (trainers/probe.py): batches scored, not steps trained
+            print(f"done: {main['step']} batch(es) per rank scored{stopped}{_bits_per_byte(main)}", flush=True)
+            return 0
         print(f"done: step {main['step']}, loss {main['loss']:.4f}{stopped}", flush=True)
+        if not stopped:
+            _show_before_after(run_dir)
         return 0
     mine = [e for e in events.read(run_dir) if e.get("job_id") == str(job.job_id)]
     stop = next((e for e in reversed(mine) if e["event"] == "stopped"), None)
@@ -125,6 +130,20 @@ def outcome(job, run_dir: Path) -> int:
     step, loss = last_step(run_dir / "metrics.jsonl")
     print(f"done: step {step}" + (f", loss {loss:.4f}" if loss is not None else ""), flush=True)
     return 0
+
+
+def _bits_per_byte(result: dict) -> str:
+    sets = [(name, (result.get(name) or {}).get("bits_per_byte")) for name in ("domain", "general")]
+    return "".join(f", {name} {bpb:.3f} bits/byte" for name, bpb in sets if bpb is not None)
+
+
+def _show_before_after(run_dir: Path) -> None:
+    """The run's answers and held-out loss before and after (what `tuneforge compare <run dir>` shows)."""
+    from tuneforge.commands.compare import before_after
+
+    text = before_after(run_dir)
+    if text:
+        print(text, flush=True)
 
 
 def _result(job):

@@ -41,18 +41,32 @@ SMALLER_METHODS = ("lora", "qlora")
 
 
 # ---------------------------------------------------------------------------------- config -> inputs
+#: config.json's names of the sizes an estimate needs (model.architecture.<name>)
+CONFIG_JSON_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
+#: a preset whose sizes, read by its family's spelling (tuneforge/arch), miss its declared params_b by
+#: more than this has a wrong size: no estimate rather than a wrong one
+PARAMS_TOLERANCE = 0.10
+
+
 def model_shape(model_cfg: ModelConfig) -> Tuple[Optional[ModelShape], str]:
-    """(shape, where it was read) or (None, why no estimate is possible)."""
+    """(shape, where it was read) or (None, why no estimate is possible). A hub model's sizes come from
+    a local directory's config.json, else `model.architecture` (the presets), else the hub's config.json."""
     path = model_cfg.name_or_path
     if model_cfg.kind == "hf" and path:
         config_json = Path(path).expanduser() / "config.json"
         if config_json.is_file():
             return families.checkpoint_shape(config_json, model_cfg.trust_remote_code)
+        if model_cfg.architecture:
+            return _shape_from_architecture(model_cfg)
         if not _declares_architecture(model_cfg):
-            return None, (
-                f"model.name_or_path={path} is not a local directory and the config gives no "
-                f"architecture; set model.{', model.'.join(ARCHITECTURE_FIELDS)} or use a local copy"
-            )
+            return _shape_from_hub(path)
     shape = ModelShape(
         vocab=model_cfg.vocab_size,
         hidden=model_cfg.hidden_size,
@@ -71,6 +85,37 @@ def _declares_architecture(model_cfg: ModelConfig) -> bool:
     return model_cfg.params_b is not None or any(
         getattr(model_cfg, key) != getattr(default, key) for key in ARCHITECTURE_FIELDS
     )
+
+
+def _shape_from_architecture(model_cfg: ModelConfig) -> Tuple[Optional[ModelShape], str]:
+    config = json.dumps({"model_type": model_cfg.model_type, **model_cfg.architecture}, sort_keys=True)
+    where = "sizes of the preset (model.architecture)"
+    shape, read = families.config_shape(config, where, model_cfg.trust_remote_code)
+    if shape is None:
+        return None, f"model.architecture of {model_cfg.name_or_path}: {read}"
+    declared = model_cfg.params_b
+    if declared and abs(shape.params() / 1e9 - declared) > PARAMS_TOLERANCE * declared:
+        return None, (
+            f"model.architecture of {model_cfg.name_or_path}: read as model_type {model_cfg.model_type} its sizes "
+            f"give {units.count(shape.params())} parameters, not the declared model.params_b={declared:g}B; "
+            "correct the preset's sizes or params_b"
+        )
+    return shape, read
+
+
+def _shape_from_hub(repo_id: str) -> Tuple[Optional[ModelShape], str]:
+    from tuneforge.launch.hubconfig import fetch_config
+
+    config_json, where = fetch_config(repo_id)
+    if config_json is None:
+        keys = ", ".join(f"model.architecture.{k}" for k in CONFIG_JSON_SIZES)
+        return None, (
+            f"model.name_or_path={repo_id} is not a local directory and its config.json could not be read "
+            f"({where}); give its sizes under config.json's names: {keys} (and head_dim, tie_word_embeddings "
+            "where it has them), or use a local copy"
+        )
+    shape, read = families.checkpoint_shape(config_json)  # the one reading of a checkpoint's sizes
+    return (shape, where) if shape is not None else (None, f"{where}: {read}")
 
 
 def job_of(cfg: Config) -> Job:

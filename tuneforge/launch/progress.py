@@ -62,6 +62,8 @@ class Progress:
             elif event["event"] == "signal" and event.get("rank") == 0:
                 self.say(f"[{self._clock()}] rank 0 got {event.get('signal')}")
         for record in self.metrics.new():
+            if "loss" not in record:  # step 0's evaluation (train.eval_on_start): no training step yet
+                continue
             if record["step"] > self.shown_step:
                 self._step(int(record["step"]), record.get("loss"))
 

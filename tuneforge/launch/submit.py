@@ -35,23 +35,25 @@ def launch(cfg: Config, report, argv: Sequence[str], wait: bool) -> int:
     return 0
 
 
-def submit(cfgs: Sequence[Config], run_dirs: Sequence[Path], folder: Path) -> List:
+def submit(cfgs: Sequence[Config], run_dirs: Sequence[Path], folder: Path, job_class=None) -> List:
     """Submit one training task per config (all with the same cluster settings) through one executor
     writing under `folder`; several on Slurm become one job array. Each job id is recorded in its run
-    dir. Returns the submitit jobs."""
+    dir. `job_class`: what the tasks run (slurm/job.py; TrainJob unless given, ProbeJob for the probe).
+    Returns the submitit jobs."""
     from tuneforge.slurm import owner
     from tuneforge.slurm.executors import make_executor
     from tuneforge.slurm.job import TrainJob
 
+    job_class = job_class or TrainJob
     cluster = cfgs[0].cluster
     executor = make_executor(cluster, folder)
     try:
         with _owned_by_this_process(cluster.name == "local"):
             if len(cfgs) == 1:
-                jobs = [executor.submit(TrainJob(), cfgs[0])]
+                jobs = [executor.submit(job_class(), cfgs[0])]
             else:
                 with executor.batch():
-                    jobs = [executor.submit(TrainJob(), cfg) for cfg in cfgs]
+                    jobs = [executor.submit(job_class(), cfg) for cfg in cfgs]
     except BaseException:
         for run_dir in run_dirs:  # no job: the run dirs' claims go with the submission
             owner.release(Path(run_dir))

@@ -136,9 +136,10 @@ def show(sweep: Sweep) -> int:
     return 2 if misfits(sweep) else 0
 
 
-def launch(sweep: Sweep, argv: Sequence[str]) -> int:
+def launch(sweep: Sweep, argv: Sequence[str], job_class=None) -> int:
     """Write the sweep dir and every run dir, then submit the array (Slurm) or run each (local).
-    Resubmitted into the same dir, the finished elements are left as they are (rundir.check)."""
+    Resubmitted into the same dir, the finished elements are left as they are (rundir.check).
+    `job_class`: what every element runs (launch/submit.py `submit`)."""
     problems, done = [], []
     for i, cfg in enumerate(sweep.configs):
         try:
@@ -176,10 +177,10 @@ def launch(sweep: Sweep, argv: Sequence[str]) -> int:
     index.add(sweep.directory, "sweep", argv)
     print(f"sweep {sweep.directory}: {len(run_dirs)} element(s), W&B group {sweep.group}", flush=True)
     if sweep.cluster.name == "local":
-        return _run_locally(sweep, run_dirs, todo)
+        return _run_locally(sweep, run_dirs, todo, job_class)
     from tuneforge.launch.submit import submit
 
-    jobs = submit([sweep.configs[i] for i in todo], [run_dirs[i] for i in todo], sweep.directory / "slurm")
+    jobs = submit([sweep.configs[i] for i in todo], [run_dirs[i] for i in todo], sweep.directory / "slurm", job_class)
     record["array_job_id"] = str(jobs[0].job_id).split("_")[0]
     _write(sweep.directory, record)
     print(
@@ -190,7 +191,7 @@ def launch(sweep: Sweep, argv: Sequence[str]) -> int:
     return 0
 
 
-def _run_locally(sweep: Sweep, run_dirs: List[Path], todo: List[int]) -> int:
+def _run_locally(sweep: Sweep, run_dirs: List[Path], todo: List[int], job_class=None) -> int:
     from tuneforge.launch.follow import EXIT_INTERRUPTED, follow
     from tuneforge.launch.submit import submit
 
@@ -198,7 +199,7 @@ def _run_locally(sweep: Sweep, run_dirs: List[Path], todo: List[int]) -> int:
     for i in todo:
         cfg, run_dir = sweep.configs[i], run_dirs[i]
         print(f"[{i + 1}/{len(run_dirs)}] {' '.join(sweep.labels[i])} -> {run_dir}", flush=True)
-        (job,) = submit([cfg], [run_dir], run_dir / "slurm")
+        (job,) = submit([cfg], [run_dir], run_dir / "slurm", job_class)
         code = follow(job, run_dir, cfg.train.max_steps, cfg.cluster.name)
         if code == EXIT_INTERRUPTED:
             left = len(run_dirs) - i - 1

@@ -30,6 +30,7 @@ from tuneforge.conf.schema import (
     SlurmClusterConfig,
     TrainConfig,
 )
+from tuneforge.data import prompts as eval_prompts
 from tuneforge.data import records
 from tuneforge.launch import families, secrets
 from tuneforge.slurm import executors
@@ -633,6 +634,17 @@ def _run(cfg: Config) -> Iterator[Problem]:
             yield Problem(f"run.{key}", "holds a backslash, which turns sbatch's log path patterns (%j) off")
     if cfg.run.dir and Path(cfg.run.dir).exists() and not Path(cfg.run.dir).is_dir():
         yield Problem("run.dir", f"'{cfg.run.dir}' exists and is not a directory")
+
+
+# ------------------------------------------------------------------------------------- eval
+@rule
+def _eval(cfg: Config) -> Iterator[Problem]:
+    """The eval.prompts file exists and every row has a prompt (data/prompts.py), before submission."""
+    if cfg.eval.prompts:
+        try:
+            eval_prompts.read(cfg.eval.prompts)
+        except records.DataError as e:
+            yield Problem("eval.prompts", str(e))
 
 
 from tuneforge.launch import data_rules  # noqa: E402,F401 - registers the rules of data.sources and model.new_tokens

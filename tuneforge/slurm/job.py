@@ -22,11 +22,17 @@ class TrainJob(submitit.helpers.Checkpointable):
     becomes a requeue is in slurm/requeue.py; what happened is appended to <run dir>/events.jsonl.
     """
 
+    def task(self):
+        """The function every rank runs: trainers/task.py `run` (training)."""
+        from tuneforge.trainers.task import run
+
+        return run
+
     def __call__(self, cfg: Config) -> Dict[str, Any]:
         from tuneforge.slurm import events, owner
         from tuneforge.slurm.env import dist_env
         from tuneforge.slurm.requeue import Allocation
-        from tuneforge.trainers.task import StopFlag, run
+        from tuneforge.trainers.task import StopFlag
 
         # A W&B service token inherited from the submitting process points at that process's wandb-core
         # (another machine, or long gone): wandb would connect to it and fail. Each task starts its own.
@@ -43,7 +49,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         try:
             # one run, one directory: another live job owning it fails this one before it trains
             owner.take(run_dir, allocation.env.job_id, cfg.cluster.name, write=allocation.rank == 0)
-            result = run(cfg, dist_env(cfg.cluster), stop, phase)
+            result = self.task()(cfg, dist_env(cfg.cluster), stop, phase)
         except Exception as e:  # recorded for `tuneforge status`, then raised to submitit (result pickle)
             message = (str(e).strip().splitlines() or [""])[0][:300]
             events.record(
@@ -75,4 +81,13 @@ class TrainJob(submitit.helpers.Checkpointable):
     def checkpoint(self, cfg: Config) -> submitit.helpers.DelayedSubmission:
         # What a requeue runs next: the same task and config. Called by submitit's `_checkpoint` from
         # Allocation.requeue on rank 0, after every rank saved collectively (never in a signal handler).
-        return submitit.helpers.DelayedSubmission(TrainJob(), cfg)
+        return submitit.helpers.DelayedSubmission(type(self)(), cfg)
+
+
+class ProbeJob(TrainJob):
+    """A `tuneforge probe` candidate: scores the model instead of training it; requeues the same way."""
+
+    def task(self):
+        from tuneforge.trainers.task import probe
+
+        return probe

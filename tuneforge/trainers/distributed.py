@@ -54,6 +54,24 @@ def strength(reason: Optional[str]) -> int:
     return STOP_REASONS.index(reason) + 1 if reason in STOP_REASONS else 1
 
 
+def agreed_stop(stop: StopFlag) -> Optional[str]:
+    """Collective: the strongest stop reason any rank saw (None: go on), the same on every rank."""
+    import torch
+    import torch.distributed as dist
+
+    mine = torch.tensor(float(strength(stop.reason)))
+    if dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
+        on_gpu = mine.cuda()
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.MAX)
+        mine = on_gpu.cpu()
+    else:
+        dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+    strongest = int(mine.item())
+    if strongest == 0:
+        return None
+    return stop.reason if strength(stop.reason) == strongest else STOP_REASONS[strongest - 1]
+
+
 def init_process_group(env: DistEnv, timeout_s: int) -> None:
     """Join the job's process group. A collective that waits longer than `timeout_s` (a rank died or
     hangs) raises on the ranks still alive, so the job fails in bounded time instead of hanging."""

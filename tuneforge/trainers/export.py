@@ -40,7 +40,48 @@ def save_model_dir(module, tokenizer, out_dir: Path, state_dict: Optional[dict] 
     if weights_dtype is not None and (tmp / "config.json").is_file():  # a PEFT model writes adapter_config.json
         _set_config_dtype(tmp / "config.json", weights_dtype)
     tokenizer.save_pretrained(tmp)
+    inference_ready(tmp)
     fsutil.replace_dir(tmp, out_dir)
+
+
+def run_tokenizer(tokenizer, data_cfg):
+    """The tokenizer as the run used it: a chat run's carries the chat template it rendered its data with
+    (data.chat_template, the tokenizer's own, or the default), so that every model dir it writes (final/,
+    exports of any checkpoint) renders chats as training did (`apply_chat_template`, lm_eval)."""
+    from tuneforge.conf.schema import source_views
+    from tuneforge.data.tokenize import chat_template
+
+    if any(view.format == "chat" for view in source_views(data_cfg)):  # a mixture with a chat source too
+        tokenizer.chat_template = chat_template(data_cfg, tokenizer)
+    return tokenizer
+
+
+#: tokenizers without a length of their own say this (transformers' VERY_LARGE_INTEGER)
+_UNSET_LENGTH = int(1e29)
+
+
+def inference_ready(model_dir: Path) -> None:
+    """What a written model dir needs for inference, whatever wrote it: use_cache true in config.json
+    (training turns the KV cache off), and the tokenizer's model_max_length set (the model's
+    max_position_embeddings when the tokenizer had none)."""
+    import json
+
+    model_dir = Path(model_dir)
+    config_path, tok_path = model_dir / "config.json", model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if config and config.get("use_cache") is not True:
+        config["use_cache"] = True
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    positions = config.get("max_position_embeddings") or (config.get("text_config") or {}).get(
+        "max_position_embeddings"
+    )
+    if not tok_path.is_file() or not positions:
+        return
+    tok = json.loads(tok_path.read_text())
+    length = tok.get("model_max_length")
+    if not isinstance(length, (int, float)) or length >= _UNSET_LENGTH:
+        tok["model_max_length"] = int(positions)
+        tok_path.write_text(json.dumps(tok, indent=2, ensure_ascii=False) + "\n")
 
 
 def _weights_dtype(state_dict: dict) -> Optional[str]:
@@ -80,6 +121,7 @@ def export_checkpoint(cfg: Config, step_dir: Path, out_dir: Path) -> None:
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    run_tokenizer(tokenizer, cfg.data)
     old_vocab = vocab.extend_tokenizer(tokenizer, cfg.model)  # the run's model.new_tokens, as the task added them
     dtype = model_dtype(cfg.backend, cfg.train.dtype, peft=is_peft(cfg.method.name))
     net = model.load_model(cfg.model, cfg.method, tokenizer, dtype, "cpu", cfg.train.seed)
@@ -182,10 +224,24 @@ def export_adapter_run(run_dir: Path, step=None, out=None) -> str:
             f"(load it with PeftModel.from_pretrained(<{base_path}>, '{out}'))"
         )
     merged.save_pretrained(str(tmp), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(str(tmp))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
+    run_cfg = _run_config(run_dir)
+    if run_cfg is not None:
+        run_tokenizer(tokenizer, run_cfg.data)
+    tokenizer.save_pretrained(str(tmp))
+    inference_ready(tmp)
     fsutil.replace_dir(tmp, out)
     note = " (into the full-precision base: the 4-bit one is not merged into)" if method == "qlora" else ""
     return f"merged the method={method} adapter of {source} into {base_path}{note}: wrote a Hugging Face model to {out}"
+
+
+def _run_config(run_dir: Path):
+    """The run's config.yaml as a Config, or None for a copied adapter dir without it."""
+    if not (Path(run_dir) / "config.yaml").is_file():
+        return None
+    from tuneforge.conf.schema import load
+
+    return load(Path(run_dir) / "config.yaml")
 
 
 def _run_method(run_dir: Path):

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 from tuneforge import fsutil
 from tuneforge.compat.wandb import flush_settings
 from tuneforge.conf.schema import LoggerConfig
+from tuneforge.trainers.samples import SAMPLES
 
 _DEFAULT_BASE_URL = "https://api.wandb.ai"
 
@@ -28,6 +29,18 @@ def _say(message: str) -> None:
 def _jsonable(value):
     # torch / numpy scalars reach us from the trainer; anything else is kept as text rather than lost.
     return value.item() if hasattr(value, "item") else str(value)
+
+
+def _lines_up_to(path: pathlib.Path, step: int) -> str:
+    """The JSON lines of `path` whose step is at most `step` (a line torn by a killed job is dropped)."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    return "".join(kept)
 
 
 def have_api_key(base_url: str) -> bool:
@@ -168,20 +181,37 @@ class RunLogger:
         fsutil.write_text(path, json.dumps(current, indent=2, default=_jsonable) + "\n")
         self._wandb_call("summary", lambda run: run.summary.update(values))
 
-    def truncate_after(self, step: int) -> None:
-        """Drop metrics.jsonl records past ``step`` (the checkpoint a resumed run restarts from)."""
-        if not self.enabled or not self.metrics_path.exists():
+    def samples(self, step: int, rows: list) -> None:
+        """The model's answers at ``step``: one samples.jsonl line per prompt (flushed), and a W&B Table."""
+        if not self.enabled or not rows:
             return
-        self._close_file()  # the file gets replaced: log() reopens it
-        kept = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line + "\n")
-            except (ValueError, KeyError, TypeError):  # a line torn by a killed job
-                continue
-        fsutil.write_text(self.metrics_path, "".join(kept))
-        self._catch_up_wandb(step)
+        with open(self.run_dir / SAMPLES, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps({"step": step, **row}, default=_jsonable) + "\n" for row in rows))
+        columns = ["step", *rows[0]]
+        self._wandb_call(
+            "log",
+            lambda run: run.log(
+                {"samples": self._wandb.Table(columns=columns, data=[[step, *r.values()] for r in rows])}, step=step
+            ),
+        )
+
+    def table(self, name: str, columns: list, rows: list) -> None:
+        """A W&B Table logged once (the before/after answers at the end of a run); nothing on disk."""
+        if not self.enabled or not rows:
+            return
+        self._wandb_call("log", lambda run: run.log({name: self._wandb.Table(columns=columns, data=rows)}))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop metrics.jsonl and samples.jsonl records past ``step`` (the checkpoint a resumed run restarts
+        from; -1 when there is none: even step 0's evaluation is taken again)."""
+        if not self.enabled:
+            return
+        if self.metrics_path.exists():
+            self._close_file()  # the file gets replaced: log() reopens it
+            fsutil.write_text(self.metrics_path, _lines_up_to(self.metrics_path, step))
+            self._catch_up_wandb(step)
+        if (self.run_dir / SAMPLES).exists():
+            fsutil.write_text(self.run_dir / SAMPLES, _lines_up_to(self.run_dir / SAMPLES, step))
 
     def _catch_up_wandb(self, step: int) -> None:
         """On resume (offline): give W&B the steps up to ``step`` that metrics.jsonl has and the offline

@@ -4,7 +4,9 @@ Per optimizer step: count the target tokens of the whole global batch; for each 
 forward, sum the token losses and back-propagate that sum divided by the global token count; then
 clip, step and log. Checkpoints at `checkpoint_every`, at a requested stop, and at the end.
 The validation loss (when there is validation data) is taken every `eval_every` steps and at the
-end, token-normalised over all ranks with the same token_loss_sum.
+end, token-normalised over all ranks with the same token_loss_sum, and at step 0 (train.eval_on_start);
+the eval prompts are answered then too (trainers/generate.py, samples.jsonl), and the run ends with the
+before/after table.
 
 A micro batch is a dict: `labels` for the loss, everything else (input_ids, and position_ids or
 attention_mask: see trainers/data.py) passed to the model as keyword arguments.
@@ -22,7 +24,7 @@ import torch.distributed as dist
 from tuneforge.conf.schema import DebugConfig, TrainConfig
 from tuneforge.trainers import metrics
 from tuneforge.trainers.compile import loss_function
-from tuneforge.trainers.distributed import STOP_REASONS, DistEnv, StopFlag, strength
+from tuneforge.trainers.distributed import DistEnv, StopFlag, agreed_stop
 from tuneforge.trainers.optim import counted_tokens, lr_at, token_loss_sum
 
 
@@ -41,11 +43,13 @@ class Trainer:
         eval_batches=None,
         hooks=None,
         after_first_step=None,
+        sampler=None,
     ):
         from tuneforge.trainers.methods import MethodHooks
 
         self.engine, self.batches, self.train_cfg, self.debug = engine, batches, train_cfg, debug_cfg
         self.eval_batches = eval_batches  # data.EvalBatches, or None: no validation loss
+        self.sampler = sampler  # trainers/generate.Sampler, or None: no prompts to answer
         self.hooks = hooks or MethodHooks()
         self.after_first_step = after_first_step  # called once, after this process's first step (start-up times)
         self.dist_env, self.stop, self.checkpoints, self.logger = dist_env, stop, checkpoints, logger
@@ -66,7 +70,8 @@ class Trainer:
             if "data" in state:  # the sampler position (and the data it belongs to) of this rank
                 self.batches.load_state_dict(state["data"], self.step)
             self.hooks.load(self.engine.module, latest)  # the method's own state (AdaLoRA's allocator)
-        self.logger.truncate_after(self.step)  # steps logged after the checkpoint are replayed
+        # steps logged after the checkpoint are replayed (with no checkpoint, step 0's evaluation too)
+        self.logger.truncate_after(self.step if latest is not None else -1)
         if latest is None:
             return
         if self.dist_env.is_main:
@@ -77,6 +82,8 @@ class Trainer:
         self.engine.model.train()  # from_pretrained returns a model in eval mode: dropout would be off
         t = self.train_cfg
         last: dict = {}
+        if self.step == 0 and t.eval_on_start:
+            self.evaluate_at_start()
         while self.step < t.max_steps:
             last = self.train_step()
             if self.after_first_step is not None:
@@ -93,11 +100,15 @@ class Trainer:
                 last.update(self.evaluate())
             if evaluate or self.step % t.log_every == 0 or self.step == t.max_steps:
                 self.logger.log(last, step=self.step)
+            if self.sampler is not None and self._sampling_due():
+                self.sample()
             stop = self._stop_requested()
             if stop or (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == t.max_steps:
                 self.save()
             if stop:
                 return {"step": self.step, "stopped": stop, **last}
+        if last:
+            self.report_before_after()
         return {"step": self.step, "stopped": None, **last}
 
     def train_step(self) -> dict:
@@ -192,6 +203,33 @@ class Trainer:
             out.update({f"eval_loss/{name}": loss_sum / max(tokens, 1.0), f"eval_tokens/{name}": int(tokens)})
         return out
 
+    # ------------------------------------------------------------------ before and after
+    def evaluate_at_start(self) -> None:
+        """Step 0, before any training: the validation loss and the prompts' answers (the "before")."""
+        if self.eval_batches is not None:
+            self.logger.log(self.evaluate(), step=0)
+        if self.sampler is not None:
+            self.sample()
+
+    def _sampling_due(self) -> bool:
+        t = self.train_cfg
+        return self.step == t.max_steps or (t.eval_every > 0 and self.step % t.eval_every == 0)
+
+    def sample(self) -> None:
+        """Collective: every rank answers the prompts in step; rank 0 writes samples.jsonl."""
+        self.logger.samples(self.step, self.sampler.answer(self.engine.model, self.dist_env.device))
+
+    def report_before_after(self) -> None:
+        """Rank 0, at the end: the answers and losses before and after, in the log and as a W&B Table."""
+        from tuneforge.trainers import samples
+
+        if not self.dist_env.is_main or not (self.sampler is not None or self.eval_batches is not None):
+            return
+        paired = samples.paired(self.logger.run_dir)
+        if paired.rows or paired.eval_loss_before is not None:
+            print("before and after training:\n" + samples.render(paired), flush=True)
+        self.logger.table("before_after", list(samples.COLUMNS), [list(r.values()) for r in paired.rows])
+
     def save(self) -> None:
         self.checkpoints.save(
             self.step,
@@ -206,13 +244,7 @@ class Trainer:
         stop_after = self.debug.stop_after
         if stop_after is not None and stop_after <= self.step < self.train_cfg.max_steps:
             self.stop.request("stop_after")
-        mine = self.stop.reason
-        strongest = int(_all_reduce(torch.tensor(float(strength(mine))), op=dist.ReduceOp.MAX).item())
-        if strongest == 0:
-            return None
-        if strength(mine) == strongest:
-            return mine
-        return STOP_REASONS[strongest - 1]
+        return agreed_stop(self.stop)
 
 
 def _all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Optional
 from tuneforge.conf.schema import Config, to_container
 from tuneforge.trainers.distributed import DistEnv, StopFlag
 
-__all__ = ["DistEnv", "StopFlag", "run"]
+__all__ = ["DistEnv", "StopFlag", "probe", "run"]
 
 Phase = Callable[..., None]  # phase(name, detail="")
 
@@ -39,13 +39,11 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
     phase = StartUp(phase)  # before the imports below: they are part of the `imports` phase
     from tuneforge.conf import methods
     from tuneforge.conf.backends import model_dtype
-    from tuneforge.conf.schema import source_views
     from tuneforge.data import pipeline, sources
-    from tuneforge.data.tokenize import chat_template
     from tuneforge.trainers import backends, metrics, model, vocab
     from tuneforge.trainers.checkpoint import Checkpoints
     from tuneforge.trainers.distributed import close_process_group, init_process_group
-    from tuneforge.trainers.export import write_final
+    from tuneforge.trainers.export import run_tokenizer, write_final
     from tuneforge.trainers.logging import RunLogger
     from tuneforge.trainers.loop import Trainer
     from tuneforge.trainers.methods import apply_method
@@ -63,8 +61,7 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
         phase("tokenizer")
         tokenizer = model.load_tokenizer(cfg.model, cfg.method, lambda: sources.texts(cfg.data), run_dir, dist_env)
         old_vocab = vocab.extend_tokenizer(tokenizer, cfg.model)  # model.new_tokens: before any text is tokenised
-        if any(v.format == "chat" for v in source_views(cfg.data)):  # saved with final/: chats render as trained
-            tokenizer.chat_template = chat_template(cfg.data, tokenizer)
+        run_tokenizer(tokenizer, cfg.data)  # a chat run's template, saved with final/ and every export
         # flash attention reads packed examples from the position ids of a single row only
         flatten = cfg.model.attn_implementation.startswith("flash")
         phase("data", cfg.data.name)
@@ -85,6 +82,7 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
             phase("method", cfg.method.name)
         net, method_hooks = apply_method(net, cfg.method, total_steps=t.max_steps, seed=t.seed)
         counts = model.count_parameters(net)
+        sampler = _sampler(cfg, tokenizer, net, dist_env)  # before the backend shards the model
         if dist_env.is_main:
             attention = getattr(net.config, "_attn_implementation", None)
             print(
@@ -133,6 +131,7 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
             eval_batches=run_data.validation,
             hooks=method_hooks,
             after_first_step=lambda: _started(phase, logger, dist_env.is_main),
+            sampler=sampler,
         )
         phase("first step")
         result = trainer.train()
@@ -155,3 +154,22 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
             logger.close()
         engine = trainer = net = None  # noqa: F841 (their gloo work goes before the process group)
         close_process_group(finished)
+
+
+def _sampler(cfg: Config, tokenizer, net, dist_env):
+    """The prompts the run answers before, during and after training (trainers/generate.py), or None."""
+    from tuneforge.trainers.generate import Sampler, prompt_view, prompts_of
+
+    prompts = prompts_of(cfg.eval, cfg.data, cfg.train.seed, dist_env)
+    if not prompts:
+        return None
+    positions = getattr(net.config, "max_position_embeddings", None) or cfg.train.seq_len
+    return Sampler(prompts, prompt_view(cfg.data), tokenizer, cfg.train.seq_len, cfg.eval.max_new_tokens, positions)
+
+
+def probe(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] = None) -> Dict[str, Any]:
+    """What every rank of a `tuneforge probe` candidate runs: score the model on the data (trainers/probe.py)."""
+    from tuneforge.trainers.probe import run as run_probe
+
+    result = run_probe(cfg, dist_env, stop, phase or (lambda name, detail="": None))
+    return {**result, "rank": dist_env.rank, "world_size": dist_env.world_size}
