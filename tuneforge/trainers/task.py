@@ -34,6 +34,7 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
     from tuneforge.trainers.logging import RunLogger
     from tuneforge.trainers.loop import Trainer
     from tuneforge.trainers.methods import apply_method
+    from tuneforge.trainers.sharded import glue as sharded
 
     run_dir, t = Path(cfg.run.dir), cfg.train
     phase("process group", f"{dist_env.world_size} rank(s)")
@@ -56,18 +57,23 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
         run_data = pipeline.build(cfg.data, t, tokenizer, dist_env, flatten_packed=flatten)
         peft = methods.is_peft(cfg.method.name)
         phase("model", cfg.model.name_or_path or f"{cfg.model.kind}, built from its config")
-        net = model.load_model(
-            cfg.model, cfg.method, tokenizer, model_dtype(cfg.backend, t.dtype, peft), dist_env.device, t.seed
-        )
-        if not model.builds_from_config(cfg.model, cfg.method):  # a built model has the new rows already
-            added = vocab.resize_model(net, tokenizer, old_vocab)
-            if added and dist_env.is_main:
-                print(f"vocabulary: {added} new token(s), embeddings resized to {len(tokenizer)}", flush=True)
-        net, method_hooks = apply_method(net, cfg.method, total_steps=t.max_steps, seed=t.seed)
+        dtype, added = model_dtype(cfg.backend, t.dtype, peft), 0
+        built_sharded = sharded.sharded_backend(cfg.backend, cfg.method)
+        if built_sharded:  # no rank ever holds the whole model (trainers/sharded/)
+            net, method_hooks, _, added = sharded.load_sharded(
+                cfg.model, cfg.method, cfg.backend, t, dist_env, tokenizer, dtype, old_vocab
+            )
+        else:
+            net = model.load_model(cfg.model, cfg.method, tokenizer, dtype, dist_env.device, t.seed)
+            if not model.builds_from_config(cfg.model, cfg.method):  # a built model has the new rows already
+                added = vocab.resize_model(net, tokenizer, old_vocab)
+            net, method_hooks = apply_method(net, cfg.method, total_steps=t.max_steps, seed=t.seed)
+        if added and dist_env.is_main:
+            print(f"vocabulary: {added} new token(s), embeddings resized to {len(tokenizer)}", flush=True)
         counts = model.count_parameters(net)
         if dist_env.is_main:
             print(f"parameters: {counts['params_trainable']:,} trainable of {counts['params_total']:,}", flush=True)
-        if t.compile:  # before the backend wraps the blocks: its hooks stay outside the compiled graphs
+        if t.compile and not built_sharded:  # before the backend wraps the blocks: its hooks stay outside the graphs
             from tuneforge.trainers.compile import compile_blocks
 
             compile_blocks(net)
@@ -108,7 +114,7 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
         phase("first step")
         result = trainer.train()
         if result["stopped"] is None:
-            write_final(engine, tokenizer, run_dir / "final", dist_env.is_main)
+            write_final(engine, tokenizer, run_dir / "final", dist_env.is_main, cfg.run.max_shard_size)
         result["peak_memory_mb"] = metrics.peak_memory_mb(dist_env.device)
         result["peak_memory_mb_per_rank"] = metrics.gather_per_rank(result["peak_memory_mb"])
         logger.summary(result)
