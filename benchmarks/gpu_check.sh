@@ -5,7 +5,7 @@
 # markdown under benchmarks/results/ (commit that file with the date and the GPU in its name).
 #
 #   bash benchmarks/gpu_check.sh            # from a fresh checkout; torch with CUDA already installed
-#   bash benchmarks/gpu_check.sh --plan     # no GPU needed: compose + validate every combination only
+#   bash benchmarks/gpu_check.sh --plan     # no GPU needed: compose + validate every combination (tiny, CPU)
 #   GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh   # no GPU needed: the whole script with a tiny model on CPU
 #
 # Environment knobs: SKIP_INSTALL=1 (deps already there; --plan and the smoke test never install),
@@ -41,7 +41,7 @@ BACKENDS, METHODS = ("ddp", "fsdp", "zero3"), ("full", "lora", "qlora")
 STEPS, WARMUP, SEQ, MICRO = (6, 2, 64, 2) if SMOKE else (15, 5, 2048, 4)
 ARCH = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
             intermediate_size=5504, vocab_size=32000, max_position_embeddings=SEQ)
-if SMOKE:
+if SMOKE or PLAN:  # --plan validates the combinations on a tiny model of the same family (weights and all)
     ARCH.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                 intermediate_size=128, vocab_size=512)
 # Dense bf16 TFLOP/s per GPU (datasheets, without sparsity), matched on the device name in order.
@@ -51,28 +51,25 @@ PEAKS = [("H100 PCIe", 756.0), ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0
 
 def build_base(out: Path) -> None:
     """A ~1B Llama (random init) and a BPE tokenizer trained on the bundled corpus, by path.
-    --plan writes the config and tokenizer only: enough to compose and validate."""
+    --plan and the smoke test build it tiny, on the CPU."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
     from tuneforge import data as bundled
     from tuneforge.trainers.model import train_tokenizer
 
-    if (out / "config.json").is_file() and (PLAN or list(out.glob("*.safetensors"))):
+    if (out / "config.json").is_file() and list(out.glob("*.safetensors")):
         return
     docs = [p.strip() for p in bundled.bundled("demo_corpus").read_text().split("\n\n") if p.strip()]
     tok = train_tokenizer(docs, ARCH["vocab_size"], min_frequency=2)
     config = LlamaConfig(**ARCH, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     tok.save_pretrained(out)
-    if PLAN:
-        config.save_pretrained(out)
-        return
     torch.manual_seed(0)
-    with torch.device("cpu" if SMOKE else "cuda"):
+    with torch.device("cpu" if SMOKE or PLAN else "cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out)
     del model
-    if not SMOKE:
+    if not (SMOKE or PLAN):
         torch.cuda.empty_cache()
 
 
@@ -95,7 +92,7 @@ def overrides(base: Path, backend: str, method: str, peak) -> list:
         extra.append("train.compile=true")
     return ["model=hf", f"model.name_or_path={base}", f"method={method}", f"backend={backend}",
             "data=demo_corpus", "logger=none", "cluster=local", "cluster.tasks_per_node=1",
-            f"cluster.gpus_per_node={0 if SMOKE else 1}", "train.dtype=bf16", f"train.seq_len={SEQ}", f"train.micro_batch={MICRO}",
+            f"cluster.gpus_per_node={0 if SMOKE or PLAN else 1}", "train.dtype=bf16", f"train.seq_len={SEQ}", f"train.micro_batch={MICRO}",
             f"train.global_batch={MICRO}", f"train.max_steps={STEPS}", "train.warmup_steps=2",
             "train.checkpoint_every=0", "train.lr=1e-4", f"run.dir={run_dir}", *extra]
 

@@ -426,7 +426,7 @@ def time_dry_run(env: dict) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "tuneforge.launch.cli", "--dry-run", "cluster=slurm"],
+        [sys.executable, "-m", "tuneforge.launch.cli", "--dry-run", "cluster=slurm", "cluster.cpus_per_task=1"],
         env=env,
         cwd=ROOT,
         capture_output=True,

@@ -54,6 +54,17 @@ def tuneforge(*args: str, check: bool = True) -> int:
     return code
 
 
+def saved_model(out: Path, config: dict) -> Path:
+    """`config` (a config.json's dict) built at random and written with save_pretrained into `out`:
+    a model directory as a user's would be, for the dry runs that check weights are there."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = dict(config)
+    hf_config = AutoConfig.for_model(config.pop("model_type"), **config)
+    AutoModelForCausalLM.from_config(hf_config).save_pretrained(out)
+    return Path(out)
+
+
 def metrics(run_dir: Path) -> List[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 

@@ -226,8 +226,14 @@ def bad_cases(tmp: Path):
     few = write_jsonl(tmp / "few.jsonl", [CHAT] * 3)
     good = "{name:demo_corpus,weight:1}"
     return {
-        "zero weight": (f"[{good},{{name:general_corpus,weight:0}}]", "data.sources[1].weight: must be > 0, got 0.0"),
-        "negative weight": (f"[{good},{{name:general_corpus,weight:-1}}]", "data.sources[1].weight: must be > 0"),
+        "zero weight": (
+            f"[{good},{{name:general_corpus,weight:0}}]",
+            "data.sources[1].weight: must be in (0, 1000000.0], got 0.0",
+        ),
+        "negative weight": (
+            f"[{good},{{name:general_corpus,weight:-1}}]",
+            "data.sources[1].weight: must be in (0, 1000000.0]",
+        ),
         "NaN weight": (f"[{good},{{name:general_corpus,weight:nan}}]", "data.sources[1].weight: must be a finite"),
         "missing file": (
             f"[{good},{{name:mine,path:{tmp}/nowhere.txt}}]",

@@ -49,6 +49,7 @@ REFUSED_8B = [
     "model=llama3_8b",
     "method=full",
     "cluster=slurm",
+    "cluster.check_site=false",  # a GPU cluster, not the test cluster beside which the tests run
     "cluster.gpu_type=a100_80g",
     "cluster.gpus_per_node=1",
     "cluster.tasks_per_node=1",
@@ -329,8 +330,8 @@ RUNS = [
 @pytest.mark.parametrize("backend,method", RUNS)
 def test_model_states_match_a_real_run(tiny_hf, tmp_path, capsys, backend, method):
     """Per rank, params + grads + optimizer state bytes held after the first step (the trainer's
-    mem_*_bytes in summary.json) within 10% of the estimate. The ddp/full run also shows the refusal
-    and --force: its cluster declares 2 GPUs of 1 MiB (there is no GPU: the tasks train on CPU)."""
+    mem_*_bytes in summary.json) within 10% of the estimate. The ddp/full case also shows the refusal
+    and --force on a Slurm profile that declares 2 GPUs of 1 MiB."""
     missing = [
         f"{group}={name}"
         for group, name in (("backend", backend), ("method", method))
@@ -352,13 +353,13 @@ def test_model_states_match_a_real_run(tiny_hf, tmp_path, capsys, backend, metho
         f"run.dir={run_dir}",
     ]
     if (backend, method) == ("ddp", "full"):
-        overrides += ["cluster.gpus_per_node=2", "cluster.tasks_per_node=2", "cluster.gpu_memory_gb=0.001"]
-        assert main(overrides) == 2, "a job that does not fit is refused"
+        # declared on a Slurm profile: cluster=local refuses GPUs this machine does not have
+        gpus = ["cluster=slurm", "cluster.check_site=false", "cluster.gpus_per_node=2", "cluster.tasks_per_node=2"]
+        gpus += ["cluster.gpu_memory_gb=0.001"]
+        assert main(overrides + gpus + ["--dry-run"]) == 2, "a job that does not fit is refused"
         assert "--force" in capsys.readouterr().err and not run_dir.exists()
-        assert main(overrides + ["--force"]) == 0
-        assert json.loads((run_dir / "preflight.json").read_text())["fits"] is False
-    else:
-        assert main(overrides) == 0
+        assert main(overrides + gpus + ["--dry-run", "--force"]) == 0
+    assert main(overrides) == 0
     report = _check(overrides)
     summary = json.loads((run_dir / "summary.json").read_text())
     m = report.memory
@@ -462,6 +463,7 @@ def test_exit_codes(tmp_path, capsys):
         "model=llama3_8b",
         "method=full",
         "cluster=slurm",
+        "cluster.check_site=false",
         "cluster.gpus_per_node=8",
         "cluster.tasks_per_node=8",
         "train.dtype=bf16",
@@ -515,6 +517,7 @@ def test_time_cost_and_requeue_warning():
         "method=full",
         "backend=ddp",
         "cluster=slurm",
+        "cluster.check_site=false",
         "cluster.gpu_type=h100_80g",
         "cluster.gpus_per_node=8",
         "cluster.tasks_per_node=8",

@@ -42,20 +42,33 @@ def main(args: List[str]) -> int:
 
     cfg = load(opts.run_dir / "config.yaml")
     print(f"exporting {step_dir} ({cfg.backend.name}) to {out}", flush=True)
-    export_checkpoint(cfg, step_dir, out, opts.max_shard_size)
+    try:
+        export_checkpoint(cfg, step_dir, out, opts.max_shard_size)
+    except (ExportError, OSError, RuntimeError, ValueError, KeyError) as e:  # one line, not a traceback
+        text = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"tuneforge export: cannot export {step_dir}: {type(e).__name__}: {text}", file=sys.stderr)
+        return 2
     print(f"wrote {out}", flush=True)
     return 0
 
 
 def checkpoint_dir(run_dir: Path, step) -> Path:
+    """The complete checkpoint to export: step N's, or the newest complete one (what a resume would
+    take: layout.resume_point), saying on stderr which newer ones were skipped and why."""
     if not (run_dir / "config.yaml").is_file():
         raise BadArguments(f"tuneforge export: {run_dir} is not a run directory (no config.yaml)")
-    path = layout.latest(run_dir) if step is None else layout.step_dir(run_dir, step)
-    if path is None:
-        raise BadArguments(f"tuneforge export: {run_dir} has no checkpoint yet")
-    if not layout.is_complete(path):
-        kept = [p.name for p in layout.steps(run_dir)]
-        raise BadArguments(
-            f"--step: no checkpoint {path.name} in {layout.checkpoints_dir(run_dir)}; kept: {', '.join(kept) or 'none'}"
-        )
-    return path
+    kept = ", ".join(p.name for p in layout.steps(run_dir)) or "none"
+    if step is not None:
+        path = layout.step_dir(run_dir, step)
+        problem = layout.verify(path)
+        if problem:
+            raise BadArguments(
+                f"--step: checkpoint {path.name} in {layout.checkpoints_dir(run_dir)} {problem}; complete: {kept}"
+            )
+        return path
+    point = layout.resume_point(run_dir)
+    if point.path is None:
+        raise BadArguments(f"tuneforge export: {run_dir} has {point.describe()}")
+    for skipped in point.skipped:
+        print(f"tuneforge export: skipped {skipped}", file=sys.stderr)
+    return point.path

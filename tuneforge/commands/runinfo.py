@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from tuneforge import layout
 from tuneforge.compat import submitit as submitit_compat
 from tuneforge.launch import rundir, sweep
 from tuneforge.slurm import events
@@ -61,6 +62,7 @@ class RunInfo:
     requeues: int = 0
     wandb: str = "-"
     errors: List[str] = field(default_factory=list)
+    checkpoint: str = "-"  # what a resume would take, and why newer ones are skipped (layout.resume_point)
     stop_reason: Optional[str] = None  # STOPPED: debug.stop_after, Ctrl-C, SIGTERM, launcher gone
 
     @property
@@ -127,6 +129,7 @@ def _fill(info: RunInfo, slurm: dict) -> None:
     if last:
         info.step, info.loss, info.tokens_per_s = last.get("step"), last.get("loss"), last.get("tokens_per_s")
     info.wandb = _wandb(run_dir)
+    info.checkpoint = layout.resume_point(run_dir).describe()
     if job is None:
         info.state = "NOT SUBMITTED"
         return

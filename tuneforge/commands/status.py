@@ -66,6 +66,7 @@ def main(args: List[str]) -> int:
         if sources:
             print(sources)
     for info in infos:
+        print(f"checkpoint {info.run_dir.name}: {info.checkpoint}")
         for error in info.errors:
             print(f"error {info.run_dir.name}: {error}")
     return 0

@@ -32,7 +32,7 @@ class BackendConfig:
 @dataclass
 class DDPConfig(BackendConfig):
     name: str = "ddp"
-    bucket_cap_mb: int = knob(25, ge=1)  # gradient all-reduce bucket size
+    bucket_cap_mb: int = knob(25, ge=1, le=2**20)  # gradient all-reduce bucket size
     find_unused_parameters: bool = False  # needed only when some parameters get no gradient in a step
 
 
@@ -70,11 +70,15 @@ class DeepSpeedConfig(BackendConfig):
     offload_params: bool = False  # parameters in CPU memory between uses; stage 3 only
     overlap_comm: bool = False  # overlap gradient reduction with the backward (more memory)
     contiguous_gradients: bool = True  # copy gradients into one buffer as they are produced (less fragmentation)
-    reduce_bucket_size: Optional[int] = knob(None, ge=1)  # elements reduced at once
-    allgather_bucket_size: Optional[int] = knob(None, ge=1)  # elements all-gathered at once after the step (stages 1-2)
-    prefetch_bucket_size: Optional[int] = knob(None, ge=1)  # elements of parameters prefetched ahead of use (stage 3)
+    reduce_bucket_size: Optional[int] = knob(None, ge=1, le=2**40)  # elements reduced at once
+    allgather_bucket_size: Optional[int] = knob(
+        None, ge=1, le=2**40
+    )  # elements all-gathered at once after the step (stages 1-2)
+    prefetch_bucket_size: Optional[int] = knob(
+        None, ge=1, le=2**40
+    )  # elements of parameters prefetched ahead of use (stage 3)
     param_persistence_threshold: Optional[int] = knob(
-        None, ge=0
+        None, ge=0, le=2**40
     )  # parameters smaller than this stay unpartitioned (stage 3)
     config_file: Optional[str] = None  # a DeepSpeed JSON merged UNDER the keys built from this config and
     # `train`; a key that conflicts with ours is refused before launch
@@ -174,16 +178,18 @@ class Backend:
     # the backend keeps fp32 master weights and casts to train.dtype for compute itself (the model is
     # then built in fp32); False: the model is built in train.dtype
     mixed_precision: bool = False
+    # the backend scales the loss (and skips steps whose fp16 gradients overflow): train.dtype=fp16 needs it
+    loss_scaling: bool = False
 
 
 #: option name (conf/backend/<name>.yaml) -> its description
 BACKENDS: Dict[str, Backend] = {
     "ddp": Backend("ddp", DDPConfig, _ddp_layout),
     "fsdp": Backend("fsdp", FSDPConfig, _fsdp_layout, mixed_precision=True),
-    "zero1": Backend("deepspeed", DeepSpeedConfig, _zero_layout, mixed_precision=True),
-    "zero2": Backend("deepspeed", DeepSpeedConfig, _zero_layout, mixed_precision=True),
-    "zero3": Backend("deepspeed", DeepSpeedConfig, _zero_layout, mixed_precision=True),
-    "zero3_offload": Backend("deepspeed", DeepSpeedConfig, _zero_layout, mixed_precision=True),
+    "zero1": Backend("deepspeed", DeepSpeedConfig, _zero_layout, mixed_precision=True, loss_scaling=True),
+    "zero2": Backend("deepspeed", DeepSpeedConfig, _zero_layout, mixed_precision=True, loss_scaling=True),
+    "zero3": Backend("deepspeed", DeepSpeedConfig, _zero_layout, mixed_precision=True, loss_scaling=True),
+    "zero3_offload": Backend("deepspeed", DeepSpeedConfig, _zero_layout, mixed_precision=True, loss_scaling=True),
 }
 
 

@@ -39,7 +39,7 @@ class FullConfig(MethodConfig):
 @dataclass
 class PretrainConfig(MethodConfig):
     name: str = "pretrain"  # random init from the model's architecture; trains a tokenizer if none given
-    tokenizer_min_frequency: int = knob(2, ge=1)  # BPE merges need a pair seen at least this often
+    tokenizer_min_frequency: int = knob(2, ge=1, le=10**9)  # BPE merges need a pair seen at least this often
 
 
 # PEFT methods: peft trains a small adapter on a frozen base. Each has its own schema, so a knob of one
@@ -54,8 +54,8 @@ class PeftMethodConfig(MethodConfig):
 @dataclass
 class LoraMethodConfig(PeftMethodConfig):
     name: str = "lora"  # low-rank update B @ A added to each target weight
-    r: int = knob(8, ge=1)  # rank of the update
-    alpha: float = knob(16.0, gt=0)  # the update is scaled by alpha / r (alpha / sqrt(r) with rslora)
+    r: int = knob(8, ge=1, le=2**16)  # rank of the update
+    alpha: float = knob(16.0, gt=0, le=1e6)  # the update is scaled by alpha / r (alpha / sqrt(r) with rslora)
     dropout: float = knob(0.05, ge=0, lt=1)  # dropout on the adapter's input
     rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
 
@@ -81,16 +81,18 @@ class QLoraMethodConfig(LoraMethodConfig):
 @dataclass
 class AdaLoraMethodConfig(PeftMethodConfig):
     name: str = "adalora"  # LoRA whose ranks are reallocated between modules during training (SVD form)
-    init_r: int = knob(12, ge=1)  # starting rank of every module
-    target_r: int = knob(8, ge=1)  # average rank left at the end of the budget schedule
-    alpha: float = knob(16.0, gt=0)  # scaling of the update (alpha / rank)
+    init_r: int = knob(12, ge=1, le=2**16)  # starting rank of every module
+    target_r: int = knob(8, ge=1, le=2**16)  # average rank left at the end of the budget schedule
+    alpha: float = knob(16.0, gt=0, le=1e6)  # scaling of the update (alpha / rank)
     dropout: float = knob(0.05, ge=0, lt=1)
-    tinit: int = knob(0, ge=0)  # warmup steps before ranks start to be cut
-    tfinal: int = knob(0, ge=0)  # final steps with the ranks fixed
-    deltaT: int = knob(1, ge=1)  # steps between two rank allocations
+    tinit: int = knob(0, ge=0, le=10**10)  # warmup steps before ranks start to be cut
+    tfinal: int = knob(0, ge=0, le=10**10)  # final steps with the ranks fixed
+    deltaT: int = knob(1, ge=1, le=10**10)  # steps between two rank allocations
     beta1: float = knob(0.85, gt=0, lt=1)  # EMA of the importance scores
     beta2: float = knob(0.85, gt=0, lt=1)  # EMA of their uncertainty
-    orth_reg_weight: float = knob(0.5, ge=0)  # weight of the orthogonality penalty on A and B (logged as orth_loss)
+    orth_reg_weight: float = knob(
+        0.5, ge=0, le=1e6
+    )  # weight of the orthogonality penalty on A and B (logged as orth_loss)
 
 
 @dataclass
@@ -104,8 +106,8 @@ class IA3MethodConfig(PeftMethodConfig):
 @dataclass
 class LohaMethodConfig(PeftMethodConfig):
     name: str = "loha"  # low-rank Hadamard product update
-    r: int = knob(8, ge=1)
-    alpha: float = knob(8.0, gt=0)  # the update is scaled by alpha / r
+    r: int = knob(8, ge=1, le=2**16)
+    alpha: float = knob(8.0, gt=0, le=1e6)  # the update is scaled by alpha / r
     rank_dropout: float = knob(0.0, ge=0, lt=1)  # dropout on each rank of the update
     module_dropout: float = knob(0.0, ge=0, lt=1)  # probability of skipping a module's update in a step
 
@@ -113,7 +115,7 @@ class LohaMethodConfig(PeftMethodConfig):
 @dataclass
 class LokrMethodConfig(LohaMethodConfig):
     name: str = "lokr"  # low-rank Kronecker product update
-    factor: int = -1  # Kronecker factor size; -1: as square as possible
+    factor: int = knob(-1, ge=-1, le=2**16)  # Kronecker factor size; -1: as square as possible
     decompose_both: bool = False  # low-rank decompose the left Kronecker factor too
 
 
@@ -260,6 +262,13 @@ class Method:
     peft_args: Optional[Callable[[Any, int], Dict[str, Any]]] = None
     adapter_params: Optional[Adapter] = None
     quantized: bool = False  # the frozen base is loaded in 4 bits (bitsandbytes)
+    # The kinds of weight peft's layers of this method adapt (tuneforge/arch/shape.py KINDS: linear,
+    # conv1d, experts, router); target_modules unset adapts every weight of these kinds in the decoder
+    # layers, or only those of `default_roles` (IA3: peft's own default, k/v/qkv and down), scaling those of
+    # `feedforward_roles` on their input side. tuneforge/arch/adapters.py reads these per family.
+    adapts: Tuple[str, ...] = ()
+    default_roles: Optional[Tuple[str, ...]] = None
+    feedforward_roles: Tuple[str, ...] = ()
     builds: bool = False  # random init from the architecture (no weights are read)
     checks: Optional[Callable[[Any, int], Check]] = None  # cross-field rules: (method config, train.max_steps)
     # backend family -> why the method cannot run on it (one line, with the way out)
@@ -281,21 +290,42 @@ _ADALORA_REFUSES = {
     ),
 }
 
+#: what peft 0.21's layers adapt: LoRA also a mixture of experts' stacked expert weights and routers, as
+#: parameters (its ParamWrapper: target_parameters); DoRA, AdaLoRA and IA3 nn.Linear and GPT-2's Conv1D;
+#: LoHa and LoKr nn.Linear only
+_LORA_ADAPTS = ("linear", "conv1d", "experts", "router")
+_MODULES = ("linear", "conv1d")
+
 #: option name (conf/method/<name>.yaml) -> its description. QLoRA and DoRA train correctly under
 #: ZeRO-3 with every parameter partitioned (tests/test_peft.py), because DeepSpeed wraps the model after
 #: it is loaded; AdaLoRA fails on FSDP2 and DeepSpeed for the reasons above.
 METHODS: Dict[str, Method] = {
     "full": Method(FullConfig),
     "pretrain": Method(PretrainConfig, builds=True),
-    "lora": Method(LoraMethodConfig, "LoraConfig", _lora_args, _lora),
-    "qlora": Method(QLoraMethodConfig, "LoraConfig", _lora_args, _lora, quantized=True),
+    "lora": Method(LoraMethodConfig, "LoraConfig", _lora_args, _lora, adapts=_LORA_ADAPTS),
+    "qlora": Method(QLoraMethodConfig, "LoraConfig", _lora_args, _lora, quantized=True, adapts=_LORA_ADAPTS),
     "adalora": Method(
-        AdaLoraMethodConfig, "AdaLoraConfig", _adalora_args, _adalora, checks=_adalora_checks, refuses=_ADALORA_REFUSES
+        AdaLoraMethodConfig,
+        "AdaLoraConfig",
+        _adalora_args,
+        _adalora,
+        checks=_adalora_checks,
+        refuses=_ADALORA_REFUSES,
+        adapts=_MODULES,
     ),
-    "ia3": Method(IA3MethodConfig, "IA3Config", _ia3_args, _ia3, checks=_ia3_checks),
-    "loha": Method(LohaMethodConfig, "LoHaConfig", _loha_args, _loha),
-    "lokr": Method(LokrMethodConfig, "LoKrConfig", _lokr_args, _lokr, checks=_lokr_checks),
-    "dora": Method(DoraMethodConfig, "LoraConfig", _lora_args, _dora),
+    "ia3": Method(
+        IA3MethodConfig,
+        "IA3Config",
+        _ia3_args,
+        _ia3,
+        checks=_ia3_checks,
+        adapts=_MODULES,
+        default_roles=("k", "v", "qkv", "down"),
+        feedforward_roles=("down",),
+    ),
+    "loha": Method(LohaMethodConfig, "LoHaConfig", _loha_args, _loha, adapts=("linear",)),
+    "lokr": Method(LokrMethodConfig, "LoKrConfig", _lokr_args, _lokr, checks=_lokr_checks, adapts=("linear",)),
+    "dora": Method(DoraMethodConfig, "LoraConfig", _lora_args, _dora, adapts=_MODULES),
 }
 #: the PEFT methods, in the order of METHODS
 PEFT_METHODS = tuple(name for name, m in METHODS.items() if m.peft)

@@ -37,18 +37,21 @@ class ModelConfig:
     name_or_path: Optional[str] = None  # HF hub id or local directory; required unless the model is built
     tokenizer: Optional[str] = None  # tokenizer id/path; default: the model's own, or trained on the corpus
     trust_remote_code: bool = False  # passed to transformers' from_pretrained
-    attn_implementation: str = knob("sdpa", choices=("sdpa", "eager", "flash_attention_2"))
+    # "auto": sdpa where the model class has an SDPA path, else eager (said in the dry run and the log)
+    attn_implementation: str = knob("auto", choices=("auto", "sdpa", "eager", "flash_attention_2"))
     # Architecture, used when the model is built from config (model=tiny, or method=pretrain without a path):
-    vocab_size: int = knob(1024, ge=1)  # also the size of a tokenizer trained on the corpus
-    hidden_size: int = knob(64, ge=1)
-    intermediate_size: int = knob(128, ge=1)
-    num_layers: int = knob(2, ge=1)
-    num_heads: int = knob(4, ge=1)
-    num_kv_heads: int = knob(4, ge=1)
-    max_position_embeddings: int = knob(512, ge=1)
-    rope_theta: float = knob(10000.0, gt=0)
+    vocab_size: int = knob(1024, ge=1, le=2**24)  # also the size of a tokenizer trained on the corpus
+    hidden_size: int = knob(64, ge=1, le=2**17)
+    intermediate_size: int = knob(128, ge=1, le=2**20)
+    num_layers: int = knob(2, ge=1, le=1024)
+    num_heads: int = knob(4, ge=1, le=2**12)
+    num_kv_heads: int = knob(4, ge=1, le=2**12)
+    max_position_embeddings: int = knob(512, ge=2, le=2**24)
+    rope_theta: float = knob(10000.0, gt=0, le=1e12)
     tie_word_embeddings: bool = False
-    params_b: Optional[float] = knob(None, gt=0)  # declared size in billions, for presets (used by estimates only)
+    params_b: Optional[float] = knob(
+        None, gt=0, le=1e5
+    )  # declared size in billions, for presets (used by estimates only)
     # Architecture family as in config.json's "model_type" (llama, mistral, qwen2, ...), so that
     # method.target_modules can be checked before launch; None: read from a local name_or_path.
     model_type: Optional[str] = None
@@ -64,26 +67,28 @@ class ClusterConfig:
     """Where the tasks run. One task per GPU (or per CPU process when no GPU is used)."""
 
     name: str = MISSING  # "local" | "slurm"
-    nodes: int = knob(1, ge=1)  # number of machines
-    tasks_per_node: int = knob(1, ge=1)  # processes per machine = GPUs per node
-    gpus_per_node: int = knob(0, ge=0)  # GPUs requested per node; 0 trains on CPU with gloo
-    timeout_min: int = knob(60, ge=1)  # wall-clock limit of one allocation, minutes
+    nodes: int = knob(1, ge=1, le=100_000)  # number of machines
+    tasks_per_node: int = knob(1, ge=1, le=1024)  # processes per machine = GPUs per node
+    gpus_per_node: int = knob(0, ge=0, le=256)  # GPUs requested per node; 0 trains on CPU with gloo
+    timeout_min: int = knob(60, ge=1, le=366 * 24 * 60)  # wall-clock limit of one allocation, minutes
     # What the preflight checks against (launch/preflight.py); GPU types in conf/gpus.py GPU_TYPES:
     gpu_type: Optional[str] = None  # a100_40g | a100_80g | h100_80g | h200 | l40s | ...: memory and peak below
-    gpu_memory_gb: Optional[float] = knob(None, gt=0)  # memory per GPU in GiB; None: that of gpu_type
+    gpu_memory_gb: Optional[float] = knob(None, ge=0.001, le=16384)  # memory per GPU in GiB; None: that of gpu_type
     # dense bf16 TFLOP/s of one device (per GPU, or per CPU process), for MFU and time estimates;
     # None: the datasheet figure of gpu_type, or (no GPU type) measured at the model's GEMM shapes at the
     # start of the run (~1 s)
-    peak_tflops: Optional[float] = knob(None, gt=0)
+    peak_tflops: Optional[float] = knob(None, ge=0.001, le=1e6)
     assumed_mfu: float = knob(
-        0.4, gt=0, le=1
+        0.4, ge=0.001, le=1
     )  # model FLOPs utilisation for time estimates, until the run has measured its own
     # USR2 this long before the time limit: every rank finishes its step, a checkpoint is saved
     # collectively and the job requeues into the same run dir (Slurm may send it up to ~30 s earlier)
-    signal_delay_s: int = knob(120, ge=0)
-    max_requeues: int = knob(3, ge=0)  # times the job may requeue itself (time-outs and preemptions both count)
+    signal_delay_s: int = knob(120, ge=0, le=24 * 3600)
+    max_requeues: int = knob(
+        3, ge=0, le=10_000
+    )  # times the job may requeue itself (time-outs and preemptions both count)
     # a collective that waits longer than this (a rank died or hangs) fails the job instead of hanging it
-    collective_timeout_s: int = knob(600, ge=10)
+    collective_timeout_s: int = knob(600, ge=10, le=7 * 24 * 3600)
 
 
 @dataclass
@@ -97,12 +102,16 @@ class SlurmClusterConfig(ClusterConfig):
     partition: Optional[str] = None  # sbatch --partition; None: the cluster's default
     account: Optional[str] = None  # sbatch --account
     qos: Optional[str] = None  # sbatch --qos
-    cpus_per_task: int = knob(4, ge=1)  # sbatch --cpus-per-task (data workers + the trainer)
-    mem_gb: Optional[int] = knob(None, ge=1)  # memory per node in GB; None: the partition's default
+    cpus_per_task: int = knob(4, ge=1, le=100_000)  # sbatch --cpus-per-task (data workers + the trainer)
+    mem_gb: Optional[int] = knob(None, ge=1, le=2**20)  # memory per node in GB; None: the partition's default
     constraint: Optional[str] = None  # sbatch --constraint, e.g. "a100|h100"
     job_name: str = "tuneforge"  # sbatch --job-name
     extra_sbatch: List[str] = knob(factory=list)  # extra lines "--key=value", each one #SBATCH line
     setup: List[str] = knob(factory=list)  # shell lines run before the task (module load, venv)
+    # before submitting, ask the scheduler what the partition offers (nodes, CPUs, memory, GPUs, time limit)
+    # and check that the run dir's disk has room for a checkpoint, refusing a job that could never run
+    # there; false: skip both (a profile written for another cluster, looked at from here)
+    check_site: bool = True
 
 
 CLUSTERS: Dict[str, type] = {"local": LocalClusterConfig, "slurm": SlurmClusterConfig}
@@ -120,7 +129,7 @@ class SourceConfig:
 
     name: str = MISSING  # labels its metrics (tokens_seen/<name>, eval_loss/<name>); without path or hub_id,
     # the bundled dataset of that name (demo_corpus, general_corpus, ...)
-    weight: float = knob(1.0, gt=0)  # its share of the target tokens: weight / the sum of the weights
+    weight: float = knob(1.0, gt=0, le=1e6)  # its share of the target tokens: weight / the sum of the weights
     path: Optional[str] = None  # local file or folder, as data.path
     hub_id: Optional[str] = None  # a Hugging Face dataset id (or a dataset folder), as data.hub_id
     hub_config: Optional[str] = None
@@ -182,7 +191,7 @@ class DataConfig:
     packing: bool = True  # pack examples into full rows (attention stays within each one); False: one per row, padded
     streaming: bool = False  # read while training (corpora larger than memory or disk cache); no token cache
     stream_window: int = knob(
-        1000, ge=1
+        1000, ge=1, le=10**8
     )  # streaming: examples read, packed and shuffled together (and re-read on resume)
     validation_path: Optional[str] = None  # validation file or folder, same format as the training data
     validation_fraction: float = knob(
@@ -192,7 +201,7 @@ class DataConfig:
     cache_dir: str = "${oc.env:TUNEFORGE_DATA_CACHE,'~/.cache/tuneforge/data'}"
     precheck: bool = True  # scan local files for bad rows before submitting; false when only compute nodes see them
     precheck_max_mb: int = knob(
-        256, ge=0
+        256, ge=0, le=2**24
     )  # scan at most this much before submitting; the job checks the rest at its start
     # A weighted mixture: two or more sources, each read, checked, tokenised and packed as a dataset of its own;
     # the training rows follow their weights by target tokens. Empty: the one source named by the fields above.
@@ -247,33 +256,33 @@ class LoggerConfig:
 class TrainConfig:
     """The optimisation itself. global_batch = micro_batch x world size x grad accumulation."""
 
-    max_steps: int = knob(100, ge=1)  # optimizer steps
-    micro_batch: int = knob(4, ge=1)  # sequences per rank per forward pass
-    global_batch: int = knob(8, ge=1)  # sequences per optimizer step, over all ranks
-    seq_len: int = knob(64, ge=2)  # tokens per sequence
-    lr: float = knob(1e-3, gt=0)  # peak learning rate
+    max_steps: int = knob(100, ge=1, le=10**10)  # optimizer steps
+    micro_batch: int = knob(4, ge=1, le=2**20)  # sequences per rank per forward pass
+    global_batch: int = knob(8, ge=1, le=2**30)  # sequences per optimizer step, over all ranks
+    seq_len: int = knob(64, ge=2, le=2**24)  # tokens per sequence
+    lr: float = knob(1e-3, gt=0, le=1)  # peak learning rate
     min_lr_ratio: float = knob(0.1, ge=0, le=1)  # the schedule ends at lr * min_lr_ratio
-    warmup_steps: Optional[int] = knob(None, ge=0)  # linear warmup from 0; None: a tenth of max_steps
+    warmup_steps: Optional[int] = knob(None, ge=0, le=10**10)  # linear warmup from 0; None: a tenth of max_steps
     schedule: str = knob("cosine", choices=("cosine", "linear", "constant"))  # after warmup
-    weight_decay: float = knob(0.0, ge=0)
+    weight_decay: float = knob(0.0, ge=0, le=1)
     beta1: float = knob(0.9, ge=0, lt=1)
     beta2: float = knob(0.95, ge=0, lt=1)
-    grad_clip: float = knob(1.0, ge=0)  # max global grad norm; 0 disables clipping
-    seed: int = knob(0, ge=0)
+    grad_clip: float = knob(1.0, ge=0, le=1e6)  # max global grad norm; 0 disables clipping
+    seed: int = knob(0, ge=0, le=2**32 - 1)
     dtype: str = knob("fp32", choices=("fp32", "bf16", "fp16"))  # parameter/compute dtype
     # torch.compile (inductor) the transformer blocks and the loss (trainers/compile.py). Faster steps
     # (1.1-1.4x on CPU at seq 512) for a one-off compile: 30-70 s cold, ~5-10 s once cached in
     # $TORCHINDUCTOR_CACHE_DIR (default ~/.cache/tuneforge/inductor). Off by default: tiny runs and
     # tests would only pay the compile.
     compile: bool = False
-    checkpoint_every: int = knob(50, ge=0)  # steps between checkpoints; 0: only at the end
-    keep_checkpoints: int = knob(2, ge=1)  # newest checkpoints kept on disk
-    log_every: int = knob(1, ge=1)  # steps between metric records
+    checkpoint_every: int = knob(50, ge=0, le=10**10)  # steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = knob(2, ge=1, le=10**6)  # newest checkpoints kept on disk
+    log_every: int = knob(1, ge=1, le=10**10)  # steps between metric records
     eval_every: int = knob(
-        50, ge=0
+        50, ge=0, le=10**10
     )  # steps between validation losses (and at the end), when there is validation data; 0: never
     eval_batches: int = knob(
-        4, ge=1
+        4, ge=1, le=10**6
     )  # global batches of validation data per evaluation (fewer when there is less data)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward instead of
     # keeping them (less memory, ~1/3 more compute); works with every backend
@@ -289,10 +298,10 @@ def warmup_steps(train: TrainConfig) -> int:
 class DebugConfig:
     """Knobs for tests and debugging, not for training runs."""
 
-    stop_after: Optional[int] = knob(None, ge=1)  # stop (as if preempted) after this step
+    stop_after: Optional[int] = knob(None, ge=1, le=10**10)  # stop (as if preempted) after this step
     # pause after every step: a run that lasts long enough to be preempted or to outlive its time
     # limit, whatever the machine's speed (tests of requeue and of `tuneforge status`); losses unchanged
-    step_sleep_s: float = knob(0.0, ge=0)
+    step_sleep_s: float = knob(0.0, ge=0, le=3600)
 
 
 @dataclass
@@ -303,6 +312,9 @@ class RunConfig:
     # size cap of one safetensors file of final/ and `tuneforge export` (save_pretrained's max_shard_size:
     # "5GB", "500MB", ...); a larger model is written as several files plus model.safetensors.index.json
     max_shard_size: str = knob("5GB", size=True)
+    # submit.json records the git commit, a diff stat and the diff's hash; true: also the diff itself (code
+    # files only, credentials masked)
+    record_diff: bool = False
 
 
 @dataclass

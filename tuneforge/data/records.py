@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -124,42 +126,149 @@ def _check_messages(messages: Any, name: str) -> Optional[Tuple[str, str]]:
 
 
 # ------------------------------------------------------------------------------------ files
+# Every file is read as the job's `datasets` builders will read it, and every way it can fail becomes a
+# DataError of one line naming the file and the line or byte: special files (a FIFO would block the
+# reader forever) are refused before they are opened, text must be UTF-8 (a byte-order mark is
+# accepted, as `datasets` accepts it), a NUL byte marks a binary file, and Parquet, JSON nested past
+# what a parser can follow, CSV cells past the csv module's limit and unreadable files are named.
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def special_file(path: Path) -> Optional[str]:
+    """What `path` is when it is neither a regular file nor a directory ("a FIFO", ...), else None.
+    Follows symlinks (a link to a FIFO is a FIFO to the reader)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
 def data_files(path: Path) -> List[Path]:
-    """The readable data files at `path`: the file itself, or a folder's files in name order."""
+    """The data files at `path`: the file itself, or a folder's files in name order. Raises DataError
+    for a special file (FIFO, socket, device) among them, before anything opens it."""
+    kind = special_file(path)
+    if kind:
+        raise DataError(f"{path}: is {kind}, not a regular file; give a file or a folder of files")
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in BUILDERS and not p.name.startswith("."))
+        found = sorted(p for p in path.rglob("*") if p.suffix in BUILDERS and not p.name.startswith("."))
+        for p in found:
+            kind = special_file(p)
+            if kind:
+                raise DataError(f"{p}: is {kind}, not a regular file; remove it from {path}")
+        return [p for p in found if p.is_file()]
     return [path]
+
+
+def _decoded(file: Path, data: bytes, offset: int, line_no: int, first: bool) -> str:
+    """`data` (line `line_no` of `file`, starting at byte `offset`) as text, or a DataError naming the place."""
+    if first and data.startswith(BOM):
+        data, offset = data[len(BOM) :], offset + len(BOM)
+    if first and data.startswith(UTF16_BOMS):
+        raise DataError(f"{file}:1: UTF-16 or UTF-32 text (its byte-order mark); convert it to UTF-8")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise DataError(f"{file}:{line_no}: binary data (a NUL byte at byte {offset + nul}); not a text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{file}:{line_no}: not UTF-8 (byte 0x{data[e.start]:02x} at byte {offset + e.start}); "
+            "convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
+BOM = b"\xef\xbb\xbf"
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # (UTF-32's start with these too)
+
+
+def _text_lines(file: Path) -> Iterator[Tuple[int, str]]:
+    """(line number, decoded line with its newline) of a text file, streamed."""
+    offset = 0
+    with open(file, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            yield line_no, _decoded(file, raw, offset, line_no, line_no == 1)
+            offset += len(raw)
+
+
+def _text(file: Path) -> str:
+    """A whole text file, decoded (one DataError naming the line and byte of the first bad one)."""
+    with open_regular(file) as f:
+        data = f.read()
+    body = data[len(BOM) :] if data.startswith(BOM) else data
+    if b"\0" not in body and not body.startswith(UTF16_BOMS):
+        try:
+            return body.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    offset = 0
+    for line_no, raw in enumerate(data.splitlines(keepends=True), 1):
+        _decoded(file, raw, offset, line_no, line_no == 1)  # raises at the first bad line
+        offset += len(raw)
+    raise DataError(f"{file}: not UTF-8 text")  # (a bad sequence split across a line break: not reached)
+
+
+def open_regular(file: Path):
+    """`open(file, "rb")`, refusing a special file first (opening a FIFO blocks until a writer comes)."""
+    kind = special_file(file)
+    if kind:
+        raise DataError(f"{file}: is {kind}, not a regular file")
+    return open(file, "rb")
 
 
 def read_rows(file: Path, data_cfg) -> Iterator[Tuple[int, Any]]:
     """(row number, row) of one file; an unparsable row raises DataError naming its place."""
     suffix = file.suffix
-    if suffix == ".jsonl":
-        yield from _jsonl_rows(file)
-    elif suffix == ".json":
-        yield from _json_rows(file)
-    elif suffix == ".csv":
-        yield from _csv_rows(file)
-    elif suffix == ".parquet":
-        yield from _parquet_rows(file)
-    elif suffix == ".txt":
-        yield from _text_rows(file, data_cfg)
-    else:
-        raise DataError(f"{file}: unsupported file type '{suffix}'; use one of {', '.join(BUILDERS)}")
+    kind = special_file(file)
+    if kind:
+        raise DataError(f"{file}: is {kind}, not a regular file")
+    try:
+        if suffix == ".jsonl":
+            yield from _jsonl_rows(file)
+        elif suffix == ".json":
+            yield from _json_rows(file)
+        elif suffix == ".csv":
+            yield from _csv_rows(file)
+        elif suffix == ".parquet":
+            yield from _parquet_rows(file)
+        elif suffix == ".txt":
+            yield from _text_rows(file, data_cfg)
+        else:
+            raise DataError(f"{file}: unsupported file type '{suffix}'; use one of {', '.join(BUILDERS)}")
+    except PermissionError:
+        raise DataError(
+            f"{file}: cannot be read (permission denied); if only the compute nodes can read it, set data.precheck=false"
+        ) from None
+    except IsADirectoryError:
+        raise DataError(f"{file}: is a directory named like a data file") from None
+    except OSError as e:
+        raise DataError(f"{file}: cannot be read ({e.strerror or e})") from None
+
+
+def _json_value(file: Path, line_no: int, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{file}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{file}:{line_no}: JSON nested too deeply to read (thousands of levels)") from None
 
 
 def _jsonl_rows(file: Path) -> Iterator[Tuple[int, Any]]:
-    with open(file, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield line_no, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{file}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
+    for line_no, line in _text_lines(file):
+        if line.strip():
+            yield line_no, _json_value(file, line_no, line)
 
 
 def _json_rows(file: Path) -> Iterator[Tuple[int, Any]]:
-    text = file.read_text(encoding="utf-8")
+    text = _text(file)
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
@@ -167,6 +276,8 @@ def _json_rows(file: Path) -> Iterator[Tuple[int, Any]]:
             yield from _jsonl_rows(file)
             return
         raise DataError(f"{file}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{file}:1: JSON nested too deeply to read (thousands of levels)") from None
     if isinstance(rows, dict):
         rows = [rows]
     if not isinstance(rows, list):
@@ -175,8 +286,10 @@ def _json_rows(file: Path) -> Iterator[Tuple[int, Any]]:
 
 
 def _csv_rows(file: Path) -> Iterator[Tuple[int, Any]]:
-    with open(file, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    # pandas (what `datasets` reads CSV with) has no cell size limit; the csv module's default is 128 KiB
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    reader = csv.DictReader(line for _, line in _text_lines(file))
+    try:
         for row in reader:
             if None in row:  # more cells than header columns
                 raise DataError(
@@ -184,25 +297,29 @@ def _csv_rows(file: Path) -> Iterator[Tuple[int, Any]]:
                     f"the header has {len(reader.fieldnames)} columns"
                 )
             yield reader.line_num, row
+    except csv.Error as e:
+        raise DataError(f"{file}:{reader.line_num}: not readable as CSV ({e})") from None
 
 
 def _parquet_rows(file: Path) -> Iterator[Tuple[int, Any]]:
+    import pyarrow
     import pyarrow.parquet as pq
 
     row_no = 0
-    for batch in pq.ParquetFile(file).iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            row_no += 1
-            yield row_no, row
+    try:
+        for batch in pq.ParquetFile(file).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                row_no += 1
+                yield row_no, row
+    except (pyarrow.ArrowException, ValueError) as e:  # ArrowInvalid for a file that is not Parquet, or is cut short
+        where = f"after row {row_no}" if row_no else "at its start"
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise DataError(f"{file}: not a readable Parquet file ({where}: {first})") from None
 
 
 def _text_rows(file: Path, data_cfg) -> Iterator[Tuple[int, Any]]:
     """Documents of a text file, split as `datasets`' text builder does (sample_by), blank ones skipped."""
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = file.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError(f"{file}:{line}: not UTF-8 text ({e.reason})") from None
+    text = _text(file)
     text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as datasets reads it
     parts = {"paragraph": text.split("\n\n"), "line": text.split("\n"), "document": [text]}[data_cfg.text_sample_by]
     docs = (p for p in parts if p.strip())
@@ -213,7 +330,12 @@ def scan(files: Sequence[Path], data_cfg, max_problems: int = 5, max_bytes: Opti
     """Read `files` and check every row; stop after `max_bytes` of files (then `complete` is False)."""
     result, budget, data_cfg = Scan(), max_bytes, row_spec(data_cfg)
     for file in files:
-        size = file.stat().st_size
+        try:
+            size = file.stat().st_size
+        except OSError as e:
+            result.bad_rows += 1
+            result.problems.append(f"{file}: cannot be read ({e.strerror or e})")
+            continue
         if budget is not None and size > budget:
             result.complete = False
             break
@@ -230,8 +352,6 @@ def scan(files: Sequence[Path], data_cfg, max_problems: int = 5, max_bytes: Opti
             result.bad_rows += 1
             if len(result.problems) < max_problems:
                 result.problems.append(str(e))
-        except PermissionError:
-            result.complete = False  # maybe readable on the compute nodes: checked at the start of the job
         if budget is not None:
             budget -= size
     return result

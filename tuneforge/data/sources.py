@@ -125,9 +125,10 @@ def rows(source: Source, data_cfg) -> Iterator[Dict[str, Any]]:
 
 
 def clean(row: Dict[str, Any], data_cfg) -> Optional[Dict[str, Any]]:
-    """Text documents lose surrounding blank space; a blank one (paragraph separators) is skipped."""
+    """Text documents lose surrounding blank space (and a file's UTF-8 byte-order mark, which `datasets`'
+    text builder keeps); a blank one (paragraph separators) is skipped."""
     if data_cfg.format == "text" and isinstance(row.get(data_cfg.text_field), str):
-        text = row[data_cfg.text_field].strip()
+        text = row[data_cfg.text_field].lstrip("\ufeff").strip()
         if not text:
             return None
         row = {**row, data_cfg.text_field: text}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from tuneforge.conf.schema import to_yaml
-from tuneforge.launch import preflight, rundir, sweep
+from tuneforge.launch import preflight, rundir, secrets, sweep
 from tuneforge.launch.args import Args, parse
 from tuneforge.launch.compose import checked, validator
 
@@ -29,6 +29,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return commands.main(args.command, args.rest)
     if args.help is not None or args.version or args.completion:
         return _inform(args)
+    if leaked := secrets.in_overrides(args.overrides):  # before composing, whose errors echo values
+        return _refuse(leaked)
     if args.multirun:
         return _sweep(args, argv)
     cfg, problems = checked(args.overrides, args.sources)  # compose, then validate: every problem at once
@@ -39,7 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     cfg = rundir.with_run_dir(cfg)
     report = preflight.check(cfg, validator(args.overrides, args.sources))
-    refused = report.fits is False and not args.force
+    refused = report.refused(force=args.force)  # does not fit, or the cluster or disk cannot take it
     if args.dry_run:
         return _show(cfg, report, refused)
     print(preflight.render(report), flush=True)
@@ -61,7 +63,7 @@ def _sweep(args: Args, argv: List[str]) -> int:
 def _refuse(problems: List[str], where: str = "in the config") -> int:
     print(f"tuneforge: {len(problems)} problem(s) {where}, nothing submitted:", file=sys.stderr)
     for problem in problems:
-        print(f"  {problem}", file=sys.stderr)
+        print(f"  {secrets.redact(problem)}", file=sys.stderr)
     return 2
 
 

@@ -97,7 +97,11 @@ def _source_location(key: str, source, view: DataConfig, t: TrainConfig, share: 
 
 def _source_files(key: str, where: str, path: Path, d: DataConfig, t: TrainConfig, share: Optional[float]):
     """The files of one source (or of its validation data) against its format, then every row."""
-    files = records.data_files(path)
+    try:
+        files = records.data_files(path)
+    except records.DataError as e:  # a FIFO or another special file: refused before anything opens it
+        yield Problem(where, str(e))
+        return
     if not files:
         yield Problem(where, f"{path}: no data files ({', '.join(records.BUILDERS)})")
         return

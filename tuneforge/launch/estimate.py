@@ -3,8 +3,9 @@
 The inputs are plain values (a `ModelShape`, a `MethodSpec`, a backend `Layout`, world size, micro
 batch, sequence length, dtype, activation checkpointing); launch/preflight.py maps a composed config
 onto them. How a backend lays out its tensors is its `Layout` (conf/backends.py), the sizes of a
-method's adapter its formula (conf/methods.py), FLOPs per token tuneforge/arch.py's count; every
-other assumption is one entry of a table below, named and explained where it is declared:
+method's adapter its formula (conf/methods.py) over the family's target weights (tuneforge/arch/adapters.py),
+FLOPs per token tuneforge/arch's count; every other assumption is one entry of a table below, named and
+explained where it is declared:
 when a backend changes its layout, its row changes, and tests/test_preflight.py compares the rows with
 the bytes a real run holds.
 
@@ -14,9 +15,9 @@ Units: bytes and FLOPs as plain numbers; GiB (2**30) only when printed.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
-from tuneforge.arch import ModelShape, flops_per_token
+from tuneforge.arch import ModelShape, adapters, flops_per_token
 from tuneforge.conf import methods
 from tuneforge.conf.backends import LAYOUTS, Layout
 from tuneforge.conf.methods import MethodConfig
@@ -55,13 +56,6 @@ class MethodSpec:
     quantized: bool = False  # QLoRA: decoder linears in NF4
 
 
-#: IA3's target modules when none are given: peft's own default for Llama/Mistral/Qwen2
-#: (peft.utils.constants TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING). Every other method
-#: adapts every linear of the decoder layers by default (trainers/methods.py: "all-linear").
-IA3_DEFAULT_TARGETS = ("k_proj", "v_proj", "down_proj")
-IA3_FEEDFORWARD = ("down_proj",)  # IA3 scales these on their input side
-
-
 def method_spec(method_cfg: MethodConfig, shape: ModelShape) -> MethodSpec:
     """What `method_cfg` trains on a model of `shape` (adapter sizes from conf/methods.py)."""
     m = methods.method(method_cfg.name)
@@ -71,32 +65,14 @@ def method_spec(method_cfg: MethodConfig, shape: ModelShape) -> MethodSpec:
 
 
 def adapter_params(method_cfg: MethodConfig, shape: ModelShape) -> int:
-    """Trainable params a PEFT method adds to every decoder layer's target linears (peft's layouts)."""
-    formula = methods.method(method_cfg.name).adapter_params
-    feedforward = getattr(method_cfg, "feedforward_modules", None)
-    targets = _targets(method_cfg, shape)
-    if feedforward is None:
-        feedforward = IA3_FEEDFORWARD
-    total = 0
-    for name in targets:
-        fan_in, fan_out = shape.linears()[name]
-        total += formula(fan_in, fan_out, method_cfg, name in feedforward)
-    return total * shape.layers
-
-
-def _targets(method_cfg: MethodConfig, shape: ModelShape) -> Sequence[str]:
-    targets = method_cfg.target_modules
-    if targets is None and method_cfg.name == "ia3":
-        return IA3_DEFAULT_TARGETS
-    if targets is None or targets == methods.ALL_LINEAR:
-        return tuple(shape.linears())
-    names = [targets] if isinstance(targets, str) else list(targets)
-    unknown = [n for n in names if n not in shape.linears()]
-    if unknown:
-        raise ValueError(
-            f"target modules {unknown} are not linears of a Llama-family layer ({', '.join(shape.linears())})"
-        )
-    return names
+    """Trainable params a PEFT method adds to its target weights of every decoder layer, which are the
+    family's own (tuneforge/arch/adapters.py: the list the trainer hands peft), by the method's formula
+    per weight (conf/methods.py). Raises ValueError for a target the model does not have."""
+    m = methods.method(method_cfg.name)
+    chosen = adapters.targets(shape, m, method_cfg)
+    return adapters.adapter_params(
+        chosen, lambda fan_in, fan_out, ff: m.adapter_params(fan_in, fan_out, method_cfg, ff)
+    )
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -162,7 +138,7 @@ def memory(shape: ModelShape, method: MethodSpec, job: Job, on_gpu: bool = True)
 
     # Parameters: trainable weights + a frozen base (PEFT) in its own storage.
     if method.quantized:
-        linear = shape.layers * shape.layer_linear_params()
+        linear = shape.quantized_params()
         frozen = linear * NF4_BYTES + (n_all - linear) * QLORA_UNQUANTIZED_BYTES
     else:
         frozen = n_all * b if method.peft else 0  # a frozen base is loaded in train.dtype on every backend
@@ -244,7 +220,7 @@ def activation_bytes_per_token(
     activations (recomputed, with checkpointing) and its backward working set.
     """
     b = DTYPE_BYTES[dtype]
-    h, q, kv, i, v = shape.hidden, shape.heads * shape.dim, shape.kv_heads * shape.dim, shape.intermediate, shape.vocab
+    h, q, kv, i, v = shape.hidden, shape.heads * shape.dim, shape.kv_heads * shape.dim, shape.mlp_width(), shape.vocab
     norm = 4 * h + 4 + 2 * b * h
     if attention == "eager":
         attn = 4 * b * q + shape.heads * seq_len * (4 + (b if b < 4 else 0))

@@ -22,7 +22,10 @@ def launch(cfg: Config, report, argv: Sequence[str], wait: bool) -> int:
     """Create the run dir, submit, print where everything is; follow a local run (or `wait`)."""
     from tuneforge.launch.follow import follow
 
-    run_dir = rundir.create(cfg, argv)
+    try:
+        run_dir = rundir.create(cfg, argv)
+    except rundir.NotSubmitted as e:  # a busy, damaged, incompatible or finished run dir
+        return e.report()
     preflight.save(report, run_dir)
     (job,) = submit([cfg], [run_dir], run_dir / "slurm")
     index.add(run_dir, "run", argv)
@@ -36,17 +39,23 @@ def submit(cfgs: Sequence[Config], run_dirs: Sequence[Path], folder: Path) -> Li
     """Submit one training task per config (all with the same cluster settings) through one executor
     writing under `folder`; several on Slurm become one job array. Each job id is recorded in its run
     dir. Returns the submitit jobs."""
+    from tuneforge.slurm import owner
     from tuneforge.slurm.executors import make_executor
     from tuneforge.slurm.job import TrainJob
 
     cluster = cfgs[0].cluster
     executor = make_executor(cluster, folder)
-    with _owned_by_this_process(cluster.name == "local"):
-        if len(cfgs) == 1:
-            jobs = [executor.submit(TrainJob(), cfgs[0])]
-        else:
-            with executor.batch():
-                jobs = [executor.submit(TrainJob(), cfg) for cfg in cfgs]
+    try:
+        with _owned_by_this_process(cluster.name == "local"):
+            if len(cfgs) == 1:
+                jobs = [executor.submit(TrainJob(), cfgs[0])]
+            else:
+                with executor.batch():
+                    jobs = [executor.submit(TrainJob(), cfg) for cfg in cfgs]
+    except BaseException:
+        for run_dir in run_dirs:  # no job: the run dirs' claims go with the submission
+            owner.release(Path(run_dir))
+        raise
     for job, run_dir in zip(jobs, run_dirs):
         rundir.record_job(Path(run_dir), str(job.job_id), cluster.name, Path(folder))
     return jobs

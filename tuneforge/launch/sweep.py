@@ -96,6 +96,7 @@ def plan(overrides: Sequence[str], now: Optional[float] = None, sources: Optiona
     group = composed[0].logger.group or f"{composed[0].run.name}-{directory.name}"
     configs = [_element_config(cfg, directory / str(i), group) for i, cfg in enumerate(composed)]
     reports = [preflight.check(cfg, validator(element, sources)) for cfg, element in zip(configs, elements)]
+    problems += [f"element {i} ({' '.join(labels[i])}): {p}" for i, r in enumerate(reports) for p in r.problems]
     return Sweep(directory, group, elements, labels, configs, problems, reports)
 
 
@@ -136,11 +137,29 @@ def show(sweep: Sweep) -> int:
 
 
 def launch(sweep: Sweep, argv: Sequence[str]) -> int:
-    """Write the sweep dir and every run dir, then submit the array (Slurm) or run each (local)."""
+    """Write the sweep dir and every run dir, then submit the array (Slurm) or run each (local).
+    Resubmitted into the same dir, the finished elements are left as they are (rundir.check)."""
+    problems, done = [], []
+    for i, cfg in enumerate(sweep.configs):
+        try:
+            rundir.check(cfg)
+        except rundir.NotSubmitted as e:
+            (done if e.code == 0 else problems).extend(
+                f"element {i} ({' '.join(sweep.labels[i])}): {x}" for x in e.lines
+            )
+    if problems or len(done) == len(sweep.configs):
+        return rundir.NotSubmitted(problems or done, code=2 if problems else 0).report()
+    for line in done:
+        print(f"tuneforge: {line}", flush=True)
+    todo = [i for i in range(len(sweep.configs)) if not any(line.startswith(f"element {i} ") for line in done)]
     sweep.directory.mkdir(parents=True, exist_ok=True)
-    run_dirs = [rundir.create(cfg, element) for cfg, element in zip(sweep.configs, sweep.overrides)]
-    for report, run_dir in zip(sweep.reports, run_dirs):
-        preflight.save(report, run_dir)
+    run_dirs = [Path(cfg.run.dir) for cfg in sweep.configs]
+    try:
+        for i in todo:
+            rundir.create(sweep.configs[i], sweep.overrides[i])
+            preflight.save(sweep.reports[i], run_dirs[i])
+    except rundir.NotSubmitted as e:  # lost a race for a run dir
+        return e.report()
     record = {
         "command": "tuneforge " + " ".join(shlex.quote(a) for a in argv),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -157,10 +176,10 @@ def launch(sweep: Sweep, argv: Sequence[str]) -> int:
     index.add(sweep.directory, "sweep", argv)
     print(f"sweep {sweep.directory}: {len(run_dirs)} element(s), W&B group {sweep.group}", flush=True)
     if sweep.cluster.name == "local":
-        return _run_locally(sweep, run_dirs)
+        return _run_locally(sweep, run_dirs, todo)
     from tuneforge.launch.submit import submit
 
-    jobs = submit(sweep.configs, run_dirs, sweep.directory / "slurm")
+    jobs = submit([sweep.configs[i] for i in todo], [run_dirs[i] for i in todo], sweep.directory / "slurm")
     record["array_job_id"] = str(jobs[0].job_id).split("_")[0]
     _write(sweep.directory, record)
     print(
@@ -171,12 +190,13 @@ def launch(sweep: Sweep, argv: Sequence[str]) -> int:
     return 0
 
 
-def _run_locally(sweep: Sweep, run_dirs: List[Path]) -> int:
+def _run_locally(sweep: Sweep, run_dirs: List[Path], todo: List[int]) -> int:
     from tuneforge.launch.follow import EXIT_INTERRUPTED, follow
     from tuneforge.launch.submit import submit
 
     worst = 0
-    for i, (cfg, run_dir) in enumerate(zip(sweep.configs, run_dirs)):
+    for i in todo:
+        cfg, run_dir = sweep.configs[i], run_dirs[i]
         print(f"[{i + 1}/{len(run_dirs)}] {' '.join(sweep.labels[i])} -> {run_dir}", flush=True)
         (job,) = submit([cfg], [run_dir], run_dir / "slurm")
         code = follow(job, run_dir, cfg.train.max_steps, cfg.cluster.name)

@@ -8,13 +8,13 @@ checked by the schemas while composing.
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
 from tuneforge import data as bundled_data
 from tuneforge.conf import backends, ds_config, methods
@@ -31,6 +31,8 @@ from tuneforge.conf.schema import (
     TrainConfig,
 )
 from tuneforge.data import records
+from tuneforge.launch import families, secrets
+from tuneforge.slurm import executors
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class Problem:
 
 
 Rule = Callable[[Config], Iterator[Problem]]
+NO_WEIGHTS = "holds no weights"  # the problem of a model folder with a config.json only (launch/matrix.py skips it)
 RULES: List[Rule] = []
 
 
@@ -111,7 +114,17 @@ def _model(cfg: Config) -> Iterator[Problem]:
                 "model.name_or_path", "model=hf needs a hub id or a local directory: model.name_or_path=<id or path>"
             )
         else:
-            yield from _model_path("model.name_or_path", m.name_or_path)
+            found = list(_model_path("model.name_or_path", m.name_or_path, not methods.method(method.name).builds))
+            yield from found
+            config = None if found else families.local_config(m)  # found nothing wrong: it reads
+            name, positions = _positions(config) if config else (None, None)
+            if positions is not None and cfg.train.seq_len > positions:
+                yield Problem(
+                    "train.seq_len",
+                    f"{cfg.train.seq_len} exceeds the model's {name}={positions} "
+                    f"({Path(m.name_or_path).expanduser() / 'config.json'}): it knows {positions} positions; "
+                    "lower train.seq_len",
+                )
     if m.kind == "tiny" and not methods.method(method.name).builds:
         yield Problem(
             "method",
@@ -119,17 +132,121 @@ def _model(cfg: Config) -> Iterator[Problem]:
             "use method=pretrain, or model=hf model.name_or_path=<a trained model>",
         )
     if m.tokenizer:
-        yield from _model_path("model.tokenizer", m.tokenizer)
+        yield from _model_path("model.tokenizer", m.tokenizer, False)
 
 
-def _model_path(key: str, value: str) -> Iterator[Problem]:
-    """A local path must exist and look like a model; anything else is taken as a hub id ("org/name")."""
+#: what a tokenizer folder holds (one of these): transformers' fast, SentencePiece and BPE files
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+#: what holds a model's weights for from_pretrained
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+#: sizes in a config.json (and in its text_config): positive integers, or transformers builds nonsense
+CONFIG_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "head_dim",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_positions",
+)
+
+
+def _model_path(key: str, value: str, needs_weights: bool) -> Iterator[Problem]:
+    """A local path must be a directory that holds what the job will load (config.json that parses, with
+    integer sizes, and weights; or tokenizer files); anything else is taken as a hub id ("org/name")."""
     path = Path(value).expanduser()
     looks_local = value.startswith(("/", ".", "~")) or path.exists() or value.count("/") != 1
-    if looks_local and not path.exists():
+    if not looks_local:
+        return
+    if not path.exists():
         yield Problem(key, f"'{value}' does not exist; give an existing directory or a hub id like org/name")
-    elif looks_local and path.is_dir() and not (path / "config.json").is_file() and key == "model.name_or_path":
+        return
+    kind = records.special_file(path)
+    what = "a directory written by save_pretrained" if key == "model.name_or_path" else "the tokenizer's folder"
+    if kind or path.is_file():
+        yield Problem(key, f"'{value}' is {kind or 'a file'}; give {what}")
+        return
+    try:
+        names = {p.name for p in path.iterdir()}
+    except OSError as e:
+        yield Problem(key, f"'{value}' cannot be listed ({e.strerror or e})")
+        return
+    if not names:
+        yield Problem(key, f"'{value}' is an empty folder; give {what}")
+        return
+    if key == "model.tokenizer":
+        if not names & set(TOKENIZER_FILES):
+            yield Problem(key, f"'{value}' holds no tokenizer ({', '.join(TOKENIZER_FILES)})")
+        for name in sorted(names & {"tokenizer.json", "tokenizer_config.json"}):
+            problem = read_json_file(path / name)[1]
+            if problem:
+                yield Problem(key, problem)
+        return
+    if "config.json" not in names:
         yield Problem(key, f"'{value}' has no config.json; point at a directory written by save_pretrained")
+        return
+    config, problem = read_json_file(path / "config.json")
+    if problem:
+        yield Problem(key, problem)
+        return
+    for where, node in (("", config), ("text_config.", config.get("text_config"))):
+        for name in CONFIG_SIZES if isinstance(node, dict) else ():
+            size = node.get(name)
+            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+                yield Problem(
+                    key,
+                    f"{path / 'config.json'}: '{where}{name}' is {size!r} ({type(size).__name__}); "
+                    "sizes must be positive integers",
+                )
+    if needs_weights and not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
+        yield Problem(key, f"'{value}' {NO_WEIGHTS} (model.safetensors or pytorch_model.bin); the method loads them")
+
+
+def read_json_file(file: Path):
+    """(the JSON object in `file`, None) or (None, one line naming the file and the line, column or byte
+    of the problem). A special file is refused before it is opened; so is a byte-order mark, which
+    transformers' reader does not accept."""
+    kind = records.special_file(file)
+    if kind:
+        return None, f"{file}: is {kind}, not a regular file"
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        return None, f"{file}: cannot be read ({e.strerror or e})"
+    if data.startswith(records.BOM):
+        return None, f"{file}: starts with a UTF-8 byte-order mark, which transformers cannot read; remove it"
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return None, f"{file}: not UTF-8 (byte 0x{data[e.start]:02x} at byte {e.start})"
+    except json.JSONDecodeError as e:
+        return None, f"{file}:{e.lineno}: not JSON ({e.msg} at column {e.colno})"
+    except RecursionError:
+        return None, f"{file}: JSON nested too deeply to read"
+    if not isinstance(value, dict):
+        return None, f"{file}: must hold a JSON object, got {type(value).__name__}"
+    return value, None
+
+
+def _positions(config: dict) -> Tuple[Optional[str], Optional[int]]:
+    """(the config key, the longest sequence the model was built for), or (None, None)."""
+    for node in (config, config.get("text_config") or {}):
+        for name in ("max_position_embeddings", "n_positions"):
+            if isinstance(node, dict) and isinstance(node.get(name), int) and not isinstance(node.get(name), bool):
+                return name, node[name]
+    return None, None
 
 
 # ------------------------------------------------------------------------------------- data
@@ -144,6 +261,11 @@ def _data(cfg: Config) -> Iterator[Problem]:
         yield Problem(
             "data.validation_fraction",
             "cannot carve a fraction off a stream; give data.validation_path=<file or folder> instead",
+        )
+    if d.validation_path and d.validation_fraction:
+        yield Problem(
+            "data.validation_fraction",
+            "ignored when data.validation_path is given; set only one of them",
         )
     if d.hub_id and d.path:
         yield Problem("data.path", "give either data.path (local files) or data.hub_id (a dataset id), not both")
@@ -172,7 +294,11 @@ def _data(cfg: Config) -> Iterator[Problem]:
 
 
 def _data_files(key: str, path: Path, d: DataConfig, t: TrainConfig) -> Iterator[Problem]:
-    files = records.data_files(path)
+    try:
+        files = records.data_files(path)
+    except records.DataError as e:  # a FIFO or another special file: refused before anything opens it
+        yield Problem(key, str(e))
+        return
     if not files:
         yield Problem(key, f"{path}: no data files ({', '.join(records.BUILDERS)})")
         return
@@ -213,11 +339,6 @@ def _data_files(key: str, path: Path, d: DataConfig, t: TrainConfig) -> Iterator
 
 
 # ------------------------------------------------------------------------------------- cluster
-SAFE_SBATCH_VALUE = re.compile(r"^[A-Za-z0-9_.,:@%+=/|&\[\]-]+$")
-#: a literal value given to a credential variable (WANDB_API_KEY=..., HF_TOKEN=...); "$VAR" references pass
-SECRET_ASSIGNMENT = re.compile(r"\b[A-Z0-9_]*(API_KEY|TOKEN|SECRET|PASSWORD)=['\"]?[^$'\"\s]")
-
-
 @rule
 def _cluster(cfg: Config) -> Iterator[Problem]:
     c = cfg.cluster
@@ -244,29 +365,104 @@ def _cluster(cfg: Config) -> Iterator[Problem]:
         )
     if isinstance(c, SlurmClusterConfig):
         yield from _slurm(c)
+    yield from _devices(cfg)
+
+
+def local_gpus() -> int:
+    """GPUs this machine shows (NVIDIA device nodes, or AMD's render nodes behind /dev/kfd), limited
+    by CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES; no torch import (the submit path stays light)."""
+    dev = Path("/dev")
+    count = len([p for p in dev.glob("nvidia*") if p.name[6:].isdigit()])
+    if not count and (dev / "kfd").exists():
+        count = len(list((dev / "dri").glob("renderD*")))
+    for name in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"):
+        visible = os.environ.get(name)
+        if visible is not None:
+            entries = [x for x in visible.split(",") if x.strip()]
+            count = 0 if not entries or entries[0].strip() == "-1" else min(count, len(entries))
+    return count
+
+
+def _devices(cfg: Config) -> Iterator[Problem]:
+    """Requests that contradict the devices: GPUs this machine lacks, GPU settings for a CPU job,
+    flash attention where it cannot run."""
+    c, m, t = cfg.cluster, cfg.model, cfg.train
+    if c.name == "local" and c.gpus_per_node:
+        have = local_gpus()
+        if c.gpus_per_node > have:
+            yield Problem(
+                "cluster.gpus_per_node",
+                f"{c.gpus_per_node} GPU(s) asked for, and this machine (cluster=local runs here) has "
+                f"{have or 'none'}; set cluster.gpus_per_node={have} (0: train on the CPU)",
+            )
+    if not c.gpus_per_node:
+        for key in ("gpu_memory_gb", "gpu_type"):
+            if getattr(c, key) is not None:
+                yield Problem(
+                    f"cluster.{key}",
+                    "describes a GPU, but the job asks for none (cluster.gpus_per_node=0); set "
+                    f"cluster.gpus_per_node, or cluster.{key}=null",
+                )
+    if m.attn_implementation.startswith("flash"):
+        if not c.gpus_per_node:
+            yield Problem(
+                "model.attn_implementation",
+                f"{m.attn_implementation} runs on GPUs only and the job asks for none (cluster.gpus_per_node=0); "
+                "use model.attn_implementation=sdpa",
+            )
+        elif importlib.util.find_spec("flash_attn") is None:
+            yield Problem(
+                "model.attn_implementation",
+                f"{m.attn_implementation} needs the flash-attn package: pip install flash-attn, or use sdpa",
+            )
+        if t.dtype == "fp32":
+            yield Problem(
+                "train.dtype",
+                f"model.attn_implementation={m.attn_implementation} computes in bf16 or fp16 only; set train.dtype=bf16",
+            )
 
 
 def _slurm(c: SlurmClusterConfig) -> Iterator[Problem]:
-    # These values are written into the sbatch script: anything a shell would interpret is refused.
+    """What is written into the sbatch script (slurm/executors.py says how): plain sbatch values,
+    plain option names, one shell line per setup entry; the whole value is checked (fullmatch)."""
     for key in ("partition", "account", "qos", "constraint", "job_name"):
         value = getattr(c, key)
-        if value is not None and not SAFE_SBATCH_VALUE.match(str(value)):
+        if value is None:
+            continue
+        bad = executors.unsafe_character(value)
+        if bad or not executors.SBATCH_VALUE.fullmatch(str(value)):
             yield Problem(
                 f"cluster.{key}",
-                f"{value!r} contains characters not allowed in an sbatch value (spaces, quotes, $, ;, newlines, ...)",
+                (f"holds {bad}; " if bad else "")
+                + "use letters, digits and _ . , : @ % + = / | & [ ] - only (no spaces, quotes, $, ;, line breaks)",
             )
     for i, line in enumerate(c.extra_sbatch):
-        m = re.match(r"^--([a-z][a-z0-9-]*)(?:=(.+))?$", line)
-        if not m or (m.group(2) and not SAFE_SBATCH_VALUE.match(m.group(2))):
-            yield Problem(f"cluster.extra_sbatch[{i}]", f"{line!r} is not of the form --key=value with a plain value")
+        key = f"cluster.extra_sbatch[{i}]"
+        bad = executors.unsafe_character(line)
+        option, sep, value = line[2:].partition("=") if line.startswith("--") else ("", "", "")
+        if (
+            bad
+            or not executors.SBATCH_OPTION.fullmatch(option)
+            or (sep and not executors.SBATCH_VALUE.fullmatch(value))
+        ):
+            yield Problem(
+                key,
+                (f"holds {bad}; " if bad else "")
+                + "give one sbatch option as --key=value (or a bare --flag) with a plain value: letters, digits "
+                "and _ . , : @ % + = / | & [ ] -",
+            )
+            continue
+        owner = executors.reserved_option(option)
+        if owner:
+            yield Problem(key, f"--{option} is set by tuneforge from {owner}; set that instead of an extra line")
     for i, line in enumerate(c.setup):
-        if "\n" in line or "\r" in line:
-            yield Problem(f"cluster.setup[{i}]", "one shell line per entry: split it at the newline")
-        if SECRET_ASSIGNMENT.search(line):
+        bad = executors.unsafe_character(line)
+        if bad:
+            yield Problem(f"cluster.setup[{i}]", f"holds {bad}: give one shell line per entry")
+        elif line.lstrip().upper().startswith("#SBATCH"):
             yield Problem(
                 f"cluster.setup[{i}]",
-                "would write a secret into the sbatch script; export it in your "
-                "shell before submitting instead (Slurm passes your environment on)",
+                "an #SBATCH line among the setup lines would be read as a directive; use cluster.extra_sbatch",
             )
 
 
@@ -279,11 +475,11 @@ def _backend(cfg: Config) -> Iterator[Problem]:
         options = [n for n, spec in backends.BACKENDS.items() if isinstance(b, spec.schema)]
         yield Problem("backend.name", f"'{b.name}' is not a backend of this schema; one of {', '.join(options)}")
         return
-    if known.family == "fsdp" and t.dtype == "fp16":
+    if not known.loss_scaling and t.dtype == "fp16":
         yield Problem(
             "train.dtype",
-            "fp16 needs loss scaling, which backend=fsdp does not do; use train.dtype=bf16, "
-            "or a DeepSpeed backend (backend=zero2) for fp16",
+            f"fp16 needs loss scaling, which backend={b.name} does not do (its gradients would underflow); use "
+            "train.dtype=bf16, or a DeepSpeed backend (backend=zero2) for fp16",
         )
     if isinstance(b, DeepSpeedConfig):
         yield from _deepspeed(b, t, world_size(cfg.cluster))
@@ -350,8 +546,6 @@ def _method(cfg: Config) -> Iterator[Problem]:
         yield from (Problem(key, message) for key, message in spec.checks(m, cfg.train.max_steps))
     if spec.quantized:
         yield from _quantized(m, cfg.backend, cfg.cluster, cfg.model)
-    if spec.peft:
-        yield from _targets(m, cfg.model)
 
 
 def _quantized(
@@ -382,15 +576,16 @@ def _quantized_on_cpu(m: MethodConfig, model: ModelConfig) -> Iterator[Problem]:
     shape, _ = model_shape(model)
     if shape is None:
         return  # no sizes known here: the job finds out
-    widths = {
-        "hidden_size": shape.hidden,
-        "intermediate_size": shape.intermediate,
-        "num_heads x head_dim": shape.heads * shape.dim,
-    }
-    bad = {name: width for name, width in widths.items() if width % BNB_CPU_BLOCK}
-    if bad:
+    widths: dict = {}  # input width -> the quantised weights that read it (the family's own layout)
+    for _, w in shape.all_weights():
+        if w.quantizable and w.fan_in % BNB_CPU_BLOCK:
+            widths.setdefault(w.fan_in, []).append(w.name)
+    if widths:
         key = "model.name_or_path" if model.kind == "hf" else "model"  # QLoRA needs trained weights: hf
-        sizes = ", ".join(f"{name} {width}" for name, width in bad.items())
+        sizes = ", ".join(
+            f"hidden_size {width}" if width == shape.hidden else f"{'/'.join(names)} input width {width}"
+            for width, names in widths.items()
+        )
         yield Problem(
             key,
             f"method={m.name} on CPU (cluster.gpus_per_node=0) needs the linear layers' input widths "
@@ -398,46 +593,44 @@ def _quantized_on_cpu(m: MethodConfig, model: ModelConfig) -> Iterator[Problem]:
         )
 
 
-# Module names of architectures whose layout is known without loading them; others are checked at job
-# start. Linear projections first: those are what `target_modules: null` adapts.
-_LLAMA_LAYOUT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "embed_tokens")
-KNOWN_MODULES = {t: _LLAMA_LAYOUT for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")}
+# ------------------------------------------------------------------------------------- model families
+# Every causal-LM family (#20): what tuneforge/arch and peft cannot train is refused here, naming its key;
+# the checks themselves live in launch/families.py (no torch unless a config's family is unfamiliar).
+@rule
+def _family(cfg: Config) -> Iterator[Problem]:
+    yield from (Problem(key, message) for key, message in families.problems(cfg))
 
 
-def _targets(m: MethodConfig, model: ModelConfig) -> Iterator[Problem]:
-    """Target names against the architecture's module names, when the architecture is known here."""
-    model_type = _model_type(model)
-    known = KNOWN_MODULES.get(model_type)
-    if known is None:
-        return  # unknown architecture or remote model: checked at job start (trainers/methods.py)
-    for key in ("target_modules", "feedforward_modules"):
-        for name in getattr(m, key, None) or []:
-            if str(name).rsplit(".", 1)[-1] not in known:
-                close = difflib.get_close_matches(str(name), known, n=1)
-                hint = f"did you mean '{close[0]}'? " if close else ""
-                yield Problem(
-                    f"method.{key}",
-                    f"'{name}' is not a module of a {model_type} model; {hint}its modules are {', '.join(known)}",
-                )
-
-
-def _model_type(model: ModelConfig) -> Optional[str]:
-    if model.kind == "tiny":
-        return "llama"
-    if model.model_type:
-        return model.model_type
-    path = Path(str(model.name_or_path or "")).expanduser() / "config.json"
-    try:
-        return json.loads(path.read_text()).get("model_type")
-    except (OSError, ValueError):
-        return None
+# ------------------------------------------------------------------------------------- secrets
+@rule
+def _secrets(cfg: Config) -> Iterator[Problem]:
+    """No string of the config (setup and extra #SBATCH lines, paths, ids) carries a credential: they are
+    written into the sbatch script and the run's records. The message masks the value."""
+    for key, message in secrets.in_config(cfg):
+        yield Problem(key, message)
 
 
 # ------------------------------------------------------------------------------------- run
 @rule
 def _run(cfg: Config) -> Iterator[Problem]:
-    if not re.match(r"^[A-Za-z0-9_.=,+-]+$", cfg.run.name):
-        yield Problem("run.name", f"{cfg.run.name!r}: use letters, digits and _ . = , + - only (it names a directory)")
+    """run.name, run.root and run.dir make the run dir, which is written (quoted) into the sbatch script
+    and into submitit's log paths, where % starts a pattern (%j: the job id) for submitit and sbatch
+    alike and a backslash turns sbatch's patterns off."""
+    if not re.fullmatch(r"[A-Za-z0-9_.=,+-]+", cfg.run.name):
+        yield Problem("run.name", "use letters, digits and _ . = , + - only (it names a directory)")
+    for key in ("root", "dir"):
+        value = getattr(cfg.run, key)
+        if value is None:
+            continue
+        bad = executors.unsafe_character(value)
+        if bad:
+            yield Problem(f"run.{key}", f"holds {bad}; a run dir path must be one plain line")
+        elif "%" in value:
+            yield Problem(
+                f"run.{key}", "holds '%', which submitit and sbatch read in log paths as a pattern (%j: the job id)"
+            )
+        elif cfg.cluster.name == "slurm" and "\\" in value:
+            yield Problem(f"run.{key}", "holds a backslash, which turns sbatch's log path patterns (%j) off")
     if cfg.run.dir and Path(cfg.run.dir).exists() and not Path(cfg.run.dir).is_dir():
         yield Problem("run.dir", f"'{cfg.run.dir}' exists and is not a directory")
 

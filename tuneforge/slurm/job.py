@@ -23,7 +23,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     """
 
     def __call__(self, cfg: Config) -> Dict[str, Any]:
-        from tuneforge.slurm import events
+        from tuneforge.slurm import events, owner
         from tuneforge.slurm.env import dist_env
         from tuneforge.slurm.requeue import Allocation
         from tuneforge.trainers.task import StopFlag, run
@@ -41,6 +41,8 @@ class TrainJob(submitit.helpers.Checkpointable):
                 events.record(run_dir, "phase", phase=name, detail=detail, job_id=allocation.env.job_id)
 
         try:
+            # one run, one directory: another live job owning it fails this one before it trains
+            owner.take(run_dir, allocation.env.job_id, cfg.cluster.name, write=allocation.rank == 0)
             result = run(cfg, dist_env(cfg.cluster), stop, phase)
         except Exception as e:  # recorded for `tuneforge status`, then raised to submitit (result pickle)
             message = (str(e).strip().splitlines() or [""])[0][:300]

@@ -147,6 +147,11 @@ def adapter_dir(run_dir: Path, step=None) -> Path:
             return latest / layout.ADAPTER
         raise ExportError(f"{run_dir}: no final/ and no checkpoint yet")
     path = layout.step_dir(run_dir, step) / layout.ADAPTER
+    problem = layout.verify(path.parent)
+    if problem and path.parent.is_dir():
+        raise ExportError(
+            f"{run_dir}: checkpoint step_{step} {problem}; complete ones: {layout.steps(run_dir) or 'none'}"
+        )
     if not (path / ADAPTER_CONFIG).is_file():
         steps = [layout.step_of(p) for p in layout.steps(run_dir) if (p / layout.ADAPTER / ADAPTER_CONFIG).is_file()]
         raise ExportError(f"{run_dir}: no adapter for step {step}; checkpoints with one: {steps or 'none'}")

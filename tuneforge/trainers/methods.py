@@ -16,10 +16,11 @@ whatever the method and backend:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from tuneforge.arch import adapters
 from tuneforge.conf import methods
 from tuneforge.conf.methods import AdaLoraMethodConfig, MethodConfig
 from tuneforge.layout import ADAPTER
@@ -57,24 +58,45 @@ def apply_method(
     from peft import get_peft_model
 
     check_target_modules(model, method_cfg)
+    targets = family_targets(model, method_cfg)
     local_base = Path(str(model.__dict__.get("name_or_path") or ""))
     if str(local_base) not in ("", ".") and local_base.is_dir():
         # The adapter records its base model: an absolute path loads from any directory (tuneforge export).
         model.name_or_path = str(local_base.resolve())
     torch.manual_seed(seed)
-    peft_model = get_peft_model(model, peft_config(method_cfg, total_steps))
+    peft_model = get_peft_model(model, peft_config(method_cfg, total_steps, targets))
     hooks = AdaLoraHooks(method_cfg.orth_reg_weight) if isinstance(method_cfg, AdaLoraMethodConfig) else AdapterHooks()
     return peft_model, hooks
 
 
-def peft_config(method_cfg: MethodConfig, total_steps: int):
-    """The peft config of a PEFT method: its class and arguments come from conf/methods.py."""
+def peft_config(method_cfg: MethodConfig, total_steps: int, targets: Optional[adapters.Targets] = None):
+    """The peft config of a PEFT method: its class and arguments come from conf/methods.py; `targets`
+    (family_targets) replace its target names by the family's own weights, the ones the preflight counted."""
     import peft
 
     spec = methods.method(method_cfg.name)
     if not spec.peft:
         raise ValueError(f"method.name: '{method_cfg.name}' is not a PEFT method")
-    return getattr(peft, spec.peft_class)(task_type="CAUSAL_LM", **spec.peft_args(method_cfg, total_steps))
+    args = spec.peft_args(method_cfg, total_steps)
+    if targets is not None:
+        args["target_modules"] = list(targets.modules)
+        if targets.parameters:  # stacked experts and routers: peft's LoRA ParamWrapper
+            args["target_parameters"] = list(targets.parameters)
+        if "feedforward_modules" in args:
+            args["feedforward_modules"] = list(targets.feedforward)
+    return getattr(peft, spec.peft_class)(task_type="CAUSAL_LM", **args)
+
+
+def family_targets(model: torch.nn.Module, method_cfg: MethodConfig) -> adapters.Targets:
+    """The weights the method adapts in this model's family (tuneforge/arch/adapters.py, what the preflight
+    counted); raises ValueError naming the key for what peft cannot do here (a hub id is first seen here)."""
+    from tuneforge.arch.meta import shape_of
+
+    shape, spec = shape_of(model), methods.method(method_cfg.name)
+    chosen = adapters.targets(shape, spec, method_cfg)
+    for key, message in adapters.problems(shape, spec, method_cfg, chosen):
+        raise ValueError(f"{key}: {message}")
+    return chosen
 
 
 def check_target_modules(model: torch.nn.Module, method_cfg: MethodConfig) -> None:

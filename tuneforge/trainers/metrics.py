@@ -1,7 +1,8 @@
 """Throughput, FLOPs, the machine's ceiling and memory: the figures every run logs.
 
-MFU = achieved model FLOP/s / the device's dense bf16 peak, with FLOPs per token from tuneforge/arch.py
-(the count the preflight's time estimate uses too) at the model's own shape. The peak is
+MFU = achieved model FLOP/s / the device's dense bf16 peak, with FLOPs per token from tuneforge/arch
+(the count the preflight's time estimate uses too) at the model's own shape (a mixture of experts: the
+experts a token passes through). The peak is
 `cluster.peak_tflops` when the profile declares it, else the datasheet figure of `cluster.gpu_type`
 (conf/gpus.py): the MFU is then comparable with other tools' and with the preflight's assumption.
 
@@ -57,9 +58,10 @@ class Throughput:
     ) -> "Throughput":
         """Collective (the ranks measure the ceiling together). `adapter_params`: the trainable
         parameters of a PEFT method (the base is frozen), None when every weight trains."""
-        config = getattr(model, "get_base_model", lambda: model)().config
+        from tuneforge.arch.meta import shape_of  # the config's family, else counted on the model
+
         try:
-            shape = arch.shape_from_config(config.to_dict())
+            shape = shape_of(model)
         except arch.UnknownArchitecture as e:
             if dist_env.is_main:
                 print(f"throughput: no FLOP count for this model ({e}); tokens/s only", flush=True)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
 from tuneforge.compat.deepspeed import full_numel
 from tuneforge.conf import methods
 from tuneforge.conf.methods import MethodConfig, QLoraMethodConfig
-from tuneforge.conf.schema import ModelConfig
+from tuneforge.conf.schema import DataConfig, ModelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
@@ -91,14 +91,13 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     config = model_config(model_cfg, tokenizer)
+    attention = attn_implementation(model_cfg, config)
     torch_dtype = DTYPES[dtype]
     if builds_from_config(model_cfg, method_cfg):
         # the same initial weights on every backend and world size, sharded or not (trainers/sharded/init.py)
         from tuneforge.trainers.sharded.glue import dense_pretrain_model
 
-        model = dense_pretrain_model(
-            config, torch_dtype, seed, model_cfg.attn_implementation, model_cfg.trust_remote_code
-        )
+        model = dense_pretrain_model(config, torch_dtype, seed, attention, model_cfg.trust_remote_code)
     else:
         quantized = {}
         if methods.method(method_cfg.name).quantized:  # 4-bit weights are placed while loading; .to() cannot move them
@@ -107,7 +106,7 @@ def load_model(
             model_cfg.name_or_path,
             config=config,
             dtype=torch_dtype,
-            attn_implementation=model_cfg.attn_implementation,
+            attn_implementation=attention,
             trust_remote_code=model_cfg.trust_remote_code,
             **quantized,
         )
@@ -121,6 +120,36 @@ def load_model(
             return model
     model.config.use_cache = False  # training: no KV cache
     return model.to(device)
+
+
+def attn_implementation(model_cfg: ModelConfig, config) -> Optional[str]:
+    """What transformers is asked for: model.attn_implementation, "auto" resolved as the launcher did
+    (sdpa where the model class has an SDPA path, else eager; None: custom code, transformers decides).
+    A hub id's config is first read here: what the launcher refuses for a local checkpoint (not a
+    causal LM, custom code without trust_remote_code, an attention the class lacks) fails here, by key."""
+    from tuneforge.arch import support
+
+    found = config.to_dict()
+    if model_cfg.kind == "hf":
+        reason = support.refusal(found, model_cfg.trust_remote_code)
+        if reason:
+            raise ValueError(f"model.name_or_path: {model_cfg.name_or_path}: {reason}")
+    impl, note = support.attention(found, model_cfg.attn_implementation)
+    if impl is None:
+        raise ValueError(f"model.attn_implementation: {note}")
+    return None if impl == "auto" else impl
+
+
+def check_packing(data_cfg: DataConfig, config) -> None:
+    """Packed rows need a mask that follows their position ids; a hub id's family is first known here."""
+    from tuneforge.arch import support
+
+    model_type = config.to_dict().get("model_type", "")
+    if data_cfg.packing and not support.packing_isolated(model_type):
+        raise ValueError(
+            f"data.packing: {model_type}'s attention mask ignores the position ids of packed rows, so packed "
+            "examples would attend to each other; set data.packing=false"
+        )
 
 
 def quantization_config(method_cfg: QLoraMethodConfig, dtype: str):

@@ -63,16 +63,23 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
             net, method_hooks, _, added = sharded.load_sharded(
                 cfg.model, cfg.method, cfg.backend, t, dist_env, tokenizer, dtype, old_vocab
             )
+            model.check_packing(cfg.data, net.config)
         else:
             net = model.load_model(cfg.model, cfg.method, tokenizer, dtype, dist_env.device, t.seed)
             if not model.builds_from_config(cfg.model, cfg.method):  # a built model has the new rows already
                 added = vocab.resize_model(net, tokenizer, old_vocab)
+            model.check_packing(cfg.data, net.config)
             net, method_hooks = apply_method(net, cfg.method, total_steps=t.max_steps, seed=t.seed)
         if added and dist_env.is_main:
             print(f"vocabulary: {added} new token(s), embeddings resized to {len(tokenizer)}", flush=True)
         counts = model.count_parameters(net)
         if dist_env.is_main:
-            print(f"parameters: {counts['params_trainable']:,} trainable of {counts['params_total']:,}", flush=True)
+            attention = getattr(net.config, "_attn_implementation", None)
+            print(
+                f"parameters: {counts['params_trainable']:,} trainable of {counts['params_total']:,}; "
+                f"attention: {attention}",
+                flush=True,
+            )
         if t.compile and not built_sharded:  # before the backend wraps the blocks: its hooks stay outside the graphs
             from tuneforge.trainers.compile import compile_blocks
 
@@ -120,6 +127,13 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
         logger.summary(result)
         finished = True
         return {**result, "rank": dist_env.rank, "world_size": dist_env.world_size}
+    except (OSError, RuntimeError) as e:  # a full disk: one line saying so, and which checkpoint is kept
+        from tuneforge.trainers.checkpoint import disk_full
+
+        full = disk_full(e, run_dir)
+        if full is None:
+            raise
+        raise full from None  # (the original traceback would hold the failed file, and its space, open)
     finally:
         if logger is not None:
             logger.close()

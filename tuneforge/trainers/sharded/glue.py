@@ -93,7 +93,7 @@ def load_sharded(model_cfg, method_cfg, backend_cfg, train_cfg, dist_env, tokeni
         weights=weights,
         seed=train_cfg.seed,
         wrap=wrap if peft else None,
-        attn_implementation=model_cfg.attn_implementation,
+        attn_implementation=model_mod.attn_implementation(model_cfg, config),
         trust_remote_code=model_cfg.trust_remote_code,
     )
     if kind == "fsdp":
