@@ -331,3 +331,63 @@ def test_full_finetuning_by_path_loads_sharded_and_matches_ddp(tiny_base, tmp_pa
     for backend in ("fsdp", "zero3"):
         assert max(abs(a - b) for a, b in zip(losses(runs[backend]), reference)) < 1e-4, backend
         assert max_diff(logits(runs[backend] / "final"), logits(runs["ddp"] / "final")) < 1e-4, backend
+
+
+# ------------------------------------------------------------------------------------ damaged checkpoints
+def _damaged(tiny, tmp_path, damage) -> tuple:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny["untied"], model)
+    files = sorted(set(json.loads((model / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    return model, damage(model, files)
+
+
+def _delete(model: Path, files) -> str:
+    (model / files[2]).unlink()
+    return files[2]
+
+
+def _truncate(model: Path, files) -> str:
+    path = model / files[3]
+    path.write_bytes(path.read_bytes()[:-100])  # the header intact, the data short
+    return files[3]
+
+
+def _cut_header(model: Path, files) -> str:
+    path = model / files[1]
+    path.write_bytes(path.read_bytes()[:40])  # the header itself cut
+    return files[1]
+
+
+@pytest.mark.parametrize(
+    "damage,what",
+    [
+        (_delete, "named in model.safetensors.index.json but absent"),
+        (_truncate, "truncated"),
+        (_cut_header, "truncated"),
+    ],
+)
+def test_a_checkpoint_with_a_shard_missing_or_truncated_is_refused_naming_the_file(
+    damage, what, tiny, tmp_path, capsys
+):
+    """Before submission (validation: exit 2, nothing created), and by the reader every rank opens."""
+    from tuneforge.launch.cli import main
+    from tuneforge.trainers.sharded.safetensors_io import ShardedCheckpoint
+
+    model, name = _damaged(tiny, tmp_path, damage)
+    run_dir = tmp_path / "never"
+    args = ["model=hf", f"model.name_or_path={model}", "method=full", "backend=fsdp", f"run.dir={run_dir}"]
+    assert main(args + ["train.seq_len=32", "--dry-run"]) == 2
+    assert main(args + ["train.seq_len=32"]) == 2 and not run_dir.exists()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("  model.name_or_path: ")]
+    assert lines and all(str(model / name) in line and what in line for line in lines), err
+    with pytest.raises(FileNotFoundError, match=name):
+        ShardedCheckpoint(model)
+
+
+def test_a_complete_checkpoint_has_no_file_problems(tiny):
+    from tuneforge import safetensors_files
+
+    assert all(safetensors_files.problems(tiny[t]) == [] for t in tiny)

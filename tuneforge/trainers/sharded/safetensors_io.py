@@ -22,8 +22,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
+from tuneforge import safetensors_files
+from tuneforge.safetensors_files import INDEX_FILE, SINGLE_FILE
 
 DTYPES: Dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -58,10 +58,7 @@ class TensorInfo:
 
 def read_header(path: Path) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
     """The tensors of one safetensors file (absolute byte offsets) and its __metadata__."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    start = 8 + size
+    header, start = safetensors_files.read_header(path)
     metadata = header.pop("__metadata__", None) or {}
     tensors = {}
     for name, entry in header.items():
@@ -79,12 +76,11 @@ class ShardedCheckpoint:
 
     def __init__(self, model_dir):
         self.dir = Path(model_dir)
-        index = self.dir / INDEX_FILE
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (self.dir / SINGLE_FILE).is_file():
-            files = [SINGLE_FILE]
-        else:
+        bad = safetensors_files.problems(self.dir)  # a file missing or cut short: named before any is read
+        if bad:
+            raise FileNotFoundError("; ".join(bad))
+        files = safetensors_files.checkpoint_files(self.dir)[0]
+        if not files:
             raise FileNotFoundError(f"{self.dir}: no {SINGLE_FILE} or {INDEX_FILE} (sharded loading reads safetensors)")
         self.tensors: Dict[str, TensorInfo] = {}
         for name in files:
