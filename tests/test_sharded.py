@@ -391,3 +391,58 @@ def test_a_complete_checkpoint_has_no_file_problems(tiny):
     from tuneforge import safetensors_files
 
     assert all(safetensors_files.problems(tiny[t]) == [] for t in tiny)
+
+
+# ------------------------------------------------------------------------------ many ranks per node
+#: 2 nodes x 2 tasks of the Slurm test cluster (2 CPUs per node): a LoRA base loaded sharded on ZeRO-3,
+#: a full finetune loaded sharded on FSDP2
+TWO_BY_TWO = {
+    "lora-zero3": ["method=lora", "backend=zero3", "backend.param_persistence_threshold=0", "train.lr=2e-2"],
+    "full-fsdp": ["method=full", "backend=fsdp"],
+}
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(TWO_BY_TWO))
+def test_two_nodes_of_two_tasks_load_sharded_train_and_export(name, slurm_cluster, tiny_base, tmp_path):
+    """Local ranks 0 and 1 on each node, one rendezvous of 4 ranks, the model loaded sharded, the loss
+    falling, final/ written; the job completes."""
+    from conftest import QUICK, metrics, tuneforge
+    from test_slurm import final_state
+
+    run = tmp_path / name
+    tuneforge(
+        "model=hf",
+        f"model.name_or_path={tiny_base}",
+        "train.seq_len=32",
+        *QUICK,
+        *TWO_BY_TWO[name],
+        "cluster=slurm",
+        f"cluster.partition={slurm_cluster}",
+        "cluster.nodes=2",
+        "cluster.tasks_per_node=2",
+        "cluster.cpus_per_task=1",
+        "cluster.timeout_min=10",
+        "cluster.mem_gb=4",
+        f"run.dir={run}",
+        "--wait",
+    )
+    job_id = json.loads((run / "submit.json").read_text())["jobs"][0]["job_id"]
+    assert final_state(job_id, timeout_s=120) == "COMPLETED"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 4 and summary["num_nodes"] == 2
+    logs = {p.name: p.read_text() for p in (run / "slurm").glob(f"{job_id}*_log.*")}
+    places = set()
+    for text in logs.values():  # submitit: "JobEnvironment(job_id=.., hostname=.., local_rank=1(2), node=0(2), ..)"
+        for line in text.splitlines():
+            if "JobEnvironment(" in line and "hostname=" in line:
+                node = line.split("node=")[1].split("(")[0]  # the test cluster's nodes share one hostname
+                local = line.split("local_rank=")[1].split("(")[0]
+                places.add((int(node), int(local)))
+    assert places == {(0, 0), (0, 1), (1, 0), (1, 1)}, places
+    assert "sharded load" in "".join(logs.values())
+    losses = [m["loss"] for m in metrics(run)]
+    assert len(losses) == 10 and sum(losses[-3:]) < sum(losses[:3]), losses
+    final = run / "final"
+    assert (final / ("adapter_model.safetensors" if name.startswith("lora") else "config.json")).is_file()
