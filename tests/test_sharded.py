@@ -219,6 +219,17 @@ def test_export_has_save_pretrained_layout_and_tensors(backend, tie, tiny, tmp_p
         a, b = load_file(model_dir / name), load_file(out / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert json.loads((out / "config.json").read_text()) == json.loads((model_dir / "config.json").read_text())
+    from transformers import AutoModelForCausalLM
+
+    ref, ref_logits = reference(model_dir)
+    from sharded_worker import PROBE  # on sys.path since reference()
+
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ref_state = ref.state_dict()
+    assert loaded.state_dict().keys() == ref_state.keys()
+    assert all(torch.equal(t, ref_state[k]) for k, t in loaded.state_dict().items())  # buffers included
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=PROBE).logits.float(), ref_logits)
 
 
 def test_stream_writer_and_range_reader_round_trip(tmp_path):
