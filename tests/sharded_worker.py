@@ -73,6 +73,10 @@ def main() -> None:
     weights = None if args["method"] == "pretrain" else args["model"]
     wrap = wrap_for(args["method"], args.get("seed", 0))
     engine = None
+    if args["task"] == "memory":  # RSS growth while loading, after a warm-up build of a 1-layer model
+        memory_task(args, config, dtype, weights, out, rank, world)
+        dist.destroy_process_group()
+        return
     if args["backend"] == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -123,6 +127,43 @@ def main() -> None:
     dist.barrier()
     engine = forward = model = None
     dist.destroy_process_group()
+
+
+def memory_task(args, config, dtype, weights, out: Path, rank: int, world: int) -> None:
+    """Every module the build imports is imported by a first build of a tiny model of the same family
+    (random init, a few hundred KB: nothing that the real build could reuse); then the real build is
+    sampled (RSS every 10 ms)."""
+    from tuneforge.trainers.sharded.memory import RssSampler
+
+    def build(cfg, source):
+        if args["backend"] == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            from tuneforge.trainers.sharded.fsdp import build_fsdp_model, shard_blocks
+
+            mesh = init_device_mesh("cpu", (world,))
+            return build_fsdp_model(cfg, dtype=dtype, shard=shard_blocks(mesh, ["LlamaDecoderLayer"]), weights=source)
+        from tuneforge.trainers.sharded.zero3 import build_zero3_model
+
+        return build_zero3_model(cfg, ds_config=ds_config(world), weights=source)
+
+    small = copy.deepcopy(config)
+    for key, value in dict(num_hidden_layers=1, vocab_size=256, hidden_size=64, intermediate_size=128).items():
+        setattr(small, key, value)
+    small.num_attention_heads, small.num_key_value_heads, small.head_dim = 4, 2, 16
+    warm = build(small, None)
+    warm = None  # noqa: F841
+    dist.barrier()
+    sampler = RssSampler(interval=0.01).start()
+    model, _, stats = build(config, weights)
+    sampler.mark("loaded")
+    sampler.stop()
+    dist.barrier()
+    growth = sampler.peak("start", "loaded") - sampler.at("start")
+    (out / f"rank{rank}.json").write_text(json.dumps({**stats.__dict__, "rss_growth": growth}))
+    if rank == 0:
+        torch.save({}, out / "result.pt")
+    del model
 
 
 if __name__ == "__main__":
