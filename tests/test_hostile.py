@@ -696,7 +696,7 @@ def model_dir(tmp_path: Path, config, weights: bool = True) -> Path:
     path.mkdir(exist_ok=True)
     (path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
     if weights:
-        (path / "model.safetensors").write_bytes(b"\0" * 8)
+        (path / "model.safetensors").write_bytes(b"\2" + b"\0" * 7 + b"{}")  # a safetensors file of no tensors
     return path
 
 

@@ -1,7 +1,7 @@
 """The package's walls: which part may import which (every import, at module level or inside a function).
 
 conf/      the schemas and the descriptions of methods, backends and GPUs: imports no other part
-arch/, units, fsutil, layout, compat/: leaves, importing no other part (a leaf package only itself)
+arch/, units, fsutil, layout, safetensors_files, compat/: leaves, importing no other part (a leaf package only itself)
 data/      the data pipeline, one home: conf and the leaves
 trainers/  what every rank runs: conf, data and the leaves; knows nothing of Slurm or the CLI
 slurm/     submitit around the task: conf and the leaves, and trainers only through trainers/task.py
@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Dict, Set
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tuneforge"
-LEAVES = {"arch", "units", "fsutil", "layout", "compat"}
+LEAVES = {"arch", "units", "fsutil", "layout", "compat", "safetensors_files"}
 ALLOWED: Dict[str, Set[str]] = {
     "conf": {"conf"},
     "arch": {"arch"},
     "units": set(),
     "fsutil": set(),
     "layout": set(),
+    "safetensors_files": set(),
     "compat": {"compat"},
     "data": {"data", "conf"} | LEAVES,
     "trainers": {"trainers", "conf", "data"} | LEAVES,

@@ -665,3 +665,76 @@ def test_layouts_follow_the_backend_config():
     assert method_spec(method_cfg("qlora"), shape).quantized
     assert not method_spec(method_cfg("full"), shape).peft
     assert set(GPU_TYPES) >= {"a100_40g", "a100_80g", "h100_80g", "h200", "l40s"}
+
+
+# ---------------------------------------------------------------------------------------- host memory
+#: the issue's example: a 70B Llama full finetune on 4 nodes x 8 H100
+LLAMA_70B = [
+    "model=llama3_8b",
+    "model.hidden_size=8192",
+    "model.intermediate_size=28672",
+    "model.num_layers=80",
+    "model.num_heads=64",
+    "model.params_b=70.6",
+    "method=full",
+    "cluster=slurm",
+    "cluster.check_site=false",
+    "cluster.gpu_type=h100_80g",
+    "cluster.nodes=4",
+    "cluster.gpus_per_node=8",
+    "cluster.tasks_per_node=8",
+    "train.dtype=bf16",
+    "train.activation_checkpointing=true",
+    "train.global_batch=32",
+    "train.micro_batch=1",
+]
+
+
+def test_host_memory_per_node_is_ranks_times_what_each_rank_loads_and_keeps():
+    from tuneforge.launch.estimate import HOST_RUNTIME_GPU, SHARDED_LOAD_FACTOR
+
+    sharded = _check(LLAMA_70B + ["backend=fsdp", "cluster.mem_gb=512"])
+    s, h = sharded.shape, sharded.host
+    whole_fp32, block_fp32 = s.params() * 4, s.layer_params() * 4  # FSDP builds the model in fp32
+    assert h.sharded_load and h.ranks_per_node == 8
+    assert h.load == pytest.approx(SHARDED_LOAD_FACTOR * whole_fp32 / 32 + block_fp32)
+    assert h.per_node == pytest.approx(8 * (HOST_RUNTIME_GPU + h.load))
+    assert sharded.fits and sharded.host_fits and not sharded.refused()
+    # ZeRO-2 keeps every rank's whole-model load (from_pretrained, fp32: DeepSpeed's master weights)
+    whole = _check(LLAMA_70B + ["backend=zero2", "cluster.mem_gb=1024"]).host
+    assert not whole.sharded_load and whole.load == whole_fp32
+    # offload: what the rank keeps in host memory while training counts when it is the larger
+    offload = _check(LLAMA_70B + ["backend=zero3_offload", "cluster.mem_gb=1024"])
+    assert offload.host.train == offload.memory.cpu > offload.host.load
+    # PEFT: the frozen base is loaded in train.dtype
+    lora = _check(LLAMA_70B + ["backend=fsdp", "method=lora", "cluster.mem_gb=512"]).host
+    assert lora.load == pytest.approx(SHARDED_LOAD_FACTOR * s.params() * 2 / 32 + s.layer_params() * 2)
+    # a CPU run keeps everything in host memory
+    cpu = _check(["cluster=slurm", "cluster.check_site=false", "cluster.tasks_per_node=2", "cluster.mem_gb=8"])
+    assert cpu.host.train == cpu.memory.total and cpu.host_fits
+    # no cluster.mem_gb (local, or the partition's default): reported, not checked
+    local = _check(LLAMA_70B[:6] + ["cluster=local"])
+    assert local.host is not None and local.host_fits is None
+    assert "not checked (set cluster.mem_gb" in preflight.render(local)
+
+
+def test_host_memory_misfit_is_refused_before_submission_naming_the_key_and_fixes(tmp_path, capsys):
+    run_dir = tmp_path / "never"
+    small = LLAMA_70B + ["backend=fsdp", "cluster.mem_gb=64", f"run.dir={run_dir}"]
+    assert main(small + ["--dry-run"]) == 2
+    out, err = capsys.readouterr()
+    assert "cluster.mem_gb=64: DOES NOT FIT" in out and "(h100_80g): fits" in out
+    assert "does not fit in host memory: cluster.mem_gb=64" in err and "--force" in err
+    assert "cluster.nodes=8 cluster.tasks_per_node=4 cluster.gpus_per_node=4" in err
+    assert main(small) == 2 and not run_dir.exists()
+    assert main(small + ["--dry-run", "--force"]) == 0
+    # every fix offered fits when applied
+    report = _check(small[:-1])
+    assert report.host_fits is False and report.host_fixes
+    for fix in report.host_fixes:
+        fixed = _check(small[:-1] + fix.split())
+        assert fixed.host_fits, fix
+    # a whole-model load: the sharded backends are among the fixes; in the sweep too
+    whole = _check(LLAMA_70B + ["backend=zero2", "cluster.mem_gb=1024"])
+    assert whole.host_fits is False and {"backend=fsdp", "backend=zero3"} <= set(whole.host_fixes)
+    assert json.loads(json.dumps(whole.to_dict()))["host_fits"] is False

@@ -8,6 +8,7 @@ from typing import List
 
 from tuneforge import layout
 from tuneforge.commands import BadArguments, Parser
+from tuneforge.conf.fields import valid_size
 
 
 def main(args: List[str]) -> int:
@@ -17,12 +18,19 @@ def main(args: List[str]) -> int:
     parser.add_argument("run_dir", type=Path, help="the run directory (holds config.yaml and checkpoints/)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step; default: the latest")
     parser.add_argument("--out", type=Path, default=None, help="output directory; default: <run dir>/export/step_N")
+    parser.add_argument(
+        "--max-shard-size",
+        default=None,
+        help="size cap of one safetensors file, as save_pretrained's (5GB, 500MB); default: the run's run.max_shard_size",
+    )
     opts = parser.parse_args(args)
+    if opts.max_shard_size is not None and not valid_size(opts.max_shard_size):
+        raise BadArguments(f"--max-shard-size: {opts.max_shard_size!r} is not a size like 5GB, 500MB or 200KB")
     from tuneforge.trainers.export import ExportError, export_adapter_run, is_adapter_run
 
     if is_adapter_run(opts.run_dir):
         try:
-            print(export_adapter_run(opts.run_dir, opts.step, opts.out))
+            print(export_adapter_run(opts.run_dir, opts.step, opts.out, opts.max_shard_size or "5GB"))
         except ExportError as e:
             print(f"tuneforge export: {e}", file=sys.stderr)
             return 2
@@ -35,7 +43,7 @@ def main(args: List[str]) -> int:
     cfg = load(opts.run_dir / "config.yaml")
     print(f"exporting {step_dir} ({cfg.backend.name}) to {out}", flush=True)
     try:
-        export_checkpoint(cfg, step_dir, out)
+        export_checkpoint(cfg, step_dir, out, opts.max_shard_size)
     except (ExportError, OSError, RuntimeError, ValueError, KeyError) as e:  # one line, not a traceback
         text = (str(e).strip().splitlines() or [""])[0][:300]
         print(f"tuneforge export: cannot export {step_dir}: {type(e).__name__}: {text}", file=sys.stderr)

@@ -1,7 +1,9 @@
-"""transformers internals: which module classes are a model's transformer blocks."""
+"""transformers internals: which module classes are a model's transformer blocks; building a model without
+initialising it, marking weights initialised, and constructing under ZeRO-3 (trainers/sharded/)."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import List
 
 
@@ -22,3 +24,43 @@ def kv_cache_key() -> str:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+# ------------------------------------------------- building without initialising (trainers/sharded/)
+def no_init_weights():
+    """Context: models constructed inside skip their weight init (transformers.initialization, 5.x)."""
+    from transformers.initialization import no_init_weights as context
+
+    return context()
+
+
+def guard_torch_init_functions():
+    """Context: torch.nn.init functions skip tensors already marked initialised, as in from_pretrained."""
+    from transformers.initialization import guard_torch_init_functions as context
+
+    return context()
+
+
+def mark_initialized(param) -> None:
+    """Mark a parameter as holding its final values: `initialize_weights()` then leaves it alone (the flag
+    from_pretrained sets on every weight it loaded)."""
+    param._is_hf_initialized = True
+
+
+def init_module_weights(owner, module) -> None:
+    """The model's own initialisation of one module (`PreTrainedModel._init_weights`: its distributions,
+    the padding row zeroed, ones for norms), what `initialize_weights` applies to every module."""
+    owner._init_weights(module)
+
+
+@contextlib.contextmanager
+def zero3_model_construction(zero_init):
+    """Construct a model partitioned by ZeRO-3 the way transformers' from_pretrained does under an
+    HfDeepSpeedConfig: weight init off, RoPE's arange kept in its dtype (`prevent_arange_dtype_change`), then
+    `zero_init` (the caller's `deepspeed.zero.Init` context), and inside it transformers told that it is
+    building under zero.Init (`set_zero3_state`)."""
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+    from transformers.modeling_utils import set_zero3_state
+
+    with no_init_weights(), prevent_arange_dtype_change(), zero_init, set_zero3_state():
+        yield

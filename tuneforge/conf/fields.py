@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Iterator, Optional, Sequence, Tuple
 
 _NO_DEFAULT: Any = dataclasses.MISSING
@@ -26,14 +27,18 @@ def knob(
     le: Optional[float] = None,
     lt: Optional[float] = None,
     choices: Optional[Sequence[Any]] = None,
+    size: bool = False,
 ) -> Any:
-    """A dataclass field with its bounds (ge >=, gt >, le <=, lt <) or its `choices`. None values
-    (an unset optional field) are always allowed; set the field's type to Optional for those."""
+    """A dataclass field with its bounds (ge >=, gt >, le <=, lt <) or its `choices`; `size`: a byte size
+    as save_pretrained's max_shard_size spells it ("5GB", "500MB"). None values (an unset optional field)
+    are always allowed; set the field's type to Optional for those."""
     metadata = {
         key: value
         for key, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("choices", choices))
         if value is not None
     }
+    if size:
+        metadata["size"] = True
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -62,6 +67,8 @@ def _problem(value: Any, rules: dict) -> Optional[str]:
         return None
     if isinstance(value, float) and not math.isfinite(value):
         return f"must be a finite number, got {value}"
+    if rules.get("size") and not valid_size(value):
+        return f"'{value}' is not a size like 5GB, 500MB or 200KB (a number and one of KB, MB, GB, TB)"
     choices = rules.get("choices")
     if choices is not None and value not in choices:
         return f"'{value}' is not one of {', '.join(map(str, choices))}"
@@ -74,6 +81,14 @@ def _problem(value: Any, rules: dict) -> Optional[str]:
     if not (below or above):
         return None
     return f"must be {describe(rules)}, got {value}"
+
+
+SIZE = re.compile(r"^\s*(\d+(\.\d*)?|\.\d+)\s*[KMGT]B\s*$", re.IGNORECASE)
+
+
+def valid_size(value: Any) -> bool:
+    """A positive size in huggingface_hub's spelling (KB, MB, GB, TB: powers of 1000)."""
+    return isinstance(value, str) and bool(SIZE.match(value)) and float(value.strip()[:-2]) > 0
 
 
 def describe(rules: dict) -> str:

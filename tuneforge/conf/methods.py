@@ -348,6 +348,25 @@ def incompatibility(method_name: str, backend_cfg: BackendConfig) -> Optional[st
     return method(method_name).refuses.get(backend(backend_cfg).family)
 
 
+#: TUNEFORGE_SHARDED_LOAD=0 in the submitting shell (the job inherits it): every rank loads the whole model
+#: and the backend shards it afterwards, as before sharded loading (trainers/sharded/)
+SHARDED_LOAD_ENV = "TUNEFORGE_SHARDED_LOAD"
+
+
+def loads_sharded(method_name: str, backend_cfg: BackendConfig) -> bool:
+    """Whether a run builds its model sharded from the start (trainers/sharded/: each rank reads and holds
+    only its share): backends that shard parameters (FSDP2, ZeRO-3), for every method they run but the
+    quantised one (bitsandbytes quantises while transformers loads: every rank keeps a 4-bit copy of the
+    whole base). Read by the trainers, the preflight's host estimate and validation."""
+    import os
+
+    if os.environ.get(SHARDED_LOAD_ENV, "1") == "0" or method(method_name).quantized:
+        return False
+    if incompatibility(method_name, backend_cfg):
+        return False
+    return backend(backend_cfg).layout(backend_cfg).shard_params
+
+
 def schema_names() -> Dict[str, type]:
     """ConfigStore name -> schema for conf/schema.py's register(): YAMLs say `defaults: [base_<name>]`."""
     return {f"base_{name}": m.schema for name, m in METHODS.items()}

@@ -345,6 +345,9 @@ class RunConfig:
     name: str = "default"  # run name: the run dir is runs/<name>/<timestamp> unless run.dir is set
     dir: Optional[str] = None  # the run directory; fixed at submission, reused by restarts and requeues
     root: str = "runs"  # parent of run directories
+    # size cap of one safetensors file of final/ and `tuneforge export` (save_pretrained's max_shard_size:
+    # "5GB", "500MB", ...); a larger model is written as several files plus model.safetensors.index.json
+    max_shard_size: str = knob("5GB", size=True)
     # submit.json records the git commit, a diff stat and the diff's hash; true: also the diff itself (code
     # files only, credentials masked)
     record_diff: bool = False

@@ -194,6 +194,67 @@ def _buffers(shape: ModelShape, method: MethodSpec, job: Job, layout: Layout, b:
     return b * (2 * root + 2 * layer)
 
 
+# ------------------------------------------------------------------------------------ host memory
+#: Host memory of one rank's process before any weight: the interpreter with torch, transformers,
+#: tokenizer and data pipeline (0.25 GiB with torch and transformers imported on the CPU box, measured;
+#: peft, deepspeed and a data batch on top), and with a GPU the CUDA runtime's host side (driver,
+#: kernels, pinned staging), about 1.5 GiB more.
+HOST_RUNTIME_CPU = 0.5 * GIB
+HOST_RUNTIME_GPU = 2.0 * GIB
+#: A sharded load (trainers/sharded/: FSDP2, ZeRO-3) holds the rank's share of the weights plus the
+#: block being read; measured at most 1.25 x the share plus one block
+#: (benchmarks/results/load_memory_2026-12-01_cpu.md: 0.62-0.72 GiB for a 0.47 GiB share, 0.094 GiB block).
+SHARDED_LOAD_FACTOR = 1.25
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """Bytes of host (CPU) memory one rank holds at its peak, and the node's total."""
+
+    load: float  # while the weights are read: the whole model, or the rank's share plus one block
+    train: float  # while training: what lives in host memory (offloaded states; everything on CPU)
+    runtime: float  # the process itself (HOST_RUNTIME_*)
+    ranks_per_node: int
+    sharded_load: bool
+
+    @property
+    def per_rank(self) -> float:
+        return self.runtime + max(self.load, self.train)
+
+    @property
+    def per_node(self) -> float:
+        return self.per_rank * self.ranks_per_node
+
+
+def host_memory(
+    shape: ModelShape,
+    method: MethodSpec,
+    job: Job,
+    device_memory: Memory,
+    ranks_per_node: int,
+    load_dtype: str,
+    sharded_load: bool,
+    on_gpu: bool = True,
+) -> HostMemory:
+    """Host memory per rank and per node. `device_memory`: `memory(...)` of the same job; `load_dtype`:
+    the dtype the weights are loaded in (conf/backends.py model_dtype); `sharded_load`: every rank reads
+    only its share (conf/methods.py loads_sharded), else `from_pretrained` puts the whole model in every
+    rank's host memory before it moves to the GPU (QLoRA on a GPU: bitsandbytes places each tensor on the
+    GPU as it is read, one block at a time)."""
+    b = DTYPE_BYTES[load_dtype]
+    block = shape.layer_params() * b
+    whole = shape.params() * b
+    if sharded_load:
+        load = SHARDED_LOAD_FACTOR * whole / job.world_size + block
+    elif method.quantized and on_gpu:
+        load = block
+    else:
+        load = whole
+    train = device_memory.cpu if on_gpu else device_memory.total
+    runtime = HOST_RUNTIME_GPU if on_gpu else HOST_RUNTIME_CPU
+    return HostMemory(float(load), float(train), runtime, ranks_per_node, sharded_load)
+
+
 #: Backward through one decoder layer holds that layer's saved tensors and, on top, the gradients of
 #: its activations: a quarter of the layer's size at the peak (peak RSS of real CPU steps, 4 models).
 LAYER_BACKWARD_FACTOR = 1.25

@@ -26,8 +26,18 @@ from tuneforge import units
 from tuneforge.conf import backends, methods
 from tuneforge.conf.gpus import GPU_TYPES
 from tuneforge.conf.schema import ClusterConfig, Config, ModelConfig
-from tuneforge.launch import families
-from tuneforge.launch.estimate import GIB, Job, Memory, MethodSpec, ModelShape, flops_per_token, memory, method_spec
+from tuneforge.launch import families, host
+from tuneforge.launch.estimate import (
+    GIB,
+    HostMemory,
+    Job,
+    Memory,
+    MethodSpec,
+    ModelShape,
+    flops_per_token,
+    memory,
+    method_spec,
+)
 
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
 NODE_SIZE = 8  # GPUs per node suggested when a job asks for fewer
@@ -192,12 +202,27 @@ class Report:
     gpu_hours: Optional[float] = None
     warnings: List[str] = field(default_factory=list)
     suggestions: List[Suggestion] = field(default_factory=list)
+    host: Optional[HostMemory] = None  # host memory per rank and node
+    host_limit: Optional[float] = None  # bytes per node (cluster.mem_gb); None: nothing to check against
+    host_fixes: List[str] = field(default_factory=list)  # overrides that make the node's memory suffice
     #: "key: why" for what can never run as asked (the partition cannot hold the job, the run dir cannot
     #: take a checkpoint): refused whatever --force says
     problems: List[str] = field(default_factory=list)
 
     def refused(self, force: bool = False) -> bool:
-        return bool(self.problems) or (self.fits is False and not force)
+        return bool(self.problems) or (self.misfit and not force)
+
+    @property
+    def misfit(self) -> bool:
+        """Estimated not to fit in GPU memory or in the node's host memory (refused unless --force)."""
+        return self.fits is False or self.host_fits is False
+
+    @property
+    def host_fits(self) -> Optional[bool]:
+        """True/False against cluster.mem_gb per node; None without an estimate or a declared memory."""
+        if self.host is None or self.host_limit is None:
+            return None
+        return self.host.per_node <= self.host_limit
 
     @property
     def fits(self) -> Optional[bool]:
@@ -207,12 +232,16 @@ class Report:
         return self.memory.total <= self.gpu_memory
 
     @property
+    def mem_gb(self) -> Optional[int]:
+        return None if self.host_limit is None else round(self.host_limit / GIB)
+
+    @property
     def total_time_s(self) -> Optional[float]:
         return None if self.step_time_s is None else self.step_time_s * self.steps_left
 
     def to_dict(self) -> dict:
         m = self.memory
-        out = {"available": self.available, "source": self.reason, "fits": self.fits}
+        out = {"available": self.available, "source": self.reason, "fits": self.fits, "host_fits": self.host_fits}
         if self.problems:
             out["problems"] = self.problems
         if not self.available:
@@ -241,6 +270,9 @@ class Report:
                         "total",
                     )
                 },
+                "host_bytes": host.to_dict(self.host),
+                "host_limit_gib": _round(self.host_limit / GIB if self.host_limit else None),
+                "host_fixes": self.host_fixes,
                 "peak_tflops": self.peak_tflops,
                 "mfu": _round(self.mfu),
                 "mfu_source": self.mfu_source,
@@ -320,6 +352,9 @@ def _estimate(cfg: Config, validator: Optional[Validator], options: Optional[Dic
     report.step_time_s = _step_time(report.flops_per_step, job.world_size, peak, report.mfu)
     if report.step_time_s is not None:
         report.gpu_hours = report.total_time_s / 3600 * job.world_size
+    report.host, report.host_limit = host.host_of(cfg, shape, method, job, report.memory, label != "CPU")
+    if report.host_fits is False:
+        report.host_fixes = host.host_fixes(cfg, shape, method, job, report.host, report.host_limit, label != "CPU")
     report.warnings = _warnings(report, cfg)
     if report.fits is False and validator is not None:
         report.suggestions = suggest(cfg, shape, method, job, gpu_memory, peak, report.mfu, validator, options)
@@ -346,10 +381,6 @@ def _warnings(report: Report, cfg) -> List[str]:
             + ", ".join(GPU_TYPES)
             + ") or cluster.gpu_memory_gb; memory not checked"
         )
-    if report.memory.cpu and getattr(c, "mem_gb", None):
-        per_node = report.memory.cpu * c.tasks_per_node
-        if per_node > c.mem_gb * GIB:
-            out.append(f"offload keeps {units.gib(per_node)} GiB per node in CPU memory, cluster.mem_gb={c.mem_gb}")
     total = report.total_time_s
     if c.name == "slurm" and total:
         usable = c.timeout_min * 60 - c.signal_delay_s
@@ -746,6 +777,8 @@ def render(report: Report) -> str:
     ]
     if report.memory.cpu:
         lines.append(f"  CPU memory per rank (offloaded): {units.gib(report.memory.cpu)} GiB")
+    if report.host is not None:
+        lines.append("  " + host.describe(report.host, report.host_limit, report.mem_gb))
     if report.flops_per_step:
         time = "time: set cluster.gpu_type or cluster.peak_tflops to estimate it"
         if report.step_time_s is not None:
@@ -776,6 +809,13 @@ def refusal(report: Report) -> str:
             f"tuneforge: {len(report.problems)} problem(s) with the cluster or the disk, nothing submitted:\n"
             + "\n".join(f"  {p}" for p in report.problems)
         )
+    lines = [host.refusal(report.host, report.mem_gb, report.host_fixes)] if report.host_fits is False else []
+    if report.fits is not False:  # the GPUs would hold it: the node's host memory does not
+        return lines[0]
+    return "\n".join(lines + [_gpu_refusal(report)])
+
+
+def _gpu_refusal(report: Report) -> str:
     return (
         f"tuneforge: the job does not fit: {units.gib(report.memory.total)} GiB per GPU estimated, "
         f"{units.gib(report.gpu_memory)} GiB on {report.gpu_label}; nothing submitted. Apply a change listed "

@@ -101,11 +101,11 @@ def plan(overrides: Sequence[str], now: Optional[float] = None, sources: Optiona
 
 
 def misfits(sweep: Sweep) -> List[str]:
-    """The elements that the preflight estimates do not fit in GPU memory (refused unless --force)."""
+    """The elements that the preflight estimates do not fit in GPU or host memory (refused unless --force)."""
     return [
         f"element {i} ({' '.join(label)}): {preflight.refusal(report).replace('tuneforge: ', '', 1)}"
         for i, (label, report) in enumerate(zip(sweep.labels, sweep.reports))
-        if report.fits is False
+        if report.misfit
     ]
 
 

@@ -213,6 +213,11 @@ def _model_path(key: str, value: str, needs_weights: bool) -> Iterator[Problem]:
                 )
     if needs_weights and not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
         yield Problem(key, f"'{value}' {NO_WEIGHTS} (model.safetensors or pytorch_model.bin); the method loads them")
+    elif needs_weights:  # a file of a sharded checkpoint missing or cut short: found here, not after the queue
+        from tuneforge import safetensors_files
+
+        for problem in safetensors_files.problems(path):
+            yield Problem(key, problem)
 
 
 def read_json_file(file: Path):

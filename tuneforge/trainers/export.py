@@ -20,23 +20,34 @@ from tuneforge import fsutil, layout
 from tuneforge.conf.schema import Config, ModelConfig
 
 
-def write_final(engine, tokenizer, out_dir: Path, is_main: bool) -> None:
-    """Collective: gather the full weights, then rank 0 writes <out_dir> atomically (temp + rename)."""
+def write_final(engine, tokenizer, out_dir: Path, is_main: bool, max_shard_size: str = "5GB") -> None:
+    """Collective: gather the full weights, then rank 0 writes <out_dir> atomically (temp + rename).
+    A sharded model (FSDP2, ZeRO-3; not an adapter) is gathered and written one tensor at a time
+    (trainers/sharded/export.py): rank 0 never holds more than one tensor beyond the file being written."""
     import torch.distributed as dist
 
+    from tuneforge.trainers.sharded import glue as sharded
+
+    if sharded.exports_sharded(engine) and not hasattr(engine.module, "peft_config"):
+        from tuneforge.trainers.sharded.export import write_model_dir
+
+        return write_model_dir(engine.module, out_dir, tokenizer, is_main, max_shard_size)
     state_dict = engine.full_state_dict()
     if is_main:
-        save_model_dir(engine.module, tokenizer, out_dir, state_dict)
+        save_model_dir(engine.module, tokenizer, out_dir, state_dict, max_shard_size)
     dist.barrier()
 
 
-def save_model_dir(module, tokenizer, out_dir: Path, state_dict: Optional[dict] = None) -> None:
-    """<out_dir>: config + safetensors (+ tokenizer), replaced atomically."""
+def save_model_dir(
+    module, tokenizer, out_dir: Path, state_dict: Optional[dict] = None, max_shard_size: str = "5GB"
+) -> None:
+    """<out_dir>: config + safetensors (+ tokenizer), replaced atomically; files of at most `max_shard_size`."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     weights_dtype = _weights_dtype(state_dict) if state_dict is not None else None
-    module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)  # (it empties state_dict)
+    # (save_pretrained empties state_dict)
+    module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size)
     if weights_dtype is not None and (tmp / "config.json").is_file():  # a PEFT model writes adapter_config.json
         _set_config_dtype(tmp / "config.json", weights_dtype)
     tokenizer.save_pretrained(tmp)
@@ -101,12 +112,15 @@ def _set_config_dtype(config_path: Path, dtype: str) -> None:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def export_checkpoint(cfg: Config, step_dir: Path, out_dir: Path) -> None:
+def export_checkpoint(cfg: Config, step_dir: Path, out_dir: Path, max_shard_size: Optional[str] = None) -> None:
     """The model of checkpoint <step_dir> as a Hugging Face directory <out_dir>, in this process.
 
     The model is built as the run built it (same config, dtype and method), then the checkpoint's
     full weights are loaded into it: a name or shape that does not match fails here, not at load time.
+    A full run's FSDP2 or DeepSpeed checkpoint is read one block (DCP) or one tensor (ZeRO) at a time
+    instead (trainers/sharded/export.py). Files of at most `max_shard_size` (default: run.max_shard_size).
     """
+    max_shard_size = max_shard_size or cfg.run.max_shard_size
     import torch
     from transformers import AutoTokenizer
 
@@ -123,6 +137,12 @@ def export_checkpoint(cfg: Config, step_dir: Path, out_dir: Path) -> None:
         tokenizer.pad_token = tokenizer.eos_token
     run_tokenizer(tokenizer, cfg.data)
     old_vocab = vocab.extend_tokenizer(tokenizer, cfg.model)  # the run's model.new_tokens, as the task added them
+    from tuneforge.trainers.sharded import glue as sharded
+
+    if sharded.exports_offline_sharded(cfg.backend, cfg.method):  # never the whole model in memory
+        return sharded.export_checkpoint_sharded(
+            cfg.model, cfg.backend, Path(step_dir) / "engine", out_dir, tokenizer, old_vocab, max_shard_size
+        )
     dtype = model_dtype(cfg.backend, cfg.train.dtype, peft=is_peft(cfg.method.name))
     net = model.load_model(cfg.model, cfg.method, tokenizer, dtype, "cpu", cfg.train.seed)
     if not model.builds_from_config(cfg.model, cfg.method):
@@ -136,7 +156,7 @@ def export_checkpoint(cfg: Config, step_dir: Path, out_dir: Path) -> None:
             f"checkpoint {step_dir} does not fit the run's model: unexpected "
             f"{result.unexpected_keys[:3]}, missing {result.missing_keys[:3]}"
         )
-    save_model_dir(net, tokenizer, out_dir)
+    save_model_dir(net, tokenizer, out_dir, max_shard_size=max_shard_size)
 
 
 def _tokenizer_source(model_cfg: ModelConfig, run_dir: Path) -> str:
@@ -187,7 +207,7 @@ def is_adapter_run(run_dir: Path) -> bool:
     )
 
 
-def export_adapter_run(run_dir: Path, step=None, out=None) -> str:
+def export_adapter_run(run_dir: Path, step=None, out=None, max_shard_size: str = "5GB") -> str:
     """Merge a PEFT run's adapter into its base model and write a Hugging Face model directory (with the
     tokenizer) to `out`; for an adapter that cannot be merged, copy the adapter there instead. Returns the
     one-line account of what was written. Default `out`: <run dir>/export/final (or /step_N)."""
@@ -223,7 +243,7 @@ def export_adapter_run(run_dir: Path, step=None, out=None) -> str:
             f"method={method} cannot be merged into the base model: {why_not}. Wrote the adapter only, to {out} "
             f"(load it with PeftModel.from_pretrained(<{base_path}>, '{out}'))"
         )
-    merged.save_pretrained(str(tmp), safe_serialization=True)
+    merged.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
     run_cfg = _run_config(run_dir)
     if run_cfg is not None:

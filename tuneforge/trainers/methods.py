@@ -132,8 +132,16 @@ class AdapterHooks(MethodHooks):
 def save_adapter(engine, out_dir: Path, is_main: bool) -> None:
     """Collective. The adapter of `engine.module` (a PeftModel) from the backend's consolidated state
     dict, written by rank 0: under ZeRO-3 or FSDP the live parameters are shards (or empty), so peft's
-    own `save_pretrained()` without a state dict would write an empty or partial adapter."""
-    state_dict = engine.full_state_dict()
+    own `save_pretrained()` without a state dict would write an empty or partial adapter. A base loaded
+    sharded (trainers/sharded/) is never gathered: only the trainable tensors are, one at a time."""
+    from tuneforge.trainers.sharded import glue as sharded
+
+    if sharded.exports_sharded(engine):
+        from tuneforge.trainers.sharded.export import gather_state_dict, trainable
+
+        state_dict = gather_state_dict(engine.module, trainable, is_main)
+    else:
+        state_dict = engine.full_state_dict()
     if is_main:
         engine.module.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)
 

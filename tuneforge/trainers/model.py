@@ -7,6 +7,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from tuneforge.compat.deepspeed import full_numel
 from tuneforge.conf import methods
 from tuneforge.conf.methods import MethodConfig, QLoraMethodConfig
 from tuneforge.conf.schema import DataConfig, ModelConfig
@@ -93,13 +94,10 @@ def load_model(
     attention = attn_implementation(model_cfg, config)
     torch_dtype = DTYPES[dtype]
     if builds_from_config(model_cfg, method_cfg):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(
-            config,
-            dtype=torch_dtype,
-            attn_implementation=attention,
-            trust_remote_code=model_cfg.trust_remote_code,
-        )
+        # the same initial weights on every backend and world size, sharded or not (trainers/sharded/init.py)
+        from tuneforge.trainers.sharded.glue import dense_pretrain_model
+
+        model = dense_pretrain_model(config, torch_dtype, seed, attention, model_cfg.trust_remote_code)
     else:
         quantized = {}
         if methods.method(method_cfg.name).quantized:  # 4-bit weights are placed while loading; .to() cannot move them
@@ -182,4 +180,4 @@ def count_parameters(model: torch.nn.Module) -> dict:
 def _weights_in(param: torch.Tensor) -> int:
     """Weights held by a parameter: a bitsandbytes 4-bit parameter packs several into each element."""
     quant_state = getattr(param, "quant_state", None)
-    return quant_state.shape.numel() if quant_state is not None else param.numel()
+    return quant_state.shape.numel() if quant_state is not None else full_numel(param)  # ZeRO-3: ds_numel

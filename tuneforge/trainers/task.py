@@ -47,6 +47,7 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
     from tuneforge.trainers.logging import RunLogger
     from tuneforge.trainers.loop import Trainer
     from tuneforge.trainers.methods import apply_method
+    from tuneforge.trainers.sharded import glue as sharded
 
     run_dir, t = Path(cfg.run.dir), cfg.train
     phase("process group", f"{dist_env.world_size} rank(s)")
@@ -70,17 +71,23 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
             phase.note(f"cache {run_data.stats['data_cache']}")
         peft = methods.is_peft(cfg.method.name)
         phase("model", cfg.model.name_or_path or f"{cfg.model.kind}, built from its config")
-        net = model.load_model(
-            cfg.model, cfg.method, tokenizer, model_dtype(cfg.backend, t.dtype, peft), dist_env.device, t.seed
-        )
-        if not model.builds_from_config(cfg.model, cfg.method):  # a built model has the new rows already
-            added = vocab.resize_model(net, tokenizer, old_vocab)
-            if added and dist_env.is_main:
-                print(f"vocabulary: {added} new token(s), embeddings resized to {len(tokenizer)}", flush=True)
-        model.check_packing(cfg.data, net.config)
+        dtype, added = model_dtype(cfg.backend, t.dtype, peft), 0
         if peft:
-            phase("method", cfg.method.name)
-        net, method_hooks = apply_method(net, cfg.method, total_steps=t.max_steps, seed=t.seed)
+            phase("method", cfg.method.name)  # applied as the model loads (sharded) or right after
+        built_sharded = sharded.sharded_backend(cfg.backend, cfg.method)
+        if built_sharded:  # no rank ever holds the whole model (trainers/sharded/)
+            net, method_hooks, _, added = sharded.load_sharded(
+                cfg.model, cfg.method, cfg.backend, t, dist_env, tokenizer, dtype, old_vocab
+            )
+            model.check_packing(cfg.data, net.config)
+        else:
+            net = model.load_model(cfg.model, cfg.method, tokenizer, dtype, dist_env.device, t.seed)
+            if not model.builds_from_config(cfg.model, cfg.method):  # a built model has the new rows already
+                added = vocab.resize_model(net, tokenizer, old_vocab)
+            model.check_packing(cfg.data, net.config)
+            net, method_hooks = apply_method(net, cfg.method, total_steps=t.max_steps, seed=t.seed)
+        if added and dist_env.is_main:
+            print(f"vocabulary: {added} new token(s), embeddings resized to {len(tokenizer)}", flush=True)
         counts = model.count_parameters(net)
         sampler = _sampler(cfg, tokenizer, net, dist_env)  # before the backend shards the model
         if dist_env.is_main:
@@ -90,7 +97,7 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
                 f"attention: {attention}",
                 flush=True,
             )
-        if t.compile:  # before the backend wraps the blocks: its hooks stay outside the compiled graphs
+        if t.compile and not built_sharded:  # before the backend wraps the blocks: its hooks stay outside the graphs
             from tuneforge.trainers.compile import compile_blocks
 
             phase("compile", "wraps the blocks; their graphs are built in the first step")
@@ -136,7 +143,7 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
         phase("first step")
         result = trainer.train()
         if result["stopped"] is None:
-            write_final(engine, tokenizer, run_dir / "final", dist_env.is_main)
+            write_final(engine, tokenizer, run_dir / "final", dist_env.is_main, cfg.run.max_shard_size)
         result["peak_memory_mb"] = metrics.peak_memory_mb(dist_env.device)
         result["peak_memory_mb_per_rank"] = metrics.gather_per_rank(result["peak_memory_mb"])
         logger.summary(result)

@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from tuneforge.compat.deepspeed import full_numel
 from tuneforge.conf import ds_config
 from tuneforge.conf.backends import DeepSpeedConfig
 from tuneforge.conf.schema import TrainConfig
@@ -59,10 +60,11 @@ class DeepSpeedEngine:
         deepspeed = import_deepspeed(dist_env.device)
         self.module = model
         self.rank, self.world_size = dist_env.rank, dist_env.world_size
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # a model built partitioned (trainers/sharded/zero3.py) holds ZeRO-3 partitions: count whole parameters
+        trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
         self.config = ds_config.merged(backend_cfg, train_cfg, dist_env.world_size, trainable)
         self.grad_clip = float(train_cfg.grad_clip)
-        self.has_frozen = trainable < sum(p.numel() for p in model.parameters())
+        self.has_frozen = trainable < sum(full_numel(p) for p in model.parameters())
         optimizer = _optimizer(model, train_cfg, backend_cfg.offload_optimizer)
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.config, dist_init_required=False

@@ -34,23 +34,12 @@ def make_engine(model: torch.nn.Module, backend_cfg: FSDPConfig, train_cfg: Trai
 
 class FSDPEngine:
     def __init__(self, model: torch.nn.Module, backend_cfg: FSDPConfig, train_cfg: TrainConfig, dist_env):
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+        from torch.distributed.fsdp import FSDPModule
 
         self.module = self.model = model
         self.rank, self.world_size = dist_env.rank, dist_env.world_size
-        on_gpu = dist_env.device.startswith("cuda")
-        mesh = init_device_mesh("cuda" if on_gpu else "cpu", (dist_env.world_size,))
-        if train_cfg.dtype == "bf16":
-            mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        else:
-            mp_policy = MixedPrecisionPolicy()
-        offload = CPUOffloadPolicy(pin_memory=on_gpu) if backend_cfg.cpu_offload else OffloadPolicy()
-        common = {"mesh": mesh, "mp_policy": mp_policy, "offload_policy": offload}
-        for block in transformer_blocks(model, list(backend_cfg.shard_modules)):
-            fully_shard(block, reshard_after_forward=backend_cfg.reshard_after_forward, **common)
-        # The root's weights (embeddings, head) are needed first thing in the backward: keep them.
-        fully_shard(model, reshard_after_forward=False, **common)
+        if not isinstance(model, FSDPModule):  # trainers/sharded/ builds a model sharded already
+            shard_model(model, backend_cfg, train_cfg, dist_env)
         self.optimizer = make_optimizer(model, train_cfg)
 
     def accumulate(self, last_micro_batch: bool):
@@ -108,6 +97,26 @@ class FSDPEngine:
 
         model_state, optim_state = get_state_dict(self.module, self.optimizer, options=_options())
         return {"model": model_state, "optim": optim_state}
+
+
+def shard_model(model: torch.nn.Module, backend_cfg: FSDPConfig, train_cfg: TrainConfig, dist_env) -> None:
+    """fully_shard each transformer block, then the root; also on a meta-device model (trainers/sharded/
+    shards before any weight exists, then fills each rank's shards)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    on_gpu = dist_env.device.startswith("cuda")
+    mesh = init_device_mesh("cuda" if on_gpu else "cpu", (dist_env.world_size,))
+    if train_cfg.dtype == "bf16":
+        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp_policy = MixedPrecisionPolicy()
+    offload = CPUOffloadPolicy(pin_memory=on_gpu) if backend_cfg.cpu_offload else OffloadPolicy()
+    common = {"mesh": mesh, "mp_policy": mp_policy, "offload_policy": offload}
+    for block in transformer_blocks(model, list(backend_cfg.shard_modules)):
+        fully_shard(block, reshard_after_forward=backend_cfg.reshard_after_forward, **common)
+    # The root's weights (embeddings, head) are needed first thing in the backward: keep them.
+    fully_shard(model, reshard_after_forward=False, **common)
 
 
 def read_full_state_dict(engine_dir: Path, module: torch.nn.Module) -> dict:
