@@ -66,6 +66,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     from transformers import AutoConfig
 
+    from tuneforge.trainers.distributed import close_process_group
     from tuneforge.trainers.sharded import export
 
     dtype = getattr(torch, args.get("dtype", "float32"))
@@ -75,7 +76,7 @@ def main() -> None:
     engine = None
     if args["task"] == "memory":  # RSS growth while loading, after a warm-up build of a 1-layer model
         memory_task(args, config, dtype, weights, out, rank, world)
-        dist.destroy_process_group()
+        close_process_group(finished=True)
         return
     if args["backend"] == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
@@ -124,9 +125,8 @@ def main() -> None:
         export.write_model_dir(model, out / "exported", is_main=rank == 0, max_shard_size=args["export"])
     if rank == 0:
         torch.save(result, out / "result.pt")
-    dist.barrier()
     engine = forward = model = None
-    dist.destroy_process_group()
+    close_process_group(finished=True)  # as a job's task ends (barrier, collect, destroy)
 
 
 def memory_task(args, config, dtype, weights, out: Path, rank: int, world: int) -> None:

@@ -495,7 +495,8 @@ def _worker(rank: int, cases_file: str, port: int) -> None:
 def _deepspeed_state():
     """A job runs one task per process; these workers run many. DeepSpeed keeps the process groups it
     made in module globals (deepspeed.utils.groups, deepspeed.comm.cdb), which name the process group of
-    the previous case once it is destroyed: returns a function that puts them back as imported."""
+    the previous case once it is destroyed, and transformers the ZeRO-3 config it constructs under:
+    returns a function that puts them back as imported."""
     try:
         import deepspeed.comm.comm as ds_comm
         from deepspeed.utils import groups
@@ -504,9 +505,17 @@ def _deepspeed_state():
     initial = {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(groups).items() if _is_state(k, v)}
 
     def reset():
+        import gc
+
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
         for key, value in initial.items():
             setattr(groups, key, dict(value) if isinstance(value, dict) else value)
         ds_comm.cdb = None
+        # a ZeRO-3 case keeps its HfDeepSpeedConfig alive on its model (trainers/sharded/zero3.py); the
+        # next case must not construct under it (transformers' global weak reference, with this world)
+        unset_hf_deepspeed_config()
+        gc.collect()
 
     return reset
 

@@ -64,3 +64,14 @@ def zero3_model_construction(zero_init):
 
     with no_init_weights(), prevent_arange_dtype_change(), zero_init, set_zero3_state():
         yield
+
+
+def renames_checkpoint_on_load(model_type: str) -> bool:
+    """Whether transformers converts this family's checkpoint names or layout while loading (5.x:
+    Mixtral's block_sparse_moe, the per-expert weights Qwen2-MoE and OLMoE stack): the sharded loader
+    (trainers/sharded/) reads a checkpoint's own names, so these families load whole, then shard."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # transformers 4.x: no conversions at load
+        return False
+    return bool(get_checkpoint_conversion_mapping(model_type))

@@ -139,7 +139,8 @@ def export_checkpoint(cfg: Config, step_dir: Path, out_dir: Path, max_shard_size
     old_vocab = vocab.extend_tokenizer(tokenizer, cfg.model)  # the run's model.new_tokens, as the task added them
     from tuneforge.trainers.sharded import glue as sharded
 
-    if sharded.exports_offline_sharded(cfg.backend, cfg.method):  # never the whole model in memory
+    model_type = model.model_config(cfg.model, tokenizer).model_type
+    if sharded.exports_offline_sharded(cfg.backend, cfg.method, model_type):  # never the whole model in memory
         return sharded.export_checkpoint_sharded(
             cfg.model, cfg.backend, Path(step_dir) / "engine", out_dir, tokenizer, old_vocab, max_shard_size
         )

@@ -74,7 +74,8 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
         dtype, added = model_dtype(cfg.backend, t.dtype, peft), 0
         if peft:
             phase("method", cfg.method.name)  # applied as the model loads (sharded) or right after
-        built_sharded = sharded.sharded_backend(cfg.backend, cfg.method)
+        model_type = model.model_config(cfg.model, tokenizer).model_type
+        built_sharded = sharded.sharded_backend(cfg.backend, cfg.method, model_type)
         if built_sharded:  # no rank ever holds the whole model (trainers/sharded/)
             net, method_hooks, _, added = sharded.load_sharded(
                 cfg.model, cfg.method, cfg.backend, t, dist_env, tokenizer, dtype, old_vocab

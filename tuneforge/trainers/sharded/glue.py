@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from tuneforge.compat.transformers import renames_checkpoint_on_load
 from tuneforge.conf import methods
 from tuneforge.conf.backends import backend
 
@@ -27,9 +28,12 @@ def enabled() -> bool:
     return os.environ.get(methods.SHARDED_LOAD_ENV, "1") != "0"
 
 
-def sharded_backend(backend_cfg, method_cfg) -> Optional[str]:
-    """ "fsdp", "zero3", or None (the run loads the whole model on every rank): conf/methods.py `loads_sharded`."""
+def sharded_backend(backend_cfg, method_cfg, model_type: Optional[str] = None) -> Optional[str]:
+    """ "fsdp", "zero3", or None (the run loads the whole model on every rank): conf/methods.py `loads_sharded`,
+    unless transformers renames the family's checkpoint while loading (compat/transformers.py)."""
     if not methods.loads_sharded(method_cfg.name, backend_cfg):
+        return None
+    if model_type and renames_checkpoint_on_load(model_type):
         return None
     return "fsdp" if backend(backend_cfg).family == "fsdp" else "zero3"
 
@@ -156,12 +160,16 @@ def exports_sharded(engine) -> bool:
     """Whether `engine` holds sharded weights (FSDP2, ZeRO-3): final/ is then written tensor by tensor."""
     from tuneforge.trainers.sharded.export import is_sharded_model
 
-    return is_sharded_model(engine.module)
+    model_type = getattr(getattr(engine.module, "config", None), "model_type", None)
+    return is_sharded_model(engine.module) and not (model_type and renames_checkpoint_on_load(model_type))
 
 
-def exports_offline_sharded(backend_cfg, method_cfg) -> bool:
+def exports_offline_sharded(backend_cfg, method_cfg, model_type: Optional[str] = None) -> bool:
     """`tuneforge export` of a full (or pretraining) run's checkpoint saved by fsdp or DeepSpeed: read
-    tensor by tensor instead of building the whole model and its whole state dict."""
+    tensor by tensor instead of building the whole model and its whole state dict (not for a family
+    whose checkpoint names transformers converts: save_pretrained writes those back)."""
+    if model_type and renames_checkpoint_on_load(model_type):
+        return False
     return enabled() and not methods.is_peft(method_cfg.name) and backend(backend_cfg).family in ("fsdp", "deepspeed")
 
 
