@@ -61,36 +61,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import throughput  # noqa: E402  (the model, tokenizer and ceiling of the full-training benchmark)
 
 METHODS = ("lora", "dora", "qlora")
-FULL = dict(
-    hidden=512,
-    layers=4,
-    heads=8,
-    kv_heads=8,
-    intermediate=1408,
-    vocab=32000,
-    seq=512,
-    batch=4,
-    steps=12,
-    warmup=3,
-    rounds=3,
-    compile=True,
-    attn="eager",
-)
-QUICK = dict(
-    hidden=64,
-    layers=2,
-    heads=4,
-    kv_heads=4,
-    intermediate=128,
-    vocab=512,
-    seq=128,
-    batch=2,
-    steps=4,
-    warmup=1,
-    rounds=1,
-    compile=False,
-    attn="sdpa",
-)
+FULL = dict(throughput.FULL)  # the full-training benchmark's ~45M Llama, rows and rounds
+QUICK = {**throughput.QUICK, "steps": 4, "warmup": 1}
 RANK, ALPHA, DROPOUT, LR, BETAS, EPS, CLIP, SEED = 8, 16.0, 0.05, 1e-3, (0.9, 0.95), 1e-8, 1.0, 0
 
 
@@ -283,7 +255,7 @@ def run_tuneforge(spec: dict, method: str, run_dir: Path, env: dict) -> dict:
         logs = sorted((run_dir / "slurm").glob("*_log.err"))
         tail = logs[-1].read_text()[-3000:] if logs else ""
         raise SystemExit(f"tuneforge {method} run failed ({out.returncode}):\n{out.stderr[-2000:]}\n{tail}")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = throughput.step_records(run_dir)
     timed = [r for r in records if r["step"] > spec["warmup"]]
     tokens = len(timed) * spec["batch"] * spec["seq"]
     summary = json.loads((run_dir / "summary.json").read_text())

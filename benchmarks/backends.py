@@ -54,6 +54,7 @@ def run_backend(backend: str, run_dir: Path, opts) -> dict:
     if done.returncode:
         raise RuntimeError(f"{backend} failed:\n{done.stderr[-2000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "step_time_s" in r]  # the training steps (not step 0's evaluation)
     summary = json.loads((run_dir / "summary.json").read_text())
     return {
         "step_s": statistics.median(r["step_time_s"] for r in records[opts.warmup :]),

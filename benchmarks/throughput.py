@@ -302,6 +302,12 @@ def tuneforge_overrides(spec: dict, run_dir: Path) -> list:
     ]
 
 
+def step_records(run_dir: Path) -> list:
+    """The training steps of a run's metrics.jsonl (not step 0's evaluation, train.eval_on_start)."""
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "step_time_s" in r]
+
+
 def run_tuneforge(spec: dict, run_dir: Path, env: dict) -> dict:
     cmd = [sys.executable, "-m", "tuneforge.launch.cli", *tuneforge_overrides(spec, run_dir)]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -309,7 +315,7 @@ def run_tuneforge(spec: dict, run_dir: Path, env: dict) -> dict:
         logs = sorted((run_dir / "slurm").glob("*_log.err"))
         tail = logs[-1].read_text()[-3000:] if logs else ""
         raise SystemExit(f"tuneforge run failed ({out.returncode}):\n{out.stderr[-2000:]}\n{tail}")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = step_records(run_dir)
     timed = [r for r in records if r["step"] > spec["warmup"]]
     tokens = len(timed) * spec["batch"] * spec["seq"]
     return {

@@ -41,7 +41,7 @@ def samples(run: Path) -> list:
 def chat_run(tiny_base, tmp_path_factory):
     """A LoRA run on the bundled chat data, 2 ranks: its own held-out rows are the prompts."""
     run = tmp_path_factory.mktemp("chat") / "run"
-    tuneforge(*chat_lora(tiny_base, run, "cluster.tasks_per_node=2"))
+    tuneforge(*chat_lora(tiny_base, run, "cluster.tasks_per_node=2", "train.lr=1e-2"))
     return run
 
 

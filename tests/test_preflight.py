@@ -670,12 +670,7 @@ def test_layouts_follow_the_backend_config():
 # ---------------------------------------------------------------------------------------- host memory
 #: the issue's example: a 70B Llama full finetune on 4 nodes x 8 H100
 LLAMA_70B = [
-    "model=llama3_8b",
-    "model.hidden_size=8192",
-    "model.intermediate_size=28672",
-    "model.num_layers=80",
-    "model.num_heads=64",
-    "model.params_b=70.6",
+    "model=llama3_1_70b",
     "method=full",
     "cluster=slurm",
     "cluster.check_site=false",
@@ -713,7 +708,7 @@ def test_host_memory_per_node_is_ranks_times_what_each_rank_loads_and_keeps():
     cpu = _check(["cluster=slurm", "cluster.check_site=false", "cluster.tasks_per_node=2", "cluster.mem_gb=8"])
     assert cpu.host.train == cpu.memory.total and cpu.host_fits
     # no cluster.mem_gb (local, or the partition's default): reported, not checked
-    local = _check(LLAMA_70B[:6] + ["cluster=local"])
+    local = _check(LLAMA_70B[:1] + ["cluster=local"])  # the model only
     assert local.host is not None and local.host_fits is None
     assert "not checked (set cluster.mem_gb" in preflight.render(local)
 
