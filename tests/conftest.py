@@ -55,6 +55,15 @@ def tuneforge(*args: str, check: bool = True) -> int:
     return code
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a rendezvous the test starts itself)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def saved_model(out: Path, config: dict) -> Path:
     """`config` (a config.json's dict) built at random and written with save_pretrained into `out`:
     a model directory as a user's would be, for the dry runs that check weights are there."""
@@ -111,6 +120,25 @@ def slurm_cluster():
     if probe.returncode or not {"idle", "mixed", "allocated"} & set(probe.stdout.split()):
         unavailable(f"the Slurm test cluster is not running: scripts/slurm-cluster.sh start ({probe.stderr.strip()})")
     return "debug"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_job_outlives_its_module(tmp_path_factory):
+    """Cancel the Slurm jobs this module's tests submitted and left queued or running (a test that failed
+    before its job ended): they would hold the test cluster's two nodes, and every later job would wait
+    behind them. Only jobs whose script lies under this session's temporary directory are touched."""
+    yield
+    if shutil.which("squeue") is None:
+        return
+    ours = str(tmp_path_factory.getbasetemp())
+    try:
+        listed = subprocess.run(["squeue", "-h", "-o", "%i|%o"], capture_output=True, text=True, timeout=20).stdout
+        ids = [job for job, _, script in (line.partition("|") for line in listed.splitlines()) if ours in script]
+        if ids:
+            subprocess.run(["scancel", "--signal=KILL", "--full", *ids], timeout=20, check=False)
+            subprocess.run(["scancel", *ids], timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        pass  # no cluster answering: nothing of ours can be running on it
 
 
 def pytest_terminal_summary(terminalreporter):

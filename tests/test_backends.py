@@ -163,12 +163,10 @@ ACTIVATION_CHECK = textwrap.dedent("""
 def test_activation_checkpointing_recomputes_blocks_under_every_backend(tmp_path):
     """A block's MLP runs twice per forward+backward (forward, then recomputed in the backward)."""
     import os
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PORT": str(port), "DS_ACCELERATOR": "cpu"}
+    from conftest import free_port
+
+    env = {**os.environ, "PORT": str(free_port()), "DS_ACCELERATOR": "cpu"}
     done = subprocess.run(
         [sys.executable, "-c", ACTIVATION_CHECK], env=env, capture_output=True, text=True, timeout=300
     )

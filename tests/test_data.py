@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import QUICK, TINY, losses, metrics, tuneforge
+from conftest import QUICK, TINY, free_port, losses, metrics, tuneforge
 
 from tuneforge import data as bundled_data
 from tuneforge.conf.backends import DDPConfig
@@ -461,9 +460,7 @@ def process_group():
     """A real one-process gloo group: checkpoints and the loop's all-reduces run as in a job."""
     import torch.distributed as dist
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import random
 import subprocess
 import sys
 import time
@@ -472,7 +471,7 @@ def matrix_args(root: Path, case: Case, run_dir: Path) -> List[str]:
     return args
 
 
-def _worker(rank: int, cases_file: str, port: int) -> None:
+def _worker(rank: int, cases_file: str) -> None:
     """One of the 2 ranks: every case's task in turn (trainers/task.py, as a job's rank runs it); a
     failure is written to <run dir>/error.rank<N>.txt and the next case starts."""
     import traceback
@@ -483,13 +482,34 @@ def _worker(rank: int, cases_file: str, port: int) -> None:
     cfgs = pickle.loads(Path(cases_file).read_bytes())
     fresh = _deepspeed_state()
     for i, cfg in enumerate(cfgs):
-        env = DistEnv(rank, rank, 2, 2, 1, "127.0.0.1", port + i, "families", "cpu")
+        port = _meet(Path(cases_file).parent / "meet", i, rank)
+        env = DistEnv(rank, rank, 2, 2, 1, "127.0.0.1", port, "families", "cpu")
         try:
             run(cfg, env, StopFlag())
         except Exception:  # noqa: BLE001 (reported by the test of this case)
             (Path(cfg.run.dir) / f"error.rank{rank}.txt").write_text(traceback.format_exc())
         fresh()
         print(f"case {i + 1}/{len(cfgs)} done: {cfg.run.dir}", flush=True)  # the test's sign of progress
+
+
+def _meet(where: Path, case: int, rank: int, timeout_s: float = 900) -> int:
+    """Both ranks at `case` before either starts it; returns its port, free when rank 0 chose it.
+    Without this, a case that failed early on one rank leaves the ranks a case apart, each waiting at a
+    different port until its timeout, and every later case fails the same way."""
+    from conftest import free_port
+
+    where.mkdir(exist_ok=True)
+    if rank == 0:
+        chosen = where / f"{case}.port"
+        chosen.with_suffix(".tmp").write_text(str(free_port()))
+        chosen.with_suffix(".tmp").rename(chosen)  # rank 1 never reads half a number
+    (where / f"{case}.rank{rank}").touch()
+    deadline = time.time() + timeout_s
+    while not (where / f"{case}.rank{1 - rank}").exists():
+        if time.time() > deadline:
+            raise TimeoutError(f"rank {1 - rank} did not reach case {case} in {timeout_s:.0f} s")
+        time.sleep(0.05)
+    return int((where / f"{case}.port").read_text())
 
 
 def _deepspeed_state():
@@ -554,11 +574,10 @@ def matrix(families, tmp_path_factory, request) -> Dict[Case, Path]:
         cfgs.append(cfg)
     cases_file = root / "cases.pkl"
     cases_file.write_bytes(pickle.dumps(cfgs))
-    port = random.randint(20000, 40000)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     workers = [
         subprocess.Popen(
-            [sys.executable, __file__, str(rank), str(cases_file), str(port)],
+            [sys.executable, __file__, str(rank), str(cases_file)],
             env=env,
             stdout=(root / f"rank{rank}.log").open("w"),
             stderr=subprocess.STDOUT,
@@ -604,7 +623,9 @@ def test_family_trains(case, matrix, families, tmp_path):
     family, method, backend = case
     run_dir = matrix[case]
     errors = sorted(run_dir.glob("error.rank*.txt"))
-    assert not errors, errors[0].read_text()[-3000:]
+    if errors:  # the exception's own line first: it is what a summary line (-ra) shows
+        trace = errors[0].read_text()
+        pytest.fail(f"{errors[0].name}: {trace.strip().splitlines()[-1]}\n{trace[-3000:]}")
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == STEPS and losses[-1] < losses[0], losses
 
@@ -653,4 +674,4 @@ def test_family_trains(case, matrix, families, tmp_path):
 
 
 if __name__ == "__main__":
-    _worker(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
+    _worker(int(sys.argv[1]), sys.argv[2])

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
 LOGITS_TOL = 1e-6
@@ -50,9 +50,7 @@ def tiny(tmp_path_factory):
 
 def run_ranks(world: int, out: Path, **task) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     task = {**task, "model": str(task["model"]), "out": str(out)}
     procs = []
     for rank in range(world):
@@ -436,14 +434,15 @@ def test_two_nodes_of_two_tasks_load_sharded_train_and_export(name, slurm_cluste
         "cluster.cpus_per_task=1",
         "cluster.timeout_min=10",
         "cluster.mem_gb=4",
+        "cluster.max_requeues=0",  # a job that hangs fails at its time limit instead of starting over
         f"run.dir={run}",
-        "--wait",
     )
     job_id = json.loads((run / "submit.json").read_text())["jobs"][0]["job_id"]
-    assert final_state(job_id, timeout_s=120) == "COMPLETED"
+    state = final_state(job_id, timeout_s=600)
+    logs = {p.name: p.read_text() for p in (run / "slurm").glob(f"{job_id}*_log.*")}
+    assert state == "COMPLETED", (state, {name: text[-1500:] for name, text in logs.items()})
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 4 and summary["num_nodes"] == 2
-    logs = {p.name: p.read_text() for p in (run / "slurm").glob(f"{job_id}*_log.*")}
     places = set()
     for text in logs.values():  # submitit: "JobEnvironment(job_id=.., hostname=.., local_rank=1(2), node=0(2), ..)"
         for line in text.splitlines():
