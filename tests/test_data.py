@@ -158,6 +158,28 @@ def test_whole_text_labels_take_the_fast_path_to_the_same_mask(tokenizer):
         assert labels == general + [tokenizer.eos_token_id]
 
 
+@pytest.mark.parametrize("split_special_tokens", [False, True])
+@pytest.mark.parametrize("add_special_tokens", [True, False])
+def test_rust_encodings_read_directly_equal_the_tokenizers_call(tokenizer, split_special_tokens, add_special_tokens):
+    """compat.encode_with_offsets skips transformers' per-encoding conversion: the same ids and offsets
+    as tokenizer(..., return_offsets_mapping=True), special tokens written in the text and the
+    tokenizer's own settings (split_special_tokens, a truncation left on the backend) included."""
+    import copy
+
+    from tuneforge.compat.transformers import encode_with_offsets
+
+    tok = copy.deepcopy(tokenizer)
+    tok.split_special_tokens = split_special_tokens
+    tok.backend_tokenizer.enable_truncation(8)  # as a tokenizer.json may ship it; __call__ turns it off
+    docs = [row["text"] for _, row in records.read_rows(bundled_data.bundled("demo_corpus"), data_cfg())][:20]
+    docs += ["", " ", f"before {tok.eos_token} after", "naïve café ✓ \u00a0 tabs\tand\nlines"]
+    want = tok(docs, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    got = encode_with_offsets(tok, docs, add_special_tokens=add_special_tokens)
+    assert [ids for ids, _ in got] == want["input_ids"]
+    assert [list(offsets) for _, offsets in got] == [list(map(tuple, o)) for o in want["offset_mapping"]]
+    assert max(len(ids) for ids, _ in got) > 8
+
+
 def test_long_examples_are_truncated_and_those_left_without_targets_dropped(tokenizer):
     enc = Encoder(data_cfg(format="completion"), tokenizer, 16)
     long_prompt = {"prompt": "word " * 40, "completion": "answer"}

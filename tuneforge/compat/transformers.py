@@ -4,7 +4,7 @@ initialising it, marking weights initialised, and constructing under ZeRO-3 (tra
 from __future__ import annotations
 
 import contextlib
-from typing import List
+from typing import List, Tuple
 
 
 def block_class_names(model) -> List[str]:
@@ -75,3 +75,27 @@ def renames_checkpoint_on_load(model_type: str) -> bool:
     except ImportError:  # transformers 4.x: no conversions at load
         return False
     return bool(get_checkpoint_conversion_mapping(model_type))
+
+
+def encode_with_offsets(tokenizer, texts: List[str], add_special_tokens: bool) -> List[Tuple[List[int], list]]:
+    """[(token ids, character offsets)] of each text, as `tokenizer(texts, return_offsets_mapping=True)`
+    gives them. A fast tokenizer's Rust encodings are read directly: transformers' conversion of each
+    encoding into a dict of lists took as long as the tokenising itself (benchmarks/data_prep.py).
+    Truncation, padding and the splitting of special tokens are set as its __call__ sets them."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(tokenizer, "set_truncation_and_padding"):
+        encoded = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        return list(zip(encoded["input_ids"], encoded["offset_mapping"]))
+    from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
+
+    tokenizer.set_truncation_and_padding(
+        padding_strategy=PaddingStrategy.DO_NOT_PAD,
+        truncation_strategy=TruncationStrategy.DO_NOT_TRUNCATE,
+        max_length=None,
+        stride=0,
+        pad_to_multiple_of=None,
+        padding_side=None,
+    )
+    if backend.encode_special_tokens != tokenizer.split_special_tokens:
+        backend.encode_special_tokens = tokenizer.split_special_tokens
+    return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]

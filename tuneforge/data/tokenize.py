@@ -22,6 +22,7 @@ import hashlib
 import json
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from tuneforge.compat.transformers import encode_with_offsets
 from tuneforge.data.records import DataError, row_spec
 
 IGNORE_INDEX = -100  # label of a token that does not count in the loss (prompts, example starts, padding)
@@ -136,14 +137,13 @@ class Encoder:
         """`encode`, with each token's character span in the rendered text ((0, 0): an added token
         such as EOS) and the text: what the probe counts the bytes of the scored text with."""
         rendered = [self.render(r) for r in records]
-        encoded = self.tokenizer(
+        encoded = encode_with_offsets(
+            self.tokenizer,
             [text for text, _, _ in rendered],
             add_special_tokens=self.format != "chat",  # a chat template writes its own BOS
-            return_offsets_mapping=True,
         )
         examples = []
-        for (text, spans, add_eos), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
-            offsets = [tuple(off) for off in offsets]  # + [(0, 0)] below, and probe's byte counts
+        for (text, spans, add_eos), (ids, offsets) in zip(rendered, encoded):  # offsets: (start, end) tuples
             if self.train_on_prompt:
                 labels = list(ids)
             elif spans == [(0, len(text))]:  # the whole text (format=text): _inside without its per-token call
