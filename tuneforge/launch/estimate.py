@@ -14,6 +14,7 @@ Units: bytes and FLOPs as plain numbers; GiB (2**30) only when printed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
@@ -294,6 +295,19 @@ def activation_bytes_per_token(
     at_start = max(saved + 8 * v, saved - loss + first_layer)
     at_end = LAYER_BACKWARD_FACTOR * layer
     return float(saved), float(at_start), float(at_end)
+
+
+def flops_per_step(shape: ModelShape, method: MethodSpec, seq_len: int, recompute: bool, global_batch: int) -> float:
+    """FLOPs of one optimizer step: tuneforge/arch's count per token (adapters: the frozen base's weight
+    gradients skipped) over the global batch's tokens."""
+    adapter = method.trainable if method.peft else None
+    return flops_per_token(shape, seq_len, adapter, recompute=recompute) * global_batch * seq_len
+
+
+def step_seconds(flops: float, world: int, peak: Optional[float], mfu: float) -> Optional[float]:
+    """Seconds per step; None without a peak, or when the figures give no finite time."""
+    step = flops / (world * peak * 1e12 * mfu) if peak else None
+    return step if step is not None and math.isfinite(step) else None
 
 
 def gib(n: Optional[float]) -> str:

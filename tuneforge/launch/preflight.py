@@ -14,16 +14,15 @@ the W&B config). Pure arithmetic and file reads: no torch.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from tuneforge import units
-from tuneforge.conf import backends, methods
+from tuneforge.conf import backends
 from tuneforge.conf.gpus import GPU_TYPES
 from tuneforge.conf.schema import ClusterConfig, Config, ModelConfig
 from tuneforge.launch import families, host
@@ -34,20 +33,15 @@ from tuneforge.launch.estimate import (
     Memory,
     MethodSpec,
     ModelShape,
-    flops_per_token,
+    flops_per_step,
     memory,
     method_spec,
+    step_seconds,
 )
+from tuneforge.launch.site import disk_problems, partition_problems
+from tuneforge.launch.suggest import Suggestion, Validator, suggest
 
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
-NODE_SIZE = 8  # GPUs per node suggested when a job asks for fewer
-#: a suggested change must leave this share of the GPU free, so that a few % of estimation error
-#: does not turn the fix into an out-of-memory
-SUGGESTION_HEADROOM = 0.05
-MAX_SUGGESTIONS = 7
-PER_CATEGORY = 3  # suggestions shown per kind: same GPUs / more GPUs / another method
-#: methods a full finetune that does not fit may switch to (a LoRA run may switch to QLoRA)
-SMALLER_METHODS = ("lora", "qlora")
 
 
 # ---------------------------------------------------------------------------------- config -> inputs
@@ -169,21 +163,6 @@ def measured_mfu(run_dir: Optional[str]) -> Tuple[Optional[float], int]:
 
 # ---------------------------------------------------------------------------------- the report
 @dataclass
-class Suggestion:
-    overrides: Dict[str, object]
-    memory: Memory
-    gpus: int
-    gpu_hours: Optional[float]
-
-    def arguments(self) -> List[str]:
-        """The change as command-line overrides."""
-        return [f"{k}={_override_value(v)}" for k, v in self.overrides.items()]
-
-    def text(self) -> str:
-        return " ".join(self.arguments())
-
-
-@dataclass
 class Report:
     available: bool
     reason: str = ""  # where the model shape came from, or why there is no estimate
@@ -297,7 +276,6 @@ class Report:
 
 
 #: composes the user's overrides plus a suggestion's and returns the problems of the result (empty: valid)
-Validator = Callable[[Sequence[str]], List[str]]
 
 
 def check(cfg: Config, validator: Optional[Validator] = None, options: Optional[Dict[str, List[str]]] = None) -> Report:
@@ -346,10 +324,10 @@ def _estimate(cfg: Config, validator: Optional[Validator], options: Optional[Dic
         "measured median in metrics.jsonl" if mfu else "cluster.assumed_mfu",
     )
     report.steps_left = max(0, cfg.train.max_steps - last_step)
-    report.flops_per_step = _flops_per_step(
+    report.flops_per_step = flops_per_step(
         shape, method, job.seq_len, job.activation_checkpointing, cfg.train.global_batch
     )
-    report.step_time_s = _step_time(report.flops_per_step, job.world_size, peak, report.mfu)
+    report.step_time_s = step_seconds(report.flops_per_step, job.world_size, peak, report.mfu)
     if report.step_time_s is not None:
         report.gpu_hours = report.total_time_s / 3600 * job.world_size
     report.host, report.host_limit = host.host_of(cfg, shape, method, job, report.memory, label != "CPU")
@@ -359,17 +337,6 @@ def _estimate(cfg: Config, validator: Optional[Validator], options: Optional[Dic
     if report.fits is False and validator is not None:
         report.suggestions = suggest(cfg, shape, method, job, gpu_memory, peak, report.mfu, validator, options)
     return report
-
-
-def _flops_per_step(shape: ModelShape, method: MethodSpec, seq_len: int, recompute: bool, global_batch: int) -> float:
-    adapter = method.trainable if method.peft else None
-    return flops_per_token(shape, seq_len, adapter, recompute=recompute) * global_batch * seq_len
-
-
-def _step_time(flops: float, world: int, peak: Optional[float], mfu: float) -> Optional[float]:
-    """Seconds per step; None without a peak, or when the figures give no finite time."""
-    step = flops / (world * peak * 1e12 * mfu) if peak else None
-    return step if step is not None and math.isfinite(step) else None
 
 
 def _warnings(report: Report, cfg) -> List[str]:
@@ -400,304 +367,7 @@ def _warnings(report: Report, cfg) -> List[str]:
     return out
 
 
-# ---------------------------------------------------------------------------------- suggestions
-def suggest(
-    cfg: Config,
-    shape: ModelShape,
-    method: MethodSpec,
-    job: Job,
-    gpu_memory: float,
-    peak: Optional[float],
-    mfu: float,
-    validator: Validator,
-    options: Optional[Dict[str, List[str]]] = None,
-) -> List[Suggestion]:
-    """Minimal sets of changes that fit with SUGGESTION_HEADROOM to spare, cheapest first: same method
-    and GPUs before more GPUs before another method; fewer changes first; then GPU-hours. A set is dropped
-    when a subset of it, with equal or milder values, already fits, and when validation refuses it."""
-    from tuneforge.launch.compose import group_option
-
-    options = options or {"backend": list(backends.BACKENDS), "method": list(methods.METHODS)}
-    current = cfg.backend.name
-    layouts = {
-        name: backends.backend(option).layout(option)
-        for name in options["backend"]
-        if name != current
-        for option in [group_option("backend", name)]
-    }
-    layouts[current] = job.layout
-    backend_names = sorted(layouts, key=lambda name: layouts[name].sharding)
-    method_names = [method.name] + [
-        m for m in SMALLER_METHODS if m in options["method"] and m != method.name and (not method.peft or m == "qlora")
-    ]
-    dtypes = [job.dtype] + (["bf16"] if job.dtype == "fp32" else [])
-    ckpts = [job.activation_checkpointing] + ([True] if not job.activation_checkpointing else [])
-    c, t = cfg.cluster, cfg.train
-    gpu_layouts = [(c.nodes, c.tasks_per_node)]
-    if c.name == "slurm":
-        per_node = sorted({c.tasks_per_node, max(c.tasks_per_node, NODE_SIZE)})
-        gpu_layouts = [(c.nodes * 2**k, g) for g in per_node for k in range(6)]
-    found = []
-    for backend_name, dtype, ckpt, method_name, (nodes, per_node) in itertools.product(
-        backend_names, dtypes, ckpts, method_names, gpu_layouts
-    ):
-        layout = layouts[backend_name]
-        if layout.kind == "ddp" and (nodes, per_node) != gpu_layouts[0]:
-            continue  # a DDP replica is no smaller on more GPUs
-        spec = method if method_name == method.name else method_spec(methods.method(method_name).schema(), shape)
-        world = nodes * per_node
-        changes: Dict[str, object] = {}
-        if backend_name != current:
-            changes["backend"] = backend_name
-        if method_name != method.name:
-            changes["method"] = method_name
-        if dtype != job.dtype:
-            changes["train.dtype"] = dtype
-        if ckpt != job.activation_checkpointing:
-            changes["train.activation_checkpointing"] = ckpt
-        if nodes != c.nodes:
-            changes["cluster.nodes"] = nodes
-        if per_node != c.tasks_per_node:
-            changes.update({"cluster.gpus_per_node": per_node, "cluster.tasks_per_node": per_node})
-        for micro, global_batch in _batch_shapes(t.micro_batch, t.global_batch, world):
-            candidate = job.with_(
-                layout=layout, dtype=dtype, activation_checkpointing=ckpt, world_size=world, micro_batch=micro
-            )
-            mem = memory(shape, spec, candidate)
-            if mem.total <= gpu_memory * (1 - SUGGESTION_HEADROOM):
-                extra = {} if micro == t.micro_batch else {"train.micro_batch": micro}
-                if global_batch != t.global_batch:
-                    extra["train.global_batch"] = global_batch
-                flops = _flops_per_step(shape, spec, job.seq_len, ckpt, global_batch)
-                step = _step_time(flops, world, peak, mfu)
-                hours = step * t.max_steps * world / 3600 if step else None
-                found.append(Suggestion({**changes, **extra}, mem, world, hours))
-                break
-    minimal = [s for s in found if not any(_dominates(o, s, layouts) for o in found if o is not s)]
-    minimal.sort(
-        key=lambda s: (
-            _category(s, c),
-            layouts[str(s.overrides.get("backend", current))].offload,
-            len(_dimensions(s)),
-            s.gpus,
-            _nodes(s, c),
-            s.gpu_hours or 0.0,
-        )
-    )
-    picked: List[Suggestion] = []
-    for s in minimal:  # a few of each kind, so that a cheaper kind never hides the others (e.g. QLoRA behind more GPUs)
-        if sum(_category(o, c) == _category(s, c) for o in picked) >= PER_CATEGORY:
-            continue
-        if not validator(s.arguments()):  # shown only when the composed result passes validation
-            picked.append(s)
-        if len(picked) == MAX_SUGGESTIONS:
-            break
-    return picked
-
-
-def _category(s: Suggestion, cluster) -> int:
-    """0: same method on the same GPUs; 1: same method on more GPUs; 2: another method."""
-    if "method" in s.overrides:
-        return 2
-    return int(s.gpus > cluster.nodes * cluster.tasks_per_node)
-
-
-def _nodes(s: Suggestion, cluster) -> int:
-    return int(s.overrides.get("cluster.nodes", cluster.nodes))
-
-
-def _batch_shapes(micro: int, global_batch: int, world: int) -> List[Tuple[int, int]]:
-    """(micro batch, global batch) to try, largest micro batch first, keeping the global batch when
-    some micro batch divides it on `world` ranks, else the smallest global batch that works."""
-    keep = [(m, global_batch) for m in range(micro, 0, -1) if global_batch % (m * world) == 0]
-    return keep or [(m, math.ceil(global_batch / (m * world)) * m * world) for m in range(micro, 0, -1)]
-
-
-def _dimensions(s: Suggestion) -> set:
-    """What a suggestion changes, one entry per decision (a GPU layout is one decision)."""
-    dims = {k for k in s.overrides if k != "train.global_batch"}
-    if "cluster.gpus_per_node" in dims:
-        dims -= {"cluster.tasks_per_node"}
-    return dims
-
-
-def _dominates(a: Suggestion, b: Suggestion, layouts: Dict[str, backends.Layout]) -> bool:
-    """`b` is redundant: `a` changes less, or the same on as many GPUs spread over fewer nodes."""
-    layout = ("cluster.nodes", "cluster.gpus_per_node", "cluster.tasks_per_node", "train.global_batch")
-    same_but_layout = {k: v for k, v in a.overrides.items() if k not in layout} == {
-        k: v for k, v in b.overrides.items() if k not in layout
-    }
-    fewer_nodes = a.overrides.get("cluster.nodes", 0) < b.overrides.get("cluster.nodes", 0)
-    return _milder(a, b, layouts) or (same_but_layout and a.gpus <= b.gpus and fewer_nodes)
-
-
-def _milder(a: Suggestion, b: Suggestion, layouts: Dict[str, backends.Layout]) -> bool:
-    """Whether `a` changes a subset of what `b` changes, each by as much or less (so `b` is redundant)."""
-    da, db = _dimensions(a), _dimensions(b)
-    if not da <= db or a.overrides == b.overrides:
-        return False
-    for key in da:
-        va, vb = a.overrides[key], b.overrides[key]
-        if key in ("cluster.nodes", "cluster.gpus_per_node"):
-            ok = va <= vb
-        elif key == "train.micro_batch":
-            ok = va >= vb
-        elif key == "backend":
-            ok = layouts[va].sharding <= layouts[vb].sharding
-        else:
-            ok = va == vb
-        if not ok:
-            return False
-    return True
-
-
-# ---------------------------------------------------------------------------------- the site
-def partition_problems(cluster: ClusterConfig) -> Tuple[List[str], List[str]]:
-    """(problems, warnings): what the Slurm partition offers (nodes, CPUs, memory and GPUs per node, time
-    limit), asked of the scheduler (scontrol, sinfo), against what the job asks; a request no node or
-    limit can ever satisfy would pend forever. Skipped, with a warning, where Slurm cannot be asked."""
-    if cluster.name != "slurm":
-        return [], []
-    try:
-        info = slurm_partitions()
-    except SlurmUnavailable as e:
-        return [], [f"partition check skipped: {e}"]
-    name = cluster.partition or next((n for n, p in info.items() if p.get("Default") == "YES"), None)
-    if name is None:
-        return ["cluster.partition: the cluster has no default partition; set one of " + ", ".join(info)], []
-    if name not in info:
-        return [
-            f"cluster.partition: no partition '{name}' on this cluster; partitions: {', '.join(info) or 'none'}"
-        ], []
-    part = info[name]
-    try:
-        nodes = slurm_nodes(name)
-    except SlurmUnavailable as e:
-        return [], [f"partition check skipped: {e}"]
-    problems: List[str] = []
-    warnings: List[str] = []
-    if part.get("State", "UP") != "UP":
-        warnings.append(f"partition {name} is {part.get('State')}: jobs wait until it is up")
-    cpus = cluster.tasks_per_node * cluster.cpus_per_task
-    mem_mb = cluster.mem_gb * 1024 if cluster.mem_gb else 0
-    max_cpus = _slurm_limit(part.get("MaxCPUsPerNode"))
-    max_mem = _slurm_limit(part.get("MaxMemPerNode"))
-    fits_cpu = [n for n in nodes if n["cpus"] >= cpus and (max_cpus is None or cpus <= max_cpus)]
-    fits_mem = [n for n in nodes if n["mem_mb"] >= mem_mb and (max_mem is None or mem_mb <= max_mem)]
-    fits_gpu = [n for n in nodes if n["gpus"] >= cluster.gpus_per_node]
-    fits_all = [n for n in fits_cpu if n in fits_mem and n in fits_gpu]
-    most = max((n["cpus"] for n in nodes), default=0)
-    wanted = min(cluster.nodes, len(nodes))  # (too few nodes altogether is said below)
-    if len(fits_cpu) < wanted:
-        per_task = min(most, max_cpus or most) // max(1, cluster.tasks_per_node)
-        fix = f"set cluster.cpus_per_task={per_task}" if per_task >= 1 else "lower cluster.tasks_per_node"
-        problems.append(
-            f"cluster.cpus_per_task: {cluster.tasks_per_node} task(s) x {cluster.cpus_per_task} CPUs = {cpus} CPUs per "
-            f"node asked, and {_count(len(fits_cpu))} of partition {name}'s {len(nodes)} node(s) have that many "
-            f"(at most {min(most, max_cpus or most)}); {fix}"
-        )
-    if mem_mb and len(fits_mem) < wanted:
-        top = max((n["mem_mb"] for n in nodes), default=0)
-        top = min(top, max_mem or top)
-        problems.append(
-            f"cluster.mem_gb: {cluster.mem_gb} GB per node asked, partition {name}'s nodes have at most "
-            f"{top // 1024} GB ({top} MB); set cluster.mem_gb={max(1, top // 1024)} or less"
-        )
-    if cluster.gpus_per_node and len(fits_gpu) < wanted:
-        top = max((n["gpus"] for n in nodes), default=0)
-        problems.append(
-            f"cluster.gpus_per_node: {cluster.gpus_per_node} GPU(s) per node asked, {_count(len(fits_gpu))} of "
-            f"partition {name}'s nodes have that many (at most {top}, gres {_gres(nodes)})"
-        )
-    max_nodes = _slurm_limit(part.get("MaxNodes"))
-    if len(nodes) < cluster.nodes or (max_nodes is not None and cluster.nodes > max_nodes):
-        problems.append(
-            f"cluster.nodes: {cluster.nodes} node(s) asked, partition {name} has {len(nodes)}"
-            + (f" and allows {max_nodes} per job" if max_nodes is not None else "")
-        )
-    elif not problems and len(fits_all) < cluster.nodes:
-        problems.append(
-            f"cluster.nodes: {cluster.nodes} node(s) asked, {len(fits_all)} of partition {name}'s nodes have the CPUs, "
-            "memory and GPUs asked per node all at once"
-        )
-    from tuneforge.slurm.requeue import parse_duration
-
-    max_time = parse_duration(part.get("MaxTime", "UNLIMITED"))
-    if max_time is not None and cluster.timeout_min * 60 > max_time:
-        problems.append(
-            f"cluster.timeout_min: {cluster.timeout_min} min asked, partition {name} allows at most "
-            f"{part['MaxTime']} ({int(max_time // 60)} min); set cluster.timeout_min={int(max_time // 60)} "
-            "(the job requeues itself to go on)"
-        )
-    return problems, warnings
-
-
-class SlurmUnavailable(RuntimeError):
-    """The scheduler cannot be asked from here (no Slurm commands, or no answer)."""
-
-
-def _slurm(*args: str) -> str:
-    import shutil
-    import subprocess
-
-    if shutil.which(args[0]) is None:
-        raise SlurmUnavailable(f"{args[0]} not found (not on a Slurm login node?)")
-    try:
-        out = subprocess.run(list(args), capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise SlurmUnavailable(f"{' '.join(args[:2])}: {e}") from None
-    if out.returncode:
-        raise SlurmUnavailable(f"{' '.join(args[:2])}: {(out.stderr or out.stdout).strip()[:200]}")
-    return out.stdout
-
-
-def slurm_partitions() -> Dict[str, Dict[str, str]]:
-    """name -> scontrol's fields (MaxTime, MaxNodes, Default, State, ...) of every partition."""
-    parts = {}
-    for line in _slurm("scontrol", "show", "partition", "-o").splitlines():
-        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
-        if "PartitionName" in fields:
-            parts[fields["PartitionName"]] = fields
-    return parts
-
-
-def slurm_nodes(partition: str) -> List[Dict[str, object]]:
-    """The partition's nodes: CPUs, memory (MB) and GPUs (from their gres) of each."""
-    nodes: Dict[str, Dict[str, object]] = {}
-    for line in _slurm("sinfo", "-h", "-N", "-p", partition, "-o", "%N|%c|%m|%G").splitlines():
-        name, cpus, mem, gres = (line.split("|") + ["", "", ""])[:4]
-        nodes[name] = {
-            "name": name,
-            "cpus": int(cpus) if cpus.isdigit() else 0,
-            "mem_mb": int(mem) if mem.isdigit() else 0,
-            "gpus": _gres_gpus(gres),
-            "gres": gres,
-        }
-    return list(nodes.values())
-
-
-def _gres_gpus(gres: str) -> int:
-    """GPUs in a gres string: "gpu:a100:4(S:0-1),gpu:2" -> 6; "(null)" -> 0."""
-    total = 0
-    for item in gres.split(","):
-        parts = item.split("(")[0].split(":")
-        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
-            total += int(parts[-1])
-    return total
-
-
-def _gres(nodes) -> str:
-    return ", ".join(sorted({str(n["gres"]) for n in nodes})) or "none"
-
-
-def _slurm_limit(value: Optional[str]) -> Optional[int]:
-    return int(value) if value and value.isdigit() else None  # UNLIMITED, None: no limit
-
-
-def _count(n: int) -> str:
-    return "none" if n == 0 else f"only {n}"
-
-
+# ---------------------------------------------------------------------------------- the checkpoint
 def checkpoint_bytes(report: Report) -> Optional[float]:
     """About what one checkpoint of the job takes on disk: the model and its optimizer state over all
     ranks (what engine.save writes); None without an estimate."""
@@ -706,47 +376,6 @@ def checkpoint_bytes(report: Report) -> Optional[float]:
         return None
     w, layout = job.world_size, job.layout
     return m.params * (w if layout.shard_params else 1) + m.optim * (w if layout.shard_optim else 1) + m.cpu * w
-
-
-#: room kept on top of a checkpoint's estimate: metrics, logs, the tokenizer, estimation error
-DISK_MARGIN = 0.1
-
-
-def disk_problems(run_dir: Optional[str], needed: Optional[float]) -> Tuple[List[str], List[str]]:
-    """(problems, warnings) of the run dir's disk: it must be writable and have room for one more
-    checkpoint (`needed` bytes, plus DISK_MARGIN) before anything is submitted."""
-    import os
-
-    if not run_dir:
-        return [], []
-    existing = Path(run_dir)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return [f"run.dir: {existing} is not a directory"], []
-    try:
-        fs = os.statvfs(existing)
-    except OSError as e:
-        return [], [f"disk check skipped: {existing}: {e.strerror or e}"]
-    if fs.f_flag & os.ST_RDONLY:
-        return [f"run.dir: {existing} is on a read-only file system; choose a run.dir (or run.root) you can write"], []
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return [
-            f"run.dir: cannot write into {existing} (permission denied); choose a run.dir (or run.root) you can write"
-        ], []
-    free = fs.f_bavail * fs.f_frsize
-    if needed is None:
-        return [], [f"disk: {units.gib(free)} GiB free under {existing}; the checkpoint size is unknown (no estimate)"]
-    if free < needed * (1 + DISK_MARGIN):
-        return [
-            f"run.dir: {existing} has {_size(free)} free, and one checkpoint of this run takes about {_size(needed)} "
-            "(model and optimizer state); free some space or choose another run.dir"
-        ], []
-    return [], []
-
-
-def _size(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
 # ---------------------------------------------------------------------------------- output
@@ -841,10 +470,6 @@ def _limit(report: Report) -> str:
         return "none (CPU run: report only)" if report.gpu_label == "CPU" else "unknown"
     verdict = "fits" if report.fits else "DOES NOT FIT"
     return f"{units.gib(report.gpu_memory)} ({report.gpu_label}): {verdict}"
-
-
-def _override_value(v) -> str:
-    return str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def _round(v: Optional[float]) -> Optional[float]:
