@@ -16,13 +16,17 @@ corpus, a fast tokenizer), seq 512, each in a fresh process with a cold cache:
              `.map(tokenize, batched=True, num_proc=<cores>)` (EOS after each document) and
              `.map(concatenate and chunk into 512-token rows, batched=True, num_proc=<cores>)`: the
              recipe of transformers' run_clm.py, with a fresh HF_DATASETS_CACHE
+  stream     data.streaming=true: the reader a streaming run trains from (windows of data.stream_window
+             rows read, checked, tokenised and packed as the trainer asks for them, no cache), pulled
+             step by step (8 rows of 512) until the corpus was read once; its tokens/s is what a
+             trainer consuming fewer never waits on
 
 Figures: MB of corpus per second (wall clock, from the start of the work to the rows written, imports
 left out) and the peak RSS of the process and its workers together (sampled every 20 ms), with the
 process's RSS before the work began.
 
-The last line printed is one JSON object: per size and format, both sides' MB/s, peak RSS and rows,
-and the ratio of MB/s (tuneforge / datasets).
+The last line printed is one JSON object: per size and format, each side's MB/s, peak RSS and rows
+(the stream's tokens/s), and the ratio of MB/s (tuneforge / datasets).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ, VOCAB = 512, 8000
+STREAM_BATCH = 8  # rows per step the streaming reader hands the trainer (one rank)
 
 
 def main() -> int:
@@ -56,7 +61,7 @@ def main() -> int:
         for fmt in ("txt", "jsonl"):
             corpus = make_corpus(work, mb, fmt)
             row = {}
-            for side in ("tuneforge", "datasets"):
+            for side in ("tuneforge", "datasets", "stream"):
                 spec = {"side": side, "corpus": str(corpus), "tokenizer": str(tokenizer), "cores": cores}
                 spec["cache"] = tempfile.mkdtemp(prefix=f"cache-{side}-", dir=work)
                 row[side] = measure(spec)
@@ -69,12 +74,15 @@ def main() -> int:
             row["ratio_mb_per_s"] = round(row["tuneforge"]["mb_per_s"] / row["datasets"]["mb_per_s"], 3)
             result["sizes"][f"{mb}MB_{fmt}"] = row
     result["load_after"] = load()
-    print(f"\n{'corpus':>12}  {'tuneforge MB/s':>14}  {'datasets MB/s':>13}  {'ratio':>5}  {'peak RSS MB tf / ds':>20}")
+    print(
+        f"\n{'corpus':>12}  {'tuneforge MB/s':>14}  {'datasets MB/s':>13}  {'ratio':>5}  {'peak RSS MB tf / ds':>20}"
+        f"  {'stream MB/s':>11}  {'stream tok/s':>12}"
+    )
     for name, row in result["sizes"].items():
-        tf, ds = row["tuneforge"], row["datasets"]
+        tf, ds, st = row["tuneforge"], row["datasets"], row["stream"]
         print(
             f"{name:>12}  {tf['mb_per_s']:>14.2f}  {ds['mb_per_s']:>13.2f}  {row['ratio_mb_per_s']:>5.2f}  "
-            f"{tf['peak_rss_mb']:>9.0f} / {ds['peak_rss_mb']:<9.0f}"
+            f"{tf['peak_rss_mb']:>9.0f} / {ds['peak_rss_mb']:<9.0f}  {st['mb_per_s']:>11.2f}  {st['tokens_per_s']:>12,}"
         )
     print(json.dumps(result), flush=True)
     return 0
@@ -164,7 +172,8 @@ def worker(spec: dict) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
     before = psutil.Process().memory_info().rss / 2**20
-    if spec["side"] == "tuneforge":
+    extra = {}
+    if spec["side"] in ("tuneforge", "stream"):
         from tuneforge.data import pipeline
         from tuneforge.launch.compose import compose
         from tuneforge.trainers.distributed import DistEnv
@@ -177,14 +186,25 @@ def worker(spec: dict) -> int:
                 "data.format=text",
                 "data.validation_fraction=0",
                 f"data.cache_dir={spec['cache']}",
+                f"data.streaming={spec['side'] == 'stream'}",
                 f"train.seq_len={SEQ}",
+                f"train.global_batch={STREAM_BATCH}",
+                f"train.micro_batch={STREAM_BATCH}",
             ]
         )
         one_rank = DistEnv(0, 0, 1, 1, 1, "127.0.0.1", 0, "benchmark", "cpu")
         start = time.perf_counter()
         data = pipeline.build(cfg.data, cfg.train, tokenizer, one_rank)
+        if spec["side"] == "tuneforge":
+            rows = data.stats["train_rows"]
+        else:  # the reader as the trainer pulls from it, step by step, until the corpus was read once
+            rows = tokens = 0
+            while data.train.state["epoch"] == 0:
+                for batch in data.train.micro_batches(data.train.state["position"]):
+                    rows += len(batch["input_ids"])
+                    tokens += int((batch["labels"] != -100).sum())
+            extra["tokens_per_s"] = round(tokens / (time.perf_counter() - start))
         seconds = time.perf_counter() - start
-        rows = data.stats["train_rows"]
     else:
         import datasets
 
@@ -209,7 +229,7 @@ def worker(spec: dict) -> int:
         ds = ds.map(chunk, batched=True, num_proc=cores)
         seconds = time.perf_counter() - start
         rows = len(ds)
-    print(json.dumps({"seconds": round(seconds, 3), "rows": rows, "rss_before_mb": round(before, 1)}))
+    print(json.dumps({"seconds": round(seconds, 3), "rows": rows, "rss_before_mb": round(before, 1), **extra}))
     return 0
 
 

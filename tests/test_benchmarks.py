@@ -126,7 +126,7 @@ def test_startup_quick_reports_the_phases_of_both_jobs(tmp_path):
 
 
 @pytest.mark.slow
-def test_data_prep_quick_measures_both_sides_on_text_and_jsonl(tmp_path):
+def test_data_prep_quick_measures_every_side_on_text_and_jsonl(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "data_prep.py"), "--quick", "--work-dir", str(tmp_path)],
         capture_output=True,
@@ -138,7 +138,10 @@ def test_data_prep_quick_measures_both_sides_on_text_and_jsonl(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(result["sizes"]) == {"1MB_txt", "1MB_jsonl"}
     for row in result["sizes"].values():
-        for side in ("tuneforge", "datasets"):
+        for side in ("tuneforge", "datasets", "stream"):
             assert row[side]["mb_per_s"] > 0 and row[side]["peak_rss_mb"] > 0 and row[side]["rows"] > 0
         # the same tokens end to end: tuneforge packs (rows padded at the end), datasets drops the remainder
         assert abs(row["tuneforge"]["rows"] - row["datasets"]["rows"]) <= 0.05 * row["datasets"]["rows"] + 1
+        # the streaming reader packs windows alone (a row cut at each window's end): a few more rows
+        assert row["stream"]["tokens_per_s"] > 0
+        assert row["tuneforge"]["rows"] <= row["stream"]["rows"] <= 1.05 * row["tuneforge"]["rows"] + 8

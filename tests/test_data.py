@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -248,6 +249,42 @@ def _pieces(rows):
         starts = [i for i in range(int(rows.lengths[r])) if rows.position_ids[r, i] == 0]
         out.append(list(zip(starts, starts[1:] + [int(rows.lengths[r])])))
     return out
+
+
+@pytest.mark.parametrize(
+    "name, fmt, packed, seq_len",
+    [("demo_corpus", "text", True, 48), ("demo_instruct", "chat", True, 48), ("demo_alpaca", "alpaca", False, 96)],
+)
+def test_rows_are_the_same_on_any_number_of_workers(tokenizer, monkeypatch, tmp_path, name, fmt, packed, seq_len):
+    """data.prepare_workers: forked processes tokenise the chunks (chunks of 16 rows here, to have many),
+    and the rows, their order and the truncated/dropped counts are those of one process."""
+    spec = data_cfg(name=name, format=fmt, packing=packed)
+    rows_read = [row for _, row in records.read_rows(bundled_data.bundled(name), spec)]
+    monkeypatch.setattr(packing, "ENCODE_CHUNK", 16)
+    assert len(rows_read) > 3 * 16
+    encode_chunk = packing._encode_chunk
+
+    def in_which_process(encoder, recs):  # inherited by the forked workers
+        with (tmp_path / "pids").open("a") as f:
+            f.write(f"{os.getpid()}\n")
+        return encode_chunk(encoder, recs)
+
+    monkeypatch.setattr(packing, "_encode_chunk", in_which_process)
+    built = {}
+    for workers in (1, 3):
+        (tmp_path / "pids").write_text("")
+        encoder = Encoder(spec, tokenizer, seq_len)  # short: some chat and alpaca examples are truncated or dropped
+        built[workers] = (packing.rows_from_records(rows_read, encoder, spec, 0, workers), encoder)
+        pids = set((tmp_path / "pids").read_text().split())
+        if workers == 1:
+            assert pids == {str(os.getpid())}
+        else:  # (which of the 3 gets a chunk is the pool's business)
+            assert str(os.getpid()) not in pids and len(pids) >= 2, pids
+    (one, serial), (three, forked) = built[1], built[3]
+    for field in packing.ROW_FIELDS:
+        np.testing.assert_array_equal(getattr(one, field), getattr(three, field))
+    assert (serial.truncated, serial.dropped) == (forked.truncated, forked.dropped)
+    assert fmt == "text" or serial.truncated > 0
 
 
 def test_packing_fills_rows_of_the_bundled_instruction_data(tokenizer):
@@ -592,3 +629,36 @@ def test_chat_finetune_on_demo_instruct_through_the_cli(tiny_base, tmp_path, cap
     assert len(evals) == 4 and evals[-1] < evals[0]
     tok = __import__("transformers").AutoTokenizer.from_pretrained(run / "final")
     assert tok.chat_template == DEFAULT_CHAT_TEMPLATE  # the template it was trained with ships with it
+
+
+@pytest.mark.slow
+def test_a_job_tokenising_on_forked_workers_trains_on_the_same_rows(tmp_path):
+    """Rank 0 of a 2-rank job (its process group up) forks data.prepare_workers processes to build a cache
+    of several chunks: the cache and the losses are those of a one-process build."""
+    docs = [row["text"] for _, row in records.read_rows(bundled_data.bundled("demo_corpus"), data_cfg())]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"{i}: {docs[i % len(docs)]}" for i in range(2 * packing.ENCODE_CHUNK + 100)))
+    curves, caches = {}, {}
+    for workers in (1, 2):
+        run = tmp_path / f"workers{workers}"
+        tuneforge(
+            *TINY,
+            *QUICK,
+            "train.max_steps=4",
+            "data=text_files",
+            f"data.path={corpus}",
+            f"data.prepare_workers={workers}",
+            f"data.cache_dir={tmp_path / f'cache{workers}'}",
+            "cluster.tasks_per_node=2",
+            f"run.dir={run}",
+        )
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["data_cache"] == "built"
+        caches[workers] = Path(summary["data_cache_dir"])
+        curves[workers] = losses(run)
+    assert caches[1].name == caches[2].name  # the worker count is not part of the key
+    for name in packing.ROW_FIELDS:
+        np.testing.assert_array_equal(
+            np.load(caches[1] / "train" / f"{name}.npy"), np.load(caches[2] / "train" / f"{name}.npy")
+        )
+    assert curves[1] == curves[2] and len(curves[1]) == 4

@@ -203,6 +203,9 @@ class DataConfig:
     )  # without validation_path: carve this fraction of examples off for validation
     # tokenised data, keyed by data, tokenizer, format and seq_len; $TUNEFORGE_DATA_CACHE sets the default
     cache_dir: str = "${oc.env:TUNEFORGE_DATA_CACHE,'~/.cache/tuneforge/data'}"
+    prepare_workers: int = knob(
+        0, ge=0, le=4096
+    )  # processes tokenising while the cache is built (same rows for any count); 0: one per CPU of the rank
     precheck: bool = True  # scan local files for bad rows before submitting; false when only compute nodes see them
     precheck_max_mb: int = knob(
         256, ge=0, le=2**24

@@ -16,6 +16,10 @@ from the end of the previous one; a packed row therefore gives the loss of its e
 from __future__ import annotations
 
 import bisect
+import itertools
+import multiprocessing
+import os
+import signal
 from dataclasses import dataclass
 from typing import List, Sequence
 
@@ -138,12 +142,78 @@ def _materialise(examples: Sequence[Example], layout: Layout, seq_len: int, pad_
     return Rows(input_ids, labels, position_ids, lengths)
 
 
-def rows_from_records(recs: List[dict], encoder: Encoder, data_cfg: DataConfig, pad_id: int) -> Rows:
-    """Tokenise well-formed rows and arrange them into rows of seq_len (packed, or one per row)."""
-    examples = []
-    for start in range(0, len(recs), ENCODE_CHUNK):
-        examples += encoder.encode(recs[start : start + ENCODE_CHUNK])
+def rows_from_records(recs: List[dict], encoder: Encoder, data_cfg: DataConfig, pad_id: int, workers: int = 1) -> Rows:
+    """Tokenise well-formed rows and arrange them into rows of seq_len (packed, or one per row); with
+    `workers` > 1 the tokenising is shared by that many processes (the same rows as one process)."""
+    examples = encode_all(recs, encoder, workers)
     if not examples:
         raise DataError("data: no example has a token to learn from (all prompts, or truncated before the response)")
     arrange = pack if data_cfg.packing else pad
     return arrange(examples, encoder.seq_len, pad_id, split_long=data_cfg.format == "text")
+
+
+def encode_all(recs: List[dict], encoder: Encoder, workers: int = 1) -> List[Example]:
+    """encoder.encode over `recs` in chunks of ENCODE_CHUNK, each chunk's examples as int32 views of
+    one array (a tenth of the memory of lists of Python ints, and cheap to send between processes).
+
+    With workers > 1 and more than one chunk, forked processes encode the chunks: the tokenizer's Rust
+    threads use the cores anyway, but half of the time goes to Python (converting the encodings,
+    labels), which one process runs on one core (benchmarks/data_prep.py)."""
+    chunks = range(0, len(recs), ENCODE_CHUNK)
+    forked = workers > 1 and len(chunks) > 1 and "fork" in multiprocessing.get_all_start_methods()
+    if forked:
+        encoded = _encode_forked(recs, encoder, chunks, workers)
+    else:
+        encoded = (_encode_chunk(encoder, recs[start : start + ENCODE_CHUNK]) for start in chunks)
+    examples: List[Example] = []
+    for ids, labels, lengths, truncated, dropped in encoded:
+        ends = np.cumsum(lengths)
+        examples += [(ids[e - n : e], labels[e - n : e]) for n, e in zip(lengths.tolist(), ends.tolist())]
+        if forked:  # counted by the workers' copies of the encoder
+            encoder.truncated += truncated
+            encoder.dropped += dropped
+    return examples
+
+
+def _encode_chunk(encoder: Encoder, recs: Sequence[dict]) -> tuple:
+    truncated, dropped = encoder.truncated, encoder.dropped
+    pairs = encoder.encode(recs)
+    lengths = np.fromiter((len(ids) for ids, _ in pairs), np.int64, len(pairs))
+    total = int(lengths.sum())
+    ids = np.fromiter(itertools.chain.from_iterable(ids for ids, _ in pairs), np.int32, total)
+    labels = np.fromiter(itertools.chain.from_iterable(labels for _, labels in pairs), np.int32, total)
+    return ids, labels, lengths, encoder.truncated - truncated, encoder.dropped - dropped
+
+
+_FORKED: tuple = ()  # (records, encoder) the forked workers read: inherited, never pickled
+
+
+def _encode_forked(recs: List[dict], encoder: Encoder, chunks: range, workers: int):
+    global _FORKED
+    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+    # each worker tokenises on one thread (the tokenizers library would disable its threads in a forked
+    # process anyway, with a warning); set before the fork, so that the workers see it
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _FORKED = (recs, encoder)
+    try:
+        with multiprocessing.get_context("fork").Pool(min(workers, len(chunks)), initializer=_worker_signals) as pool:
+            yield from pool.imap(_encode_forked_chunk, chunks)
+    finally:
+        _FORKED = ()
+        if parallelism is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallelism
+
+
+def _encode_forked_chunk(start: int) -> tuple:
+    recs, encoder = _FORKED
+    return _encode_chunk(encoder, recs[start : start + ENCODE_CHUNK])
+
+
+def _worker_signals() -> None:
+    """A worker leaves signals to the rank that forked it: the rank's handlers (requeue on SIGUSR1/SIGTERM,
+    Ctrl-C) would make a worker ignore the pool's SIGTERM, and the pool would never close."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -166,11 +166,18 @@ def _build(train_src, val_src, encoder: Encoder, data_cfg, seed: int, pad_id: in
             continue
         if not recs:
             raise DataError(f"data: no examples in {train_src.label}")
-        rows = rows_from_records(recs, encoder, data_cfg, pad_id)
+        rows = rows_from_records(recs, encoder, data_cfg, pad_id, workers=prepare_workers(data_cfg))
         _save_rows(rows, out / split)
         stats.update({f"{split}_examples": len(recs), f"{split}_rows": len(rows), f"{split}_fill": round(rows.fill, 4)})
     stats.update(truncated=encoder.truncated, dropped_without_targets=encoder.dropped)
     return {"stats": stats}
+
+
+def prepare_workers(data_cfg) -> int:
+    """data.prepare_workers, or one per CPU this process may run on (its Slurm allocation, if bound)."""
+    if data_cfg.prepare_workers:
+        return data_cfg.prepare_workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def split_validation(records: List[dict], fraction: float, seed: int) -> Tuple[List[dict], List[dict]]:

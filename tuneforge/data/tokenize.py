@@ -48,7 +48,7 @@ ALPACA_PROMPT_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
-Example = Tuple[List[int], List[int]]  # (input_ids, labels)
+Example = Tuple[Sequence[int], Sequence[int]]  # (input_ids, labels): lists, or int32 arrays once packed
 Span = Tuple[int, int]  # [start, end) in characters
 
 
