@@ -72,11 +72,11 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
         peft = methods.is_peft(cfg.method.name)
         phase("model", cfg.model.name_or_path or f"{cfg.model.kind}, built from its config")
         dtype, added = model_dtype(cfg.backend, t.dtype, peft), 0
-        if peft:
-            phase("method", cfg.method.name)  # applied as the model loads (sharded) or right after
         model_type = model.model_config(cfg.model, tokenizer).model_type
         built_sharded = sharded.sharded_backend(cfg.backend, cfg.method, model_type)
         if built_sharded:  # no rank ever holds the whole model (trainers/sharded/)
+            if peft:
+                phase("method", cfg.method.name)  # applied as the model loads
             net, method_hooks, _, added = sharded.load_sharded(
                 cfg.model, cfg.method, cfg.backend, t, dist_env, tokenizer, dtype, old_vocab
             )
@@ -86,6 +86,8 @@ def run(cfg: Config, dist_env: DistEnv, stop: StopFlag, phase: Optional[Phase] =
             if not model.builds_from_config(cfg.model, cfg.method):  # a built model has the new rows already
                 added = vocab.resize_model(net, tokenizer, old_vocab)
             model.check_packing(cfg.data, net.config)
+            if peft:
+                phase("method", cfg.method.name)
             net, method_hooks = apply_method(net, cfg.method, total_steps=t.max_steps, seed=t.seed)
         if added and dist_env.is_main:
             print(f"vocabulary: {added} new token(s), embeddings resized to {len(tokenizer)}", flush=True)
