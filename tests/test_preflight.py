@@ -505,6 +505,47 @@ def test_no_estimate_for_a_hub_id_without_sizes(capsys):
     assert "# preflight: no estimate" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("answer, refused", [("RepoNotFound", True), ("GatedRepo", False), ("EntryNotFound", False)])
+def test_a_hub_id_the_hub_does_not_have_is_refused_before_submission(answer, refused, tmp_path):
+    """A login node that reaches the hub learns there that a model id does not exist (a typo): refused in
+    one line naming the key, exit 2, where the job would have failed at its start. A gated model, or one
+    without a config.json, exists: no estimate, not a refusal. The hub here is a local server answering
+    404 with the error code huggingface.co sends; the client is the real huggingface_hub (in a fresh
+    process: it reads HF_ENDPOINT and HF_HUB_OFFLINE when imported)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Hub(BaseHTTPRequestHandler):
+        def _answer(self):
+            self.send_response(404)
+            self.send_header("X-Error-Code", answer)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET = _answer
+
+        def log_message(self, *args):
+            pass
+
+    hub = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("https_proxy", "http_proxy", "hf_hub_offline")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{hub.server_address[1]}", HF_HOME=str(tmp_path / "hf"))
+    code = "import sys; from tuneforge.launch.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = ["model=hf", "model.name_or_path=nobody/no-such-model", f"run.dir={tmp_path / 'run'}", "--dry-run"]
+    try:
+        done = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        hub.shutdown()
+    said = done.stdout + done.stderr
+    if refused:
+        assert done.returncode == 2, said
+        assert "model.name_or_path: the hub (127.0.0.1) has no model 'nobody/no-such-model'" in said
+        assert "Traceback" not in said and not (tmp_path / "run").exists()
+    else:
+        assert done.returncode == 0 and "# preflight: no estimate" in said, said
+
+
 def test_cpu_runs_are_reported_not_checked():
     report = _check([])
     assert report.gpu_memory is None and report.fits is None and report.memory.overhead == 0

@@ -17,8 +17,13 @@ from urllib.parse import urlparse
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
+class NotOnHub(LookupError):
+    """The hub answered, and has no such model (or it is private and this machine has no token for it)."""
+
+
 def fetch_config(repo_id: str, timeout_s: float = 3.0) -> Tuple[Optional[Path], str]:
-    """(path of config.json, where it came from) or (None, why it could not be had)."""
+    """(path of config.json, where it came from) or (None, why it could not be had); raises NotOnHub
+    when the hub says the repository does not exist: the job would fail at its start, after the queue."""
     try:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
     except ImportError:
@@ -31,9 +36,18 @@ def fetch_config(repo_id: str, timeout_s: float = 3.0) -> Tuple[Optional[Path], 
     endpoint = os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
     if not _reachable(endpoint, timeout_s):
         return None, f"{urlparse(endpoint).hostname} is not reachable from here"
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
     try:
-        path = hf_hub_download(repo_id, "config.json", etag_timeout=timeout_s)
-    except Exception as e:  # noqa: BLE001 - unknown repo, gated without a token, network: all mean "no sizes"
+        path = hf_hub_download(repo_id, "config.json", etag_timeout=timeout_s, endpoint=endpoint)
+    except RepositoryNotFoundError as e:
+        if isinstance(e, GatedRepoError):  # it exists; the job's token may open it
+            return None, f"{repo_id} is gated and this machine's token does not open it"
+        raise NotOnHub(
+            f"model.name_or_path: the hub ({urlparse(endpoint).hostname}) has no model '{repo_id}' (or it is "
+            "private and this machine has no token for it): check the id, or give a local model directory"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - no config.json, a revision, the network: all mean "no sizes"
         return None, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
     return Path(path), f"config.json of {repo_id} from the hub"
 

@@ -110,7 +110,7 @@ def _shape_from_architecture(model_cfg: ModelConfig) -> Tuple[Optional[ModelShap
 def _shape_from_hub(repo_id: str) -> Tuple[Optional[ModelShape], str]:
     from tuneforge.launch.hubconfig import fetch_config
 
-    config_json, where = fetch_config(repo_id)
+    config_json, where = fetch_config(repo_id)  # NotOnHub: _estimate refuses the job
     if config_json is None:
         keys = ", ".join(f"model.architecture.{k}" for k in CONFIG_JSON_SIZES)
         return None, (
@@ -275,9 +275,6 @@ class Report:
         return out
 
 
-#: composes the user's overrides plus a suggestion's and returns the problems of the result (empty: valid)
-
-
 def check(cfg: Config, validator: Optional[Validator] = None, options: Optional[Dict[str, List[str]]] = None) -> Report:
     """The preflight report of a composed, validated config (with run.dir fixed).
 
@@ -300,7 +297,12 @@ def check(cfg: Config, validator: Optional[Validator] = None, options: Optional[
 
 
 def _estimate(cfg: Config, validator: Optional[Validator], options: Optional[Dict[str, List[str]]]) -> Report:
-    shape, source = model_shape(cfg.model)
+    from tuneforge.launch.hubconfig import NotOnHub
+
+    try:
+        shape, source = model_shape(cfg.model)
+    except NotOnHub as e:
+        return Report(False, "the model is not on the hub", problems=[str(e)])
     if shape is None:
         return Report(False, source)
     try:
@@ -435,7 +437,7 @@ def render(report: Report) -> str:
 def refusal(report: Report) -> str:
     if report.problems:
         return (
-            f"tuneforge: {len(report.problems)} problem(s) with the cluster or the disk, nothing submitted:\n"
+            f"tuneforge: {len(report.problems)} problem(s) with the model, the cluster or the disk, nothing submitted:\n"
             + "\n".join(f"  {p}" for p in report.problems)
         )
     lines = [host.refusal(report.host, report.mem_gb, report.host_fixes)] if report.host_fits is False else []
