@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 from tuneforge.conf.schema import ClusterConfig
 from tuneforge.trainers.task import DistEnv
@@ -31,7 +32,7 @@ def dist_env(cluster: ClusterConfig) -> DistEnv:
         local_world_size=torch_env.local_world_size,
         num_nodes=job_env.num_nodes,
         master_addr=torch_env.master_addr,
-        master_port=torch_env.master_port,
+        master_port=master_port(str(job_env.job_id)),
         job_id=str(job_env.job_id),
         device=device,
         cpu_threads=int(os.environ.get("SLURM_CPUS_PER_TASK", 0) or 0),
@@ -42,3 +43,16 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+#: a job's rendezvous port is drawn from these: below Linux's ephemeral range (32768-60999), so that no
+#: outgoing connection on the node already holds it; submitit draws from 20000-60000, and CI saw a
+#: local job's rank 0 fail with EADDRINUSE on a port an outgoing connection had taken
+RENDEZVOUS_PORTS = (20000, 32767)
+
+
+def master_port(job_id: str) -> int:
+    """The same on every rank of the job and on its requeues (drawn with the job id as seed); MASTER_PORT
+    in the job's environment wins."""
+    given = os.environ.get("MASTER_PORT")
+    return int(given) if given else random.Random(job_id).randint(*RENDEZVOUS_PORTS)
