@@ -29,8 +29,6 @@ from tuneforge.launch.progress import Progress, last_step
 from tuneforge.slurm import events
 
 POLL_S = 0.5
-#: a local job whose rank failed is ended this long after (the other ranks' own errors come first)
-FAILED_RANK_GRACE_S = 5.0
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's code for Ctrl-C
 EXIT_TERMINATED = 128 + signal.SIGTERM
 
@@ -66,7 +64,6 @@ def follow(job, run_dir: Path, max_steps: int, cluster: str) -> int:
     progress = Progress(run_dir, max_steps, str(job.job_id))
     local = cluster == "local"
     announced = forwarded_term = False
-    failed_at = None
     with _Signals() as signals:
         while not job.done():
             progress.poll()
@@ -87,10 +84,6 @@ def follow(job, run_dir: Path, max_steps: int, cluster: str) -> int:
                     progress.say("stopping: saving a checkpoint (Ctrl-C again to stop at once)")
                 for pid in ranks_of(int(job.job_id), run_dir):  # again each poll: a rank still starting ignores it
                     _send(pid, signal.SIGINT)
-            if local and not signals.interrupts and _a_rank_failed(job):
-                failed_at = failed_at or time.time()
-                if time.time() - failed_at > FAILED_RANK_GRACE_S:  # its peers would wait for it until
-                    _kill(int(job.job_id), run_dir)  # cluster.collective_timeout_s; the job has failed
             if signals.terminated and local and not forwarded_term:
                 forwarded_term = True
                 progress.say("terminated: the ranks save a checkpoint, then stop")
@@ -161,18 +154,6 @@ def _result(job):
             return pickle.load(f)
     except Exception:  # noqa: BLE001 - absent or half-written
         return None
-
-
-def _a_rank_failed(job) -> bool:
-    """Whether a task of the local job has written an error as its result (submitit's result pickles)."""
-    for path in Path(job.paths.folder).glob(f"{job.job_id}_*_result.pkl"):
-        try:
-            with open(path, "rb") as f:
-                if pickle.load(f)[0] == "error":
-                    return True
-        except Exception:  # noqa: BLE001 - being written
-            continue
-    return False
 
 
 def ranks_of(controller: int, run_dir: Path) -> List[int]:
