@@ -1,7 +1,7 @@
 """Data preparation at corpus scale: tuneforge's token cache against datasets.map + concatenate-and-chunk.
 
     python benchmarks/data_prep.py                      # a 20 MB text corpus and a 20 MB JSONL corpus
-    python benchmarks/data_prep.py --sizes 20,100,300   # larger corpora (minutes each)
+    python benchmarks/data_prep.py --sizes 20,100,300   # larger corpora (minutes each; the stream up to 100 MB)
     python benchmarks/data_prep.py --quick              # 1 MB: CI runs it so it cannot rot
 
 The corpora are the bundled documents (demo_corpus and general_corpus), shuffled and numbered, written
@@ -9,7 +9,7 @@ end to end until the size is reached: a .txt file (one document per paragraph) a
 ({"text": ...} per line). Both sides use the same BPE tokenizer (8000 tokens, trained on the bundled
 corpus, a fast tokenizer), seq 512, each in a fresh process with a cold cache:
 
-  tuneforge  `pipeline.build` (data.path=<corpus>, data.validation_fraction=0): check, read, tokenise,
+  tuneforge  `pipeline.build` (data.path=<corpus>, data.validation_fraction=0): read and check, tokenise,
              pack into rows (documents end to end, position ids restarting) and write the token cache,
              as rank 0 does at a job's start
   datasets   `load_dataset("text", sample_by="paragraph")` or `load_dataset("json")`, then
@@ -22,10 +22,12 @@ corpus, a fast tokenizer), seq 512, each in a fresh process with a cold cache:
              trainer consuming fewer never waits on
 
 Figures: MB of corpus per second (wall clock, from the start of the work to the rows written, imports
-left out) and the peak RSS of the process and its workers together (sampled every 20 ms), with the
-process's RSS before the work began.
+left out) and the peak memory of the process and its workers together: RSS (sampled every 20 ms;
+pages forked workers share with their parent count once per process) and PSS (every 100 ms; shared
+pages divided among the processes that share them: the memory the machine gave), with the process's
+RSS before the work began.
 
-The last line printed is one JSON object: per size and format, each side's MB/s, peak RSS and rows
+The last line printed is one JSON object: per size and format, each side's MB/s, peak RSS and PSS and rows
 (the stream's tokens/s), and the ratio of MB/s (tuneforge / datasets).
 """
 
@@ -61,7 +63,7 @@ def main() -> int:
         for fmt in ("txt", "jsonl"):
             corpus = make_corpus(work, mb, fmt)
             row = {}
-            for side in ("tuneforge", "datasets", "stream"):
+            for side in ("tuneforge", "datasets", "stream") if mb <= args.stream_up_to else ("tuneforge", "datasets"):
                 spec = {"side": side, "corpus": str(corpus), "tokenizer": str(tokenizer), "cores": cores}
                 spec["cache"] = tempfile.mkdtemp(prefix=f"cache-{side}-", dir=work)
                 row[side] = measure(spec)
@@ -69,6 +71,7 @@ def main() -> int:
                 say(
                     f"{mb} MB {fmt} {side}: {row[side]['seconds']:.1f} s, {row[side]['mb_per_s']:.2f} MB/s, "
                     f"peak RSS {row[side]['peak_rss_mb']:.0f} MB (before {row[side]['rss_before_mb']:.0f}), "
+                    f"peak PSS {row[side]['peak_pss_mb']:.0f} MB, "
                     f"{row[side]['rows']} rows; load {load()}"
                 )
             row["ratio_mb_per_s"] = round(row["tuneforge"]["mb_per_s"] / row["datasets"]["mb_per_s"], 3)
@@ -76,13 +79,15 @@ def main() -> int:
     result["load_after"] = load()
     print(
         f"\n{'corpus':>12}  {'tuneforge MB/s':>14}  {'datasets MB/s':>13}  {'ratio':>5}  {'peak RSS MB tf / ds':>20}"
+        f"  {'peak PSS MB tf / ds':>20}"
         f"  {'stream MB/s':>11}  {'stream tok/s':>12}"
     )
     for name, row in result["sizes"].items():
-        tf, ds, st = row["tuneforge"], row["datasets"], row["stream"]
+        tf, ds, st = row["tuneforge"], row["datasets"], row.get("stream", {"mb_per_s": float("nan"), "tokens_per_s": 0})
         print(
             f"{name:>12}  {tf['mb_per_s']:>14.2f}  {ds['mb_per_s']:>13.2f}  {row['ratio_mb_per_s']:>5.2f}  "
-            f"{tf['peak_rss_mb']:>9.0f} / {ds['peak_rss_mb']:<9.0f}  {st['mb_per_s']:>11.2f}  {st['tokens_per_s']:>12,}"
+            f"{tf['peak_rss_mb']:>9.0f} / {ds['peak_rss_mb']:<9.0f}  {tf['peak_pss_mb']:>9.0f} / {ds['peak_pss_mb']:<9.0f}"
+            f"  {st['mb_per_s']:>11.2f}  {st['tokens_per_s']:>12,}"
         )
     print(json.dumps(result), flush=True)
     return 0
@@ -92,6 +97,7 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a 1 MB corpus (CI)")
     p.add_argument("--sizes", default="20", help="corpus sizes in MB, comma-separated (default 20)")
+    p.add_argument("--stream-up-to", type=int, default=100, help="measure the streaming reader up to this size (MB)")
     p.add_argument("--work-dir", help="where corpora, caches and the tokenizer go (default: a new temp dir)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args()
@@ -150,20 +156,23 @@ def measure(spec: dict) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = 0
-    parent = psutil.Process(proc.pid)
+    peak = peak_pss = 0
+    parent, ticks = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
-            rss = parent.memory_info().rss + sum(c.memory_info().rss for c in parent.children(recursive=True))
-            peak = max(peak, rss)
+            family = [parent, *parent.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in family))
+            if ticks % 5 == 0:  # (reading smaps costs more)
+                peak_pss = max(peak_pss, sum(p.memory_full_info().pss for p in family))
         except psutil.Error:
             pass
+        ticks += 1
         time.sleep(0.02)
     out, err = proc.communicate()
     if proc.returncode:
         raise SystemExit(f"{spec['side']} failed ({proc.returncode}):\n{err[-3000:]}")
     figures = json.loads(out.strip().splitlines()[-1])
-    return {**figures, "peak_rss_mb": round(peak / 2**20, 1)}
+    return {**figures, "peak_rss_mb": round(peak / 2**20, 1), "peak_pss_mb": round(peak_pss / 2**20, 1)}
 
 
 def worker(spec: dict) -> int:

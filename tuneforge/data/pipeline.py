@@ -33,9 +33,9 @@ import numpy as np
 
 from tuneforge.compat.torch import default_store
 from tuneforge.conf.schema import DataConfig, TrainConfig, source_views
-from tuneforge.data import sources
+from tuneforge.data import prepare, sources
 from tuneforge.data.batches import Collate, EvalBatches, GlobalBatches
-from tuneforge.data.packing import ROW_FIELDS, Rows, rows_from_records
+from tuneforge.data.packing import ROW_FIELDS, Rows
 from tuneforge.data.records import DataError
 from tuneforge.data.tokenize import Encoder, tokenizer_fingerprint
 
@@ -154,21 +154,35 @@ def cached_rows(
 
 
 def _build(train_src, val_src, encoder: Encoder, data_cfg, seed: int, pad_id: int, out: Path) -> dict:
-    """Check, read, split, tokenise and pack; write the rows under `out`; return the stats."""
-    train_records = _read(train_src, data_cfg) if train_src else []
-    if val_src:
-        val_records = _read(val_src, data_cfg)
-    else:
-        train_records, val_records = split_validation(train_records, data_cfg.validation_fraction, seed)
-    stats: Dict[str, Any] = {}
-    for split, recs in (("train", train_records), ("validation", val_records)):
-        if not recs and (split == "validation" or train_src is None):
-            continue
-        if not recs:
-            raise DataError(f"data: no examples in {train_src.label}")
-        rows = rows_from_records(recs, encoder, data_cfg, pad_id, workers=prepare_workers(data_cfg))
-        _save_rows(rows, out / split)
-        stats.update({f"{split}_examples": len(recs), f"{split}_rows": len(rows), f"{split}_fill": round(rows.fill, 4)})
+    """Read, check, tokenise (one reading: data/prepare.py), split and pack; write the rows under
+    `out`; return the stats."""
+    workers, splits = prepare_workers(data_cfg), []  # (split, spool, its examples, its records)
+    try:
+        if train_src:
+            spool = prepare.spool_source(train_src, data_cfg, encoder, workers, out / ".spool-train")
+            held = held_out_mask(0 if val_src else spool.records, data_cfg.validation_fraction, seed)
+            example_held = held[spool.record] if held.size else np.zeros(len(spool.lengths), bool)
+            splits.append(("train", spool, np.flatnonzero(~example_held), spool.records - int(held.sum())))
+            if held.any():
+                splits.append(("validation", spool, np.flatnonzero(example_held), int(held.sum())))
+        if val_src:
+            spool = prepare.spool_source(val_src, data_cfg, encoder, workers, out / ".spool-validation")
+            splits.append(("validation", spool, np.arange(len(spool.lengths)), spool.records))
+        stats: Dict[str, Any] = {}
+        for split, spool, selected, n_records in splits:
+            if not n_records and (split == "validation" or train_src is None):
+                continue
+            if not n_records:
+                raise DataError(f"data: no examples in {train_src.label}")
+            rows = prepare.write_rows(
+                spool, selected, data_cfg.packing, data_cfg.format == "text", encoder.seq_len, pad_id, out / split
+            )
+            stats.update(
+                {f"{split}_examples": n_records, f"{split}_rows": rows["rows"], f"{split}_fill": round(rows["fill"], 4)}
+            )
+    finally:
+        for _, spool, _, _ in splits:
+            spool.close()
     stats.update(truncated=encoder.truncated, dropped_without_targets=encoder.dropped)
     return {"stats": stats}
 
@@ -180,15 +194,18 @@ def prepare_workers(data_cfg) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def held_out_mask(records: int, fraction: float, seed: int) -> np.ndarray:
+    """Which of `records` rows the validation split holds: a seeded `fraction` of them."""
+    held = np.zeros(records, dtype=bool)
+    if fraction > 0 and records:
+        held[np.random.default_rng(seed).permutation(records)[: max(1, round(records * fraction))]] = True
+    return held
+
+
 def split_validation(records: List[dict], fraction: float, seed: int) -> Tuple[List[dict], List[dict]]:
-    """(train, validation): a seeded `fraction` of the records held out, both in their original order
-    (documents stay in sequence)."""
-    if fraction <= 0 or not records:
-        return records, []
-    n_val = max(1, round(len(records) * fraction))
-    chosen = np.random.default_rng(seed).permutation(len(records))[:n_val]
-    held = np.zeros(len(records), dtype=bool)
-    held[chosen] = True
+    """(train, validation): held_out_mask's rows held out, both in their original order (documents
+    stay in sequence)."""
+    held = held_out_mask(len(records), fraction, seed)
     return [r for r, h in zip(records, held) if not h], [r for r, h in zip(records, held) if h]
 
 
@@ -199,32 +216,15 @@ def held_out_records(data_cfg: DataConfig, seed: int, limit: int) -> List[dict]:
 
     val_src = sources.validation_source(data_cfg)
     if val_src is not None:
-        if val_src.is_local:
-            sources.check_local(val_src, data_cfg)
         return list(itertools.islice(sources.rows(val_src, data_cfg), limit))
     if not data_cfg.validation_fraction:
         return []
-    _, held = split_validation(_read(sources.train_source(data_cfg), data_cfg), data_cfg.validation_fraction, seed)
-    return held[:limit]
-
-
-def _read(source, data_cfg) -> List[dict]:
-    if source.is_local:
-        sources.check_local(source, data_cfg)
-    return list(sources.rows(source, data_cfg))
-
-
-ROW_ARRAYS = ROW_FIELDS
-
-
-def _save_rows(rows: Rows, directory: Path) -> None:
-    directory.mkdir(parents=True)
-    for name in ROW_ARRAYS:
-        np.save(directory / f"{name}.npy", getattr(rows, name))
+    train = list(sources.rows(sources.train_source(data_cfg), data_cfg))
+    return split_validation(train, data_cfg.validation_fraction, seed)[1][:limit]
 
 
 def _load_rows(directory: Path) -> Rows:
-    return Rows(*(np.load(directory / f"{name}.npy", mmap_mode="r") for name in ROW_ARRAYS))
+    return Rows(*(np.load(directory / f"{name}.npy", mmap_mode="r") for name in ROW_FIELDS))
 
 
 def shared_build(directory: Path, build_into: Callable[[Path], None], dist_env, name: str) -> str:

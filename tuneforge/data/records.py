@@ -11,6 +11,7 @@ of a JSON array, the 1-based row of a Parquet file, the 1-based document of a te
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import os
@@ -317,18 +318,72 @@ def _parquet_rows(file: Path) -> Iterator[Tuple[int, Any]]:
         raise DataError(f"{file}: not a readable Parquet file ({where}: {first})") from None
 
 
+TEXT_BLOCK = 2**20  # bytes of a text file decoded at a time: its documents are read as a stream
+
+
 def _text_rows(file: Path, data_cfg) -> Iterator[Tuple[int, Any]]:
     """Documents of a text file, split as `datasets`' text builder does (sample_by), blank ones skipped."""
-    text = _text(file)
-    text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as datasets reads it
-    parts = {"paragraph": text.split("\n\n"), "line": text.split("\n"), "document": [text]}[data_cfg.text_sample_by]
+    if data_cfg.text_sample_by == "document":
+        parts: Iterator[str] = iter([_universal_newlines(_text(file))])
+    else:
+        parts = _split_stream(file, "\n\n" if data_cfg.text_sample_by == "paragraph" else "\n")
     docs = (p for p in parts if p.strip())
     yield from ((i, {data_cfg.text_field: doc}) for i, doc in enumerate(docs, 1))
 
 
+def _universal_newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # as datasets reads text
+
+
+def _split_stream(file: Path, separator: str) -> Iterator[str]:
+    """`_universal_newlines(_text(file)).split(separator)`, read TEXT_BLOCK bytes at a time (a 300 MB
+    corpus is not held whole). The part after the last separator seen waits for the next block; a
+    block that is not clean UTF-8 text has the whole file read by `_text` for the error's place."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    carry = ""
+    with open_regular(file) as f:
+        block = f.read(max(TEXT_BLOCK, len(BOM)))
+        if block.startswith(UTF16_BOMS):
+            _text(file)
+        if block.startswith(BOM):
+            block = block[len(BOM) :] or f.read(TEXT_BLOCK)
+        while True:
+            at_end = not block
+            try:
+                if b"\0" in block:
+                    raise ValueError
+                text = carry + decoder.decode(block, final=at_end)
+            except ValueError:  # (UnicodeDecodeError too)
+                _text(file)  # raises the DataError that names the line and byte
+                raise
+            if not at_end and text.endswith("\r"):  # may be the first half of a \r\n
+                carry, text = "\r", text[:-1]
+            else:
+                carry = ""
+            parts = _universal_newlines(text).split(separator)
+            if at_end:
+                yield from parts
+                return
+            carry = parts.pop() + carry
+            yield from parts
+            block = f.read(TEXT_BLOCK)
+
+
 def scan(files: Sequence[Path], data_cfg, max_problems: int = 5, max_bytes: Optional[int] = None) -> Scan:
     """Read `files` and check every row; stop after `max_bytes` of files (then `complete` is False)."""
-    result, budget, data_cfg = Scan(), max_bytes, row_spec(data_cfg)
+    result = Scan()
+    for _ in checked_rows(files, data_cfg, result, max_problems, max_bytes):
+        pass
+    return result
+
+
+def checked_rows(
+    files: Sequence[Path], data_cfg, result: Scan, max_problems: int = 5, max_bytes: Optional[int] = None
+) -> Iterator[Dict[str, Any]]:
+    """The well-formed rows of `files`, in order, as they are read: one reading both checks the rows
+    and feeds the task. `result` counts them and the bad ones, describing the first `max_problems`;
+    a file past `max_bytes` in all stops the reading (`result.complete` False)."""
+    budget, data_cfg = max_bytes, row_spec(data_cfg)
     for file in files:
         try:
             size = file.stat().st_size
@@ -344,6 +399,7 @@ def scan(files: Sequence[Path], data_cfg, max_problems: int = 5, max_bytes: Opti
                 bad = check_record(row, data_cfg)
                 if bad is None:
                     result.examples += 1
+                    yield row
                     continue
                 result.bad_rows += 1
                 if len(result.problems) < max_problems:
@@ -354,7 +410,6 @@ def scan(files: Sequence[Path], data_cfg, max_problems: int = 5, max_bytes: Opti
                 result.problems.append(str(e))
         if budget is not None:
             budget -= size
-    return result
 
 
 def problem_summary(result: Scan) -> List[str]:

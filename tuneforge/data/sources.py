@@ -1,10 +1,10 @@
 """Where rows come from: local files and folders, or a Hugging Face dataset, read with `datasets`.
 
-A `Source` names the data; `rows(source, data_cfg)` yields its rows as dicts through
-`datasets.load_dataset` (streaming=True: local files are read as they are, with no Arrow copy,
-since tuneforge caches the tokenised result itself). Rows of local files are checked by
-data/records.py before they are read here (the same checks as before submission); rows of a hub
-dataset are checked as they arrive.
+A `Source` names the data; `rows(source, data_cfg)` yields its rows as dicts: local files read
+and checked in one pass by data/records.py (the reader and the checks of the check before
+submission), a hub dataset through `datasets.load_dataset(streaming=True)`, checked as its rows
+arrive. `dataset()` gives either as a `datasets` IterableDataset, whose position can be saved:
+what a streaming run reads (data/streaming.py).
 """
 
 from __future__ import annotations
@@ -66,14 +66,8 @@ def _local(path: Path) -> Source:
     return Source(str(path), files=files)
 
 
-def check_local(source: Source, data_cfg) -> int:
-    """Check every row of local files; raise DataError naming the bad rows. Returns the row count."""
-    scan = records.scan(source.files, data_cfg)
-    if scan.bad_rows:
-        raise DataError(
-            f"{scan.bad_rows} bad row(s) in {source.label}:\n  " + "\n  ".join(records.problem_summary(scan))
-        )
-    return scan.examples
+def bad_rows_error(source: Source, scan: records.Scan) -> DataError:
+    return DataError(f"{scan.bad_rows} bad row(s) in {source.label}:\n  " + "\n  ".join(records.problem_summary(scan)))
 
 
 def dataset(source: Source, data_cfg, streaming: bool = True):
@@ -111,16 +105,28 @@ def dataset(source: Source, data_cfg, streaming: bool = True):
 
 
 def rows(source: Source, data_cfg) -> Iterator[Dict[str, Any]]:
-    """Every well-formed row of the source, in order; text documents stripped, blank ones skipped."""
+    """Every well-formed row of the source, in order, in one reading; text documents stripped, blank
+    ones skipped. Local files are read and checked by data/records.py (the reading the check before
+    submission makes): no row is yielded after a bad one, and the reading goes on to the end to
+    raise one DataError naming them all. A hub dataset's rows come from `datasets`, checked as they
+    arrive (its first bad row raises)."""
     spec = records.row_spec(data_cfg)
+    if source.is_local:
+        scan = records.Scan()
+        for row in records.checked_rows(source.files, spec, scan):
+            row = clean(row, spec)
+            if row is not None and not scan.bad_rows:
+                yield row
+        if scan.bad_rows:
+            raise bad_rows_error(source, scan)
+        return
     for row_no, row in enumerate(dataset(source, data_cfg, streaming=True), 1):
         row = clean(row, spec)
         if row is None:
             continue
-        if not source.is_local:  # local files were checked with their file and line numbers already
-            bad = records.check_record(row, spec)
-            if bad:
-                raise DataError(f"{source.label}:{row_no}: field '{bad[0]}': {bad[1]}")
+        bad = records.check_record(row, spec)
+        if bad:
+            raise DataError(f"{source.label}:{row_no}: field '{bad[0]}': {bad[1]}")
         yield row
 
 
@@ -139,10 +145,7 @@ def texts(data_cfg) -> Iterator[str]:
     """The training text, for training a tokenizer: documents, or the fields of instruction rows (of
     every source of a mixture, in order)."""
     for view in source_views(data_cfg):
-        source = train_source(view)
-        if source.is_local:
-            check_local(source, view)
-        for row in rows(source, view):
+        for row in rows(train_source(view), view):
             if view.format == "chat":
                 yield "\n".join(m["content"] for m in row[view.messages_field])
             else:

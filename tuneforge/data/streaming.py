@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from tuneforge.data import records, sources
-from tuneforge.data.packing import Rows, concatenate, row_targets, rows_from_records
+from tuneforge.data.packing import Rows, concatenate, row_targets
+from tuneforge.data.prepare import rows_from_records
 from tuneforge.data.records import DataError
 
 

@@ -129,13 +129,21 @@ class Encoder:
 
     def encode(self, records: Sequence[Dict[str, Any]]) -> List[Example]:
         """Examples for `records` (well-formed rows); those without any target token are dropped."""
-        return [(ids, labels) for ids, labels, _, _ in self.encode_with_offsets(records)]
+        return [(ids, labels) for _, ids, labels, _, _ in self._examples(records)]
+
+    def encode_indexed(self, records: Sequence[Dict[str, Any]]) -> List[Tuple[int, List[int], List[int]]]:
+        """`encode`, each example with the index of the record it came from."""
+        return [(i, ids, labels) for i, ids, labels, _, _ in self._examples(records)]
 
     def encode_with_offsets(
         self, records: Sequence[Dict[str, Any]]
     ) -> List[Tuple[List[int], List[int], List[Span], str]]:
         """`encode`, with each token's character span in the rendered text ((0, 0): an added token
         such as EOS) and the text: what the probe counts the bytes of the scored text with."""
+        return [example[1:] for example in self._examples(records)]
+
+    def _examples(self, records: Sequence[Dict[str, Any]]) -> List[tuple]:
+        """(record index, ids, labels, offsets, text) of each record that has a target token."""
         rendered = [self.render(r) for r in records]
         encoded = encode_with_offsets(
             self.tokenizer,
@@ -143,7 +151,8 @@ class Encoder:
             add_special_tokens=self.format != "chat",  # a chat template writes its own BOS
         )
         examples = []
-        for (text, spans, add_eos), (ids, offsets) in zip(rendered, encoded):  # offsets: (start, end) tuples
+        # offsets: (start, end) tuples
+        for index, ((text, spans, add_eos), (ids, offsets)) in enumerate(zip(rendered, encoded)):
             if self.train_on_prompt:
                 labels = list(ids)
             elif spans == [(0, len(text))]:  # the whole text (format=text): _inside without its per-token call
@@ -162,7 +171,7 @@ class Encoder:
             if all(label == IGNORE_INDEX for label in labels[1:]):  # the first token is never a target
                 self.dropped += 1
                 continue
-            examples.append((ids, labels, offsets, text))
+            examples.append((index, ids, labels, offsets, text))
         return examples
 
 

@@ -159,10 +159,7 @@ def sample(data_cfg: DataConfig, n: int, seed: int) -> List[dict]:
     """`n` rows of the data's training source (all of them when fewer), chosen with `seed`, in file order."""
     from tuneforge.data import sources
 
-    source = sources.train_source(data_cfg)
-    if source.is_local:
-        sources.check_local(source, data_cfg)
-    rows = list(sources.rows(source, data_cfg))
+    rows = list(sources.rows(sources.train_source(data_cfg), data_cfg))
     if len(rows) <= n:
         return rows
     keep = np.sort(np.random.default_rng(seed).choice(len(rows), size=n, replace=False))
