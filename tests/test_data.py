@@ -781,6 +781,60 @@ def test_chat_finetune_on_demo_instruct_through_the_cli(tiny_base, tmp_path, cap
     assert tok.chat_template == DEFAULT_CHAT_TEMPLATE  # the template it was trained with ships with it
 
 
+NODE_CPUS_RANK = """
+import json, os, sys
+import torch.distributed as dist
+from transformers import AutoTokenizer
+from tuneforge.conf.schema import DataConfig, TrainConfig
+from tuneforge.data import pipeline, prepare
+from tuneforge.trainers.distributed import DistEnv
+
+rank, port, corpus, tokenizer, cache, log = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:]
+os.sched_setaffinity(0, {rank})  # as Slurm binds each task of a node to its own share
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+encode_chunk = prepare._encode_chunk
+
+def logged(encoder, recs):  # in the workers rank 0 forks
+    with open(log, "a") as f:
+        f.write(json.dumps([os.getpid(), sorted(os.sched_getaffinity(0))]) + "\\n")
+    return encode_chunk(encoder, recs)
+
+prepare._encode_chunk = logged
+cfg = DataConfig(path=corpus, cache_dir=cache, validation_fraction=0)
+env = DistEnv(rank, rank, 2, 2, 1, "127.0.0.1", port, "t", "cpu")
+data = pipeline.build(cfg, TrainConfig(seq_len=64, global_batch=4, micro_batch=2), AutoTokenizer.from_pretrained(tokenizer), env)
+print(json.dumps({"rank": rank, "own": sorted(os.sched_getaffinity(0)), "cache": data.stats["data_cache"]}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_the_cache_is_tokenised_on_the_cpus_of_every_rank_of_the_node(tokenizer, tmp_path):
+    """Two ranks of a node, each bound to one CPU (as Slurm binds tasks): rank 0 builds the cache with
+    a worker per CPU of both (the other rank offers its CPU while it waits), not only on its own."""
+    import subprocess
+    import sys
+
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    docs = [row["text"] for _, row in records.read_rows(bundled_data.bundled("demo_corpus"), data_cfg())]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"{i}: {docs[i % len(docs)]}" for i in range(3 * prepare.ENCODE_CHUNK)))
+    port, log = free_port(), tmp_path / "workers.jsonl"
+    args = [str(corpus), str(tmp_path / "tokenizer"), str(tmp_path / "cache"), str(log)]
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", NODE_CPUS_RANK, str(rank), str(port), *args], stdout=subprocess.PIPE, text=True
+        )
+        for rank in (0, 1)
+    ]
+    outs = [json.loads(r.communicate(timeout=600)[0].strip().splitlines()[-1]) for r in ranks]
+    assert [r.returncode for r in ranks] == [0, 0]
+    assert [(o["own"], o["cache"]) for o in outs] == [([0], "built"), ([1], "built")]
+    workers = {pid: tuple(cpus) for pid, cpus in map(json.loads, log.read_text().splitlines())}
+    assert len(workers) == 2 and set(workers.values()) == {(0, 1)}, workers
+
+
 @pytest.mark.slow
 def test_a_job_tokenising_on_forked_workers_trains_on_the_same_rows(tmp_path):
     """Rank 0 of a 2-rank job (its process group up) forks data.prepare_workers processes to build a cache

@@ -27,7 +27,7 @@ import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -41,6 +41,7 @@ from tuneforge.data.tokenize import Encoder, tokenizer_fingerprint
 
 CACHE_VERSION = 1  # bump when the cached layout or the tokenisation rules change
 BUILD_TIMEOUT = datetime.timedelta(hours=6)  # how long the other ranks wait for rank 0 to build the cache
+CPU_OFFER_WAIT = datetime.timedelta(seconds=20)  # how long rank 0 waits for its node's ranks to offer their CPUs
 #: data settings that change the rows (with seq_len, the seed when a validation fraction is carved off,
 #: the sources and the tokenizer)
 ROW_SETTINGS = (
@@ -139,8 +140,8 @@ def cached_rows(
     key = hashlib.sha256(json.dumps(describe, sort_keys=True).encode()).hexdigest()[:20]
     directory = Path(data_cfg.cache_dir).expanduser().resolve() / key
 
-    def build_into(tmp: Path) -> None:
-        meta = _build(train_src, val_src, encoder, data_cfg, train_cfg.seed, pad_id, tmp)
+    def build_into(tmp: Path, cpus: Optional[Set[int]]) -> None:
+        meta = _build(train_src, val_src, encoder, data_cfg, train_cfg.seed, pad_id, tmp, cpus)
         (tmp / "meta.json").write_text(json.dumps({**meta, "describe": describe}, indent=1))
 
     status = shared_build(directory, build_into, dist_env, name=key)
@@ -153,20 +154,20 @@ def cached_rows(
     return train, val, stats
 
 
-def _build(train_src, val_src, encoder: Encoder, data_cfg, seed: int, pad_id: int, out: Path) -> dict:
-    """Read, check, tokenise (one reading: data/prepare.py), split and pack; write the rows under
-    `out`; return the stats."""
-    workers, splits = prepare_workers(data_cfg), []  # (split, spool, its examples, its records)
+def _build(train_src, val_src, encoder: Encoder, data_cfg, seed: int, pad_id: int, out: Path, cpus=None) -> dict:
+    """Read, check, tokenise (one reading: data/prepare.py, on `cpus`), split and pack; write the rows
+    under `out`; return the stats."""
+    workers, splits = prepare_workers(data_cfg, cpus), []  # (split, spool, its examples, its records)
     try:
         if train_src:
-            spool = prepare.spool_source(train_src, data_cfg, encoder, workers, out / ".spool-train")
+            spool = prepare.spool_source(train_src, data_cfg, encoder, workers, out / ".spool-train", cpus)
             held = held_out_mask(0 if val_src else spool.records, data_cfg.validation_fraction, seed)
             example_held = held[spool.record] if held.size else np.zeros(len(spool.lengths), bool)
             splits.append(("train", spool, np.flatnonzero(~example_held), spool.records - int(held.sum())))
             if held.any():
                 splits.append(("validation", spool, np.flatnonzero(example_held), int(held.sum())))
         if val_src:
-            spool = prepare.spool_source(val_src, data_cfg, encoder, workers, out / ".spool-validation")
+            spool = prepare.spool_source(val_src, data_cfg, encoder, workers, out / ".spool-validation", cpus)
             splits.append(("validation", spool, np.arange(len(spool.lengths)), spool.records))
         stats: Dict[str, Any] = {}
         for split, spool, selected, n_records in splits:
@@ -187,11 +188,14 @@ def _build(train_src, val_src, encoder: Encoder, data_cfg, seed: int, pad_id: in
     return {"stats": stats}
 
 
-def prepare_workers(data_cfg) -> int:
-    """data.prepare_workers, or one per CPU this process may run on (its Slurm allocation, if bound)."""
-    if data_cfg.prepare_workers:
-        return data_cfg.prepare_workers
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def prepare_workers(data_cfg, cpus: Optional[Set[int]] = None) -> int:
+    """data.prepare_workers, or one per CPU given (default: those this process may run on)."""
+    return data_cfg.prepare_workers or len(cpus or own_cpus())
+
+
+def own_cpus() -> Set[int]:
+    """The CPUs this process may run on (its share of the node where Slurm binds tasks)."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
 
 
 def held_out_mask(records: int, fraction: float, seed: int) -> np.ndarray:
@@ -227,25 +231,52 @@ def _load_rows(directory: Path) -> Rows:
     return Rows(*(np.load(directory / f"{name}.npy", mmap_mode="r") for name in ROW_FIELDS))
 
 
-def shared_build(directory: Path, build_into: Callable[[Path], None], dist_env, name: str) -> str:
+def shared_build(directory: Path, build_into: Callable[[Path, Optional[Set[int]]], None], dist_env, name: str) -> str:
     """Make sure `directory` (complete once its meta.json exists) is there for every rank: "hit" if
-    it was, "built" if rank 0 built it. The others wait on the process group's store (no collective
-    timeout), and a failure on rank 0 is raised on every rank with rank 0's message. A rank that
-    still cannot see it (a cache dir local to each node) builds its own copy, one rank per host."""
+    it was, "built" if rank 0 built it, on the CPUs of every rank of its node (`node_cpus`). The
+    others wait on the process group's store (no collective timeout), and a failure on rank 0 is
+    raised on every rank with rank 0's message. A rank that still cannot see it (a cache dir local
+    to each node) builds its own copy, one rank per host, on its own CPUs."""
     store = default_store() if dist_env.world_size > 1 else None
     status = "hit" if (directory / "meta.json").is_file() else None
     if dist_env.rank == 0:
-        status = _publish(store, f"tuneforge-data/{name}", lambda: status or _build_atomic(directory, build_into))
+
+        def build() -> str:
+            cpus = node_cpus(store, name, dist_env.local_world_size)
+            return _build_atomic(directory, lambda tmp: build_into(tmp, cpus))
+
+        status = _publish(store, f"tuneforge-data/{name}", lambda: status or build())
     elif store is not None:
+        if status is None and dist_env.local_rank:
+            store.set(_cpus_key(name, dist_env.local_rank), json.dumps(sorted(own_cpus())))
         published = _wait(store, f"tuneforge-data/{name}")
         status = status or ("hit" if published == "hit" else "built")
     if not (directory / "meta.json").is_file():  # not shared with rank 0's node: this host builds its own
         host_key = f"tuneforge-data/{name}/{socket.gethostname()}"
         if store is None or store.add(host_key + "/builder", 1) == 1:
-            status = _publish(store, host_key, lambda: _build_atomic(directory, build_into))
+            status = _publish(store, host_key, lambda: _build_atomic(directory, lambda tmp: build_into(tmp, None)))
         else:
             _wait(store, host_key)
     return status
+
+
+def node_cpus(store, name: str, local_world_size: int) -> Set[int]:
+    """The CPUs of rank 0 and of the other ranks of its node, which only wait while it builds: each
+    offers its own (where Slurm binds every task to its share, rank 0's alone would be one share of
+    the node). Rank 0's own if they are not all offered within CPU_OFFER_WAIT."""
+    cpus = set(own_cpus())
+    keys = [_cpus_key(name, local_rank) for local_rank in range(1, local_world_size)]
+    if store is None or not keys:
+        return cpus
+    try:
+        store.wait(keys, CPU_OFFER_WAIT)
+    except Exception:  # (a rank that found the cache, or is slow to start: the build does not wait for it)
+        return cpus
+    return cpus.union(*(json.loads(store.get(key)) for key in keys))
+
+
+def _cpus_key(name: str, local_rank: int) -> str:
+    return f"tuneforge-data/{name}/cpus/{socket.gethostname()}/{local_rank}"
 
 
 def _publish(store, key: str, work: Callable[[], str]) -> str:

@@ -24,7 +24,7 @@ import os
 import shutil
 import signal
 from pathlib import Path
-from typing import Iterable, Iterator, List, Sequence
+from typing import Iterable, Iterator, List, Optional, Sequence, Set
 
 import numpy as np
 
@@ -40,7 +40,9 @@ NO_TARGETS = "data: no example has a token to learn from (all prompts, or trunca
 
 
 # ------------------------------------------------------------------------------------ tokenising
-def encoded_chunks(chunks: Iterable[List[dict]], encoder: Encoder, workers: int = 1) -> Iterator[tuple]:
+def encoded_chunks(
+    chunks: Iterable[List[dict]], encoder: Encoder, workers: int = 1, cpus: Optional[Set[int]] = None
+) -> Iterator[tuple]:
     """(ids, labels, lengths, record indices, truncated, dropped) of each chunk of rows, in order:
     the examples of a chunk end to end in two int32 arrays (4 bytes a token, where a list holds an
     8-byte pointer to a 28-byte int; and cheap to send between processes).
@@ -48,13 +50,13 @@ def encoded_chunks(chunks: Iterable[List[dict]], encoder: Encoder, workers: int 
     With workers > 1 and more than one chunk, forked processes encode them: the tokenizer's Rust
     threads use the cores anyway, but half of the time goes to Python (the labels, reading the
     encodings), which one process runs on one core (benchmarks/data_prep.py). The encoder's counts
-    are kept up to date either way."""
+    are kept up to date either way. `cpus`: the CPUs the workers may run on (default: this process's)."""
     chunks = iter(chunks)
     first = list(itertools.islice(chunks, 2))
     if workers <= 1 or len(first) < 2 or "fork" not in multiprocessing.get_all_start_methods():
         yield from (_encode_chunk(encoder, chunk) for chunk in itertools.chain(first, chunks))
         return
-    for encoded in _encode_forked(itertools.chain(first, chunks), encoder, workers):
+    for encoded in _encode_forked(itertools.chain(first, chunks), encoder, workers, cpus):
         encoder.truncated += encoded[4]  # counted by the workers' copies of the encoder
         encoder.dropped += encoded[5]
         yield encoded
@@ -71,18 +73,18 @@ def _encode_chunk(encoder: Encoder, recs: Sequence[dict]) -> tuple:
     return ids, labels, lengths, index, encoder.truncated - truncated, encoder.dropped - dropped
 
 
-_ENCODER: tuple = ()  # (the encoder,) the forked workers use: inherited, never pickled
+_ENCODER: tuple = ()  # (the encoder, their CPUs) the forked workers use: inherited, never pickled
 
 
-def _encode_forked(chunks: Iterator[List[dict]], encoder: Encoder, workers: int) -> Iterator[tuple]:
+def _encode_forked(chunks: Iterator[List[dict]], encoder: Encoder, workers: int, cpus) -> Iterator[tuple]:
     global _ENCODER
     parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
     # each worker tokenises on one thread (the tokenizers library would disable its threads in a forked
     # process anyway, with a warning); set before the fork, so that the workers see it
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _ENCODER = (encoder,)
+    _ENCODER = (encoder, cpus)
     try:
-        with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_signals) as pool:
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_start) as pool:
             pending: collections.deque = collections.deque()
             for chunk in chunks:  # (Pool.imap would read every chunk ahead into its queue)
                 pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
@@ -102,12 +104,20 @@ def _encode_in_worker(chunk: List[dict]) -> tuple:
     return _encode_chunk(_ENCODER[0], chunk)
 
 
-def _worker_signals() -> None:
+def _worker_start() -> None:
     """A worker leaves signals to the rank that forked it: the rank's handlers (requeue on SIGUSR1/SIGTERM,
-    Ctrl-C) would make a worker ignore the pool's SIGTERM, and the pool would never close."""
+    Ctrl-C) would make a worker ignore the pool's SIGTERM, and the pool would never close. It runs on
+    the CPUs it was given (those of the node's ranks that wait for the cache, where Slurm binds each
+    rank to its own), if the machine lets it."""
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cpus = _ENCODER[1]
+    if cpus:
+        try:
+            os.sched_setaffinity(0, cpus)
+        except OSError:  # outside this job's cpuset: the rank's own CPUs
+            pass
 
 
 def encode_all(recs: Sequence[dict], encoder: Encoder, workers: int = 1) -> List[Example]:
@@ -198,7 +208,9 @@ class Spool:
         shutil.rmtree(self.paths[0].parent, ignore_errors=True)
 
 
-def spool_source(source, data_cfg, encoder: Encoder, workers: int, directory: Path) -> Spool:
+def spool_source(
+    source, data_cfg, encoder: Encoder, workers: int, directory: Path, cpus: Optional[Set[int]] = None
+) -> Spool:
     """Every well-formed row of `source` tokenised into a Spool, in one reading (sources.rows: a
     bad row stops the tokenising; the DataError naming them all comes once the reading ends)."""
     spool = Spool(directory)
@@ -207,7 +219,7 @@ def spool_source(source, data_cfg, encoder: Encoder, workers: int, directory: Pa
     sizes: collections.deque = collections.deque()  # rows of each chunk sent, to number the records
     try:
         counted = (sizes.append(len(chunk)) or chunk for chunk in chunks)
-        for ids, labels, lengths, index, _, _ in encoded_chunks(counted, encoder, workers):
+        for ids, labels, lengths, index, _, _ in encoded_chunks(counted, encoder, workers, cpus):
             spool.add(ids, labels, lengths, index, sizes.popleft())
     except BaseException:
         spool.close()
