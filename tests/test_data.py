@@ -146,7 +146,7 @@ def test_whole_text_labels_take_the_fast_path_to_the_same_mask(tokenizer):
     from tuneforge.data.tokenize import _inside
 
     docs = [row["text"] for _, row in records.read_rows(bundled_data.bundled("demo_corpus"), data_cfg())][:50]
-    docs += [" ", "x"]
+    docs += [" ", "x", f"{tokenizer.eos_token} first", f"mid {tokenizer.eos_token} dle", f"end {tokenizer.eos_token}"]
     encoder = Encoder(data_cfg(format="text"), tokenizer, 4096)
     encoded = tokenizer(docs, return_offsets_mapping=True)
     for doc, (ids, labels), want_ids, offsets in zip(
@@ -157,6 +157,25 @@ def test_whole_text_labels_take_the_fast_path_to_the_same_mask(tokenizer):
             want_ids, general = want_ids[:-1], general[:-1]
         assert ids == want_ids + [tokenizer.eos_token_id]
         assert labels == general + [tokenizer.eos_token_id]
+    # tokens a tokenizer adds ((0, 0)) at either end, in the middle, or a zero-width first token; tokens
+    # past the text at the end: the rule per token, whichever path _whole_text_labels takes
+    import random
+
+    from tuneforge.data.tokenize import _whole_text_labels
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        n, at, offsets = rng.randint(1, 12), 0, []
+        while at < n:
+            end = min(n, at + rng.randint(1, 3))
+            offsets.append((at, end))
+            at = end
+        for _ in range(rng.randint(0, 3)):
+            offsets.insert(rng.choice([0, len(offsets), rng.randint(0, len(offsets))]), (0, 0))
+        offsets += [(n, n)] * rng.randint(0, 1)
+        ids = list(range(100, 100 + len(offsets)))
+        rule = [t if _inside(a, b, [(0, n)]) else IGNORE_INDEX for t, (a, b) in zip(ids, offsets)]
+        assert _whole_text_labels(ids, offsets, n) == rule, offsets
 
 
 @pytest.mark.parametrize("split_special_tokens", [False, True])

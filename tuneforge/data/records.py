@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import functools
 import json
 import os
 import stat
@@ -66,7 +67,17 @@ def row_spec(data_cfg) -> RowSpec:
 
 
 def required_fields(data_cfg) -> Dict[str, str]:
-    """role -> configured field name of each field a row of `data_cfg.format` must have."""
+    """role -> configured field name of each field a row of `data_cfg.format` must have (do not change
+    it: for a RowSpec it is made once, as it is asked for every row)."""
+    return _required_of_spec(data_cfg) if isinstance(data_cfg, RowSpec) else _required_fields(data_cfg)
+
+
+@functools.lru_cache(maxsize=64)
+def _required_of_spec(spec: RowSpec) -> Dict[str, str]:
+    return _required_fields(spec)
+
+
+def _required_fields(data_cfg) -> Dict[str, str]:
     d = data_cfg
     return {
         "text": {"text": d.text_field},

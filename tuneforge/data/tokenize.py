@@ -155,9 +155,8 @@ class Encoder:
         for index, ((text, spans, add_eos), (ids, offsets)) in enumerate(zip(rendered, encoded)):
             if self.train_on_prompt:
                 labels = list(ids)
-            elif spans == [(0, len(text))]:  # the whole text (format=text): _inside without its per-token call
-                n = len(text)
-                labels = [tok if (a or b) and a < n else IGNORE_INDEX for tok, (a, b) in zip(ids, offsets)]
+            elif spans == [(0, len(text))]:  # the whole text (format=text)
+                labels = _whole_text_labels(ids, offsets, len(text))
             else:
                 labels = [tok if _inside(off[0], off[1], spans) else IGNORE_INDEX for tok, off in zip(ids, offsets)]
             if add_eos:  # the response ends with EOS, a target (also when the tokenizer appended one itself)
@@ -173,6 +172,23 @@ class Encoder:
                 continue
             examples.append((index, ids, labels, offsets, text))
         return examples
+
+
+def _whole_text_labels(ids: List[int], offsets: List[Span], n: int) -> List[int]:
+    """The labels of a text that is all response: `_inside`'s rule (a token is a target unless the
+    tokenizer added it, offsets (0, 0), or it starts past the text), without a Python test per token
+    (a tenth of a corpus's tokenising). Such tokens are looked for at the two ends, where a template
+    adds them; in between, one (0, 0) is searched for at C speed, and if found the rule runs per token.
+    (A token past the text can only be in the end's run: the tokens of a text start in order.)"""
+    k, first = len(ids), 0
+    while first < k and not (offsets[first] != (0, 0) and offsets[first][0] < n):
+        first += 1
+    last = k - 1
+    while last >= first and not (offsets[last] != (0, 0) and offsets[last][0] < n):
+        last -= 1
+    if (0, 0) in offsets[first + 1 : last]:
+        return [tok if (a or b) and a < n else IGNORE_INDEX for tok, (a, b) in zip(ids, offsets)]
+    return [IGNORE_INDEX] * first + ids[first : last + 1] + [IGNORE_INDEX] * (k - 1 - last)
 
 
 def _inside(start: int, end: int, spans: List[Span]) -> bool:
