@@ -161,8 +161,8 @@ def _build(train_src, val_src, encoder: Encoder, data_cfg, seed: int, pad_id: in
     try:
         if train_src:
             spool = prepare.spool_source(train_src, data_cfg, encoder, workers, out / ".spool-train", cpus)
-            held = held_out_mask(0 if val_src else spool.records, data_cfg.validation_fraction, seed)
-            example_held = held[spool.record] if held.size else np.zeros(len(spool.lengths), bool)
+            held = held_out_mask(spool.records, 0 if val_src else data_cfg.validation_fraction, seed)
+            example_held = held[spool.record]
             splits.append(("train", spool, np.flatnonzero(~example_held), spool.records - int(held.sum())))
             if held.any():
                 splits.append(("validation", spool, np.flatnonzero(example_held), int(held.sum())))

@@ -43,7 +43,7 @@ NO_TARGETS = "data: no example has a token to learn from (all prompts, or trunca
 def encoded_chunks(
     chunks: Iterable[List[dict]], encoder: Encoder, workers: int = 1, cpus: Optional[Set[int]] = None
 ) -> Iterator[tuple]:
-    """(ids, labels, lengths, record indices, truncated, dropped) of each chunk of rows, in order:
+    """(ids, labels, lengths, record indices, truncated, dropped, rows) of each chunk of rows, in order:
     the examples of a chunk end to end in two int32 arrays (4 bytes a token, where a list holds an
     8-byte pointer to a 28-byte int; and cheap to send between processes).
 
@@ -70,7 +70,7 @@ def _encode_chunk(encoder: Encoder, recs: Sequence[dict]) -> tuple:
     ids = np.fromiter(itertools.chain.from_iterable(ids for _, ids, _ in examples), np.int32, total)
     labels = np.fromiter(itertools.chain.from_iterable(labels for _, _, labels in examples), np.int32, total)
     index = np.fromiter((i for i, _, _ in examples), np.int64, len(examples))
-    return ids, labels, lengths, index, encoder.truncated - truncated, encoder.dropped - dropped
+    return ids, labels, lengths, index, encoder.truncated - truncated, encoder.dropped - dropped, len(recs)
 
 
 _ENCODER: tuple = ()  # (the encoder, their CPUs) the forked workers use: inherited, never pickled
@@ -124,7 +124,7 @@ def encode_all(recs: Sequence[dict], encoder: Encoder, workers: int = 1) -> List
     """The examples of rows in memory, as int32 views of one array per chunk."""
     chunks = (list(recs[start : start + ENCODE_CHUNK]) for start in range(0, len(recs), ENCODE_CHUNK))
     examples: List[Example] = []
-    for ids, labels, lengths, _, _, _ in encoded_chunks(chunks, encoder, workers):
+    for ids, labels, lengths, *_ in encoded_chunks(chunks, encoder, workers):
         ends = np.cumsum(lengths)
         examples += [(ids[e - n : e], labels[e - n : e]) for n, e in zip(lengths.tolist(), ends.tolist())]
     return examples
@@ -182,10 +182,11 @@ class Spool:
 
         return piece
 
-    def stream(self, selected: np.ndarray, starts: np.ndarray, t0: int, t1: int):
-        """(ids, labels): tokens [t0, t1) of the examples `selected` laid end to end (`starts`: where
-        each begins in that stream), read in one piece per run of examples adjacent in the files."""
-        first = int(np.searchsorted(starts + self.lengths[selected], t0, side="right"))
+    def stream(self, selected: np.ndarray, starts: np.ndarray, ends: np.ndarray, t0: int, t1: int):
+        """(ids, labels): tokens [t0, t1) of the examples `selected` laid end to end (`starts`, `ends`:
+        where each begins and ends in that stream), read in one piece per run of examples adjacent in
+        the files."""
+        first = int(np.searchsorted(ends, t0, side="right"))
         last = int(np.searchsorted(starts, t1, side="left"))
         index = selected[first:last]
         begin = self.starts[index] + np.maximum(0, t0 - starts[first:last])  # of each piece, in the files
@@ -216,11 +217,9 @@ def spool_source(
     spool = Spool(directory)
     read = sources.rows(source, data_cfg)
     chunks = iter(lambda: list(itertools.islice(read, ENCODE_CHUNK)), [])
-    sizes: collections.deque = collections.deque()  # rows of each chunk sent, to number the records
     try:
-        counted = (sizes.append(len(chunk)) or chunk for chunk in chunks)
-        for ids, labels, lengths, index, _, _ in encoded_chunks(counted, encoder, workers, cpus):
-            spool.add(ids, labels, lengths, index, sizes.popleft())
+        for ids, labels, lengths, index, _, _, rows in encoded_chunks(chunks, encoder, workers, cpus):
+            spool.add(ids, labels, lengths, index, rows)
     except BaseException:
         spool.close()
         raise
@@ -278,7 +277,7 @@ def _concatenated_rows(spool: Spool, selected: np.ndarray, seq_len: int, pad_id:
         real, n_rows = t1 - t0, -(-(t1 - t0) // seq_len)
         size = n_rows * seq_len
         ids, labels = np.full(size, pad_id, np.int32), np.full(size, IGNORE_INDEX, np.int32)
-        ids[:real], labels[:real] = spool.stream(selected, starts, t0, t1)
+        ids[:real], labels[:real] = spool.stream(selected, starts, ends, t0, t1)
         restart = np.zeros(size + 1, bool)
         restart[0:size:seq_len] = True
         first, last = np.searchsorted(starts, [t0, t1])
