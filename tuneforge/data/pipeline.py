@@ -39,7 +39,7 @@ from tuneforge.data.packing import ROW_FIELDS, Rows
 from tuneforge.data.records import DataError
 from tuneforge.data.tokenize import Encoder, tokenizer_fingerprint
 
-CACHE_VERSION = 1  # bump when the cached layout or the tokenisation rules change
+CACHE_VERSION = 2  # bump when the cached layout or the tokenisation rules change
 BUILD_TIMEOUT = datetime.timedelta(hours=6)  # how long the other ranks wait for rank 0 to build the cache
 CPU_OFFER_WAIT = datetime.timedelta(seconds=20)  # how long rank 0 waits for its node's ranks to offer their CPUs
 #: data settings that change the rows (with seq_len, the seed when a validation fraction is carved off,

@@ -2,11 +2,13 @@
 
 Every format is first rendered to one string plus the character spans that are *responses*
 (what the model should learn to write); the string is tokenised once, with offsets, and a token
-is a target when it starts inside a response span. Prompt tokens get IGNORE_INDEX as label unless
-`data.train_on_prompt`. Tokenising the whole string (not prompt and response apart) gives the
-tokens the model will see at inference, where the prompt is followed by its generated answer.
+is a target when it starts inside a response span. A text that is all response (format=text) needs
+no offsets: every token is a target but those the tokenizer added (a BOS, a template's EOS). Prompt
+tokens get IGNORE_INDEX as label unless `data.train_on_prompt`. Tokenising the whole string (not
+prompt and response apart) gives the tokens the model will see at inference, where the prompt is
+followed by its generated answer.
 
-- text:        the document + EOS; every token is a target.
+- text:        the document + EOS; every token is a target but those the tokenizer added.
 - alpaca:      ALPACA_PROMPT(instruction, input) + output + EOS; the output and EOS are targets.
 - completion:  prompt + completion + EOS; the completion and EOS are targets.
 - chat:        the messages rendered by the chat template (data.chat_template, else the tokenizer's,
@@ -22,7 +24,7 @@ import hashlib
 import json
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from tuneforge.compat.transformers import encode_with_offsets
+from tuneforge.compat.transformers import encode_ids, encode_with_offsets
 from tuneforge.data.records import DataError, row_spec
 
 IGNORE_INDEX = -100  # label of a token that does not count in the loss (prompts, example starts, padding)
@@ -79,6 +81,8 @@ class Encoder:
         self.template = chat_template(data_cfg, tokenizer) if self.format == "chat" else None
         if tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no EOS token; examples could not be terminated")
+        # format=text: the tokens the tokenizer adds around every text (BOS...), the only ones not targets
+        self.added = added_tokens(tokenizer) if self.format == "text" else None
         self.truncated = 0  # examples longer than seq_len, cut (text documents are split instead)
         self.dropped = 0  # examples left without a single target token after truncation
 
@@ -129,41 +133,48 @@ class Encoder:
 
     def encode(self, records: Sequence[Dict[str, Any]]) -> List[Example]:
         """Examples for `records` (well-formed rows); those without any target token are dropped."""
-        return [(ids, labels) for _, ids, labels, _, _ in self._examples(records)]
+        return [(ids, labels) for _, ids, labels, _, _ in self._examples(records, with_offsets=False)]
 
     def encode_indexed(self, records: Sequence[Dict[str, Any]]) -> List[Tuple[int, List[int], List[int]]]:
         """`encode`, each example with the index of the record it came from."""
-        return [(i, ids, labels) for i, ids, labels, _, _ in self._examples(records)]
+        return [(i, ids, labels) for i, ids, labels, _, _ in self._examples(records, with_offsets=False)]
 
     def encode_with_offsets(
         self, records: Sequence[Dict[str, Any]]
     ) -> List[Tuple[List[int], List[int], List[Span], str]]:
         """`encode`, with each token's character span in the rendered text ((0, 0): an added token
         such as EOS) and the text: what the probe counts the bytes of the scored text with."""
-        return [example[1:] for example in self._examples(records)]
+        return [example[1:] for example in self._examples(records, with_offsets=True)]
 
-    def _examples(self, records: Sequence[Dict[str, Any]]) -> List[tuple]:
-        """(record index, ids, labels, offsets, text) of each record that has a target token."""
+    def _examples(self, records: Sequence[Dict[str, Any]], with_offsets: bool) -> List[tuple]:
+        """(record index, ids, labels, offsets or None, text) of each record that has a target token."""
         rendered = [self.render(r) for r in records]
-        encoded = encode_with_offsets(
-            self.tokenizer,
-            [text for text, _, _ in rendered],
-            add_special_tokens=self.format != "chat",  # a chat template writes its own BOS
-        )
+        texts = [text for text, _, _ in rendered]
+        add_special_tokens = self.format != "chat"  # a chat template writes its own BOS
+        if with_offsets or self.format != "text":  # the labels of a response span need every token's place
+            encoded = encode_with_offsets(self.tokenizer, texts, add_special_tokens)
+        else:  # format=text: the labels need only what the tokenizer added
+            encoded = [(ids, None) for ids in encode_ids(self.tokenizer, texts, add_special_tokens)]
+        added_masks = None
+        if self.format == "text" and self.added is None:  # what the tokenizer adds varies: its mask per text
+            added_masks = self.tokenizer(texts, return_special_tokens_mask=True)["special_tokens_mask"]
         examples = []
-        # offsets: (start, end) tuples
         for index, ((text, spans, add_eos), (ids, offsets)) in enumerate(zip(rendered, encoded)):
             if self.train_on_prompt:
                 labels = list(ids)
-            elif spans == [(0, len(text))]:  # the whole text (format=text)
-                labels = _whole_text_labels(ids, offsets, len(text))
-            else:
+            elif added_masks is not None:
+                labels = [IGNORE_INDEX if added else tok for tok, added in zip(ids, added_masks[index])]
+            elif self.format == "text":  # every token of the text
+                before, after = self.added
+                labels = [IGNORE_INDEX] * before + ids[before : len(ids) - after] + [IGNORE_INDEX] * after
+            else:  # offsets: (start, end) tuples
                 labels = [tok if _inside(off[0], off[1], spans) else IGNORE_INDEX for tok, off in zip(ids, offsets)]
             if add_eos:  # the response ends with EOS, a target (also when the tokenizer appended one itself)
                 eos = self.tokenizer.eos_token_id
                 if ids and ids[-1] == eos:
-                    ids, labels, offsets = ids[:-1], labels[:-1], offsets[:-1]
-                ids, labels, offsets = ids + [eos], labels + [eos], offsets + [(0, 0)]
+                    ids, labels, offsets = ids[:-1], labels[:-1], offsets and offsets[:-1]
+                ids, labels = ids + [eos], labels + [eos]
+                offsets = None if offsets is None else offsets + [(0, 0)]
             if self.format != "text" and len(ids) > self.seq_len:  # documents are split by the packer instead
                 ids, labels, offsets = ids[: self.seq_len], labels[: self.seq_len], offsets[: self.seq_len]
                 self.truncated += 1
@@ -174,21 +185,32 @@ class Encoder:
         return examples
 
 
-def _whole_text_labels(ids: List[int], offsets: List[Span], n: int) -> List[int]:
-    """The labels of a text that is all response: `_inside`'s rule (a token is a target unless the
-    tokenizer added it, offsets (0, 0), or it starts past the text), without a Python test per token
-    (a tenth of a corpus's tokenising). Such tokens are looked for at the two ends, where a template
-    adds them; in between, one (0, 0) is searched for at C speed, and if found the rule runs per token.
-    (A token past the text can only be in the end's run: the tokens of a text start in order.)"""
-    k, first = len(ids), 0
-    while first < k and not (offsets[first] != (0, 0) and offsets[first][0] < n):
-        first += 1
-    last = k - 1
-    while last >= first and not (offsets[last] != (0, 0) and offsets[last][0] < n):
-        last -= 1
-    if (0, 0) in offsets[first + 1 : last]:
-        return [tok if (a or b) and a < n else IGNORE_INDEX for tok, (a, b) in zip(ids, offsets)]
-    return [IGNORE_INDEX] * first + ids[first : last + 1] + [IGNORE_INDEX] * (k - 1 - last)
+#: Texts whose encodings, with and without the tokenizer's special tokens, show what it adds around a text.
+_PROBE_TEXTS = ("a", "Tuneforge probes 12 tokens.", " two  spaces\nand a line")
+
+
+def added_tokens(tokenizer) -> Optional[Tuple[int, int]]:
+    """(before, after): how many tokens the tokenizer adds around every text it encodes (a BOS, a
+    CLS and SEP, an EOS), read from encoding probe texts with and without them. None when what it
+    adds is not one fixed run before and after (then the labels follow its mask of each text). Knowing
+    these counts, a text's labels need neither offsets (a third of the Rust tokenizer's time) nor a
+    per-token test."""
+    found = set()
+    for text in _PROBE_TEXTS:
+        (with_added,), (without,) = encode_ids(tokenizer, [text], True), encode_ids(tokenizer, [text], False)
+        runs = {
+            (before, len(with_added) - len(without) - before)
+            for before in range(len(with_added) - len(without) + 1)
+            if with_added[before : before + len(without)] == without
+        }
+        if len(runs) != 1:
+            return None
+        before, after = runs.pop()
+        found.add((tuple(with_added[:before]), tuple(with_added[len(with_added) - after :])))
+    if len(found) != 1:  # the added tokens depend on the text
+        return None
+    head, tail = found.pop()
+    return len(head), len(tail)
 
 
 def _inside(start: int, end: int, spans: List[Span]) -> bool:
