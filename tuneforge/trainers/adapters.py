@@ -20,6 +20,9 @@
   is what FSDP2's mixed precision and DeepSpeed's bf16 already do on those backends, and what HF
   Trainer's `bf16=True` does (autocast). QLoRA's fp32 embeddings and output head (peft's
   prepare_model_for_kbit_training upcasts them) then compute in bf16 too, as under HF's bf16=True.
+
+- DoRA layers compile in one graph (compat.peft.trace_plain_dora_weights): peft's reading of the frozen
+  weight broke the graph in every adapted linear, and Dynamo ran those layers eagerly.
 """
 
 from __future__ import annotations
@@ -92,6 +95,11 @@ def speed_up(model: torch.nn.Module) -> dict:
                 layer.lora_dropout[name] = Dropout(dropout.p)
                 swapped += 1
     done = {"adapter_dropouts": swapped}
+    if any(any(getattr(layer, "use_dora", {}).values()) for layer in layers):
+        from tuneforge.compat.peft import trace_plain_dora_weights
+
+        trace_plain_dora_weights()
+        done["dora_compiled_whole"] = True
     base_dtype = compute_dtype(model)
     if layers and base_dtype in LOW_PRECISION:
         for layer in layers:
