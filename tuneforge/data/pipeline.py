@@ -38,7 +38,6 @@ from tuneforge.data.batches import Collate, EvalBatches, GlobalBatches
 from tuneforge.data.packing import ROW_FIELDS, Rows
 from tuneforge.data.records import DataError
 from tuneforge.data.tokenize import Encoder, tokenizer_fingerprint
-from tuneforge.trainers.distributed import own_cpus
 
 CACHE_VERSION = 2  # bump when the cached layout or the tokenisation rules change
 BUILD_TIMEOUT = datetime.timedelta(hours=6)  # how long the other ranks wait for rank 0 to build the cache
@@ -192,6 +191,12 @@ def _build(train_src, val_src, encoder: Encoder, data_cfg, seed: int, pad_id: in
 def prepare_workers(data_cfg, cpus: Optional[Set[int]] = None) -> int:
     """data.prepare_workers, or one per CPU given (default: those this process may run on)."""
     return data_cfg.prepare_workers or len(cpus or own_cpus())
+
+
+def own_cpus() -> Set[int]:
+    """The CPUs this process may run on (its share of the node where Slurm binds tasks); the trainer's
+    thread count per rank reads it too."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
 
 
 def held_out_mask(records: int, fraction: float, seed: int) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Optional, Set
+from typing import Optional
 
 #: stop reasons, weakest first: when ranks saw different ones, all take the strongest (a requeue
 #: warning beats a terminate: submitit's preemption sends both, and the job must requeue)
@@ -33,11 +33,6 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def own_cpus() -> Set[int]:
-    """The CPUs this process may run on (its share of the node where Slurm binds tasks)."""
-    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
 
 
 class StopFlag:
@@ -95,6 +90,8 @@ def init_process_group(env: DistEnv, timeout_s: int) -> None:
     if use_cuda:
         torch.cuda.set_device(env.local_rank)
     else:  # split this machine's CPUs between the ranks on it, so that they do not fight
+        from tuneforge.data.pipeline import own_cpus
+
         threads = env.cpu_threads or max(1, len(own_cpus()) // env.local_world_size)
         torch.set_num_threads(threads)
     dist.init_process_group(
