@@ -151,13 +151,15 @@ class Encoder:
         rendered = [self.render(r) for r in records]
         texts = [text for text, _, _ in rendered]
         add_special_tokens = self.format != "chat"  # a chat template writes its own BOS
-        if with_offsets or self.format != "text":  # the labels of a response span need every token's place
-            encoded = encode_with_offsets(self.tokenizer, texts, add_special_tokens)
-        else:  # format=text: the labels need only what the tokenizer added
-            encoded = [(ids, None) for ids in encode_ids(self.tokenizer, texts, add_special_tokens)]
         added_masks = None
         if self.format == "text" and self.added is None:  # what the tokenizer adds varies: its mask per text
-            added_masks = self.tokenizer(texts, return_special_tokens_mask=True)["special_tokens_mask"]
+            called = self.tokenizer(texts, return_special_tokens_mask=True, return_offsets_mapping=with_offsets)
+            added_masks = called["special_tokens_mask"]
+            encoded = zip(called["input_ids"], called["offset_mapping"] if with_offsets else [None] * len(texts))
+        elif with_offsets or self.format != "text":  # the labels of a response span need every token's place
+            encoded = encode_with_offsets(self.tokenizer, texts, add_special_tokens)
+        else:  # format=text: the labels need only the counts of what the tokenizer added
+            encoded = [(ids, None) for ids in encode_ids(self.tokenizer, texts, add_special_tokens)]
         examples = []
         for index, ((text, spans, add_eos), (ids, offsets)) in enumerate(zip(rendered, encoded)):
             if self.train_on_prompt:
